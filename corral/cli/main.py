@@ -1,0 +1,54 @@
+"""The ``corral`` command: one group per noun, every command with ``--json``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from corral.cli.context import Corral
+from corral.cli.output import fail
+from corral.errors import CorralError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(func)
+
+
+def handled(func: F) -> F:
+    """Turn a CorralError into a clear message and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CorralError as exc:
+            fail(exc, bool(kwargs.get("as_json")))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group()
+@click.version_option(package_name="corral")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Corral: frozen environments and isolated sandboxes for cloud agents."""
+    try:
+        corral = Corral.from_env()
+    except CorralError as exc:
+        fail(exc, False)
+    ctx.obj = corral
+    ctx.call_on_close(corral.close)
+
+
+def main() -> None:
+    from corral.cli import env, sandbox, serve
+
+    env.register(cli)
+    sandbox.register(cli)
+    serve.register(cli)
+    cli()

@@ -1,0 +1,67 @@
+"""How commands print: a human line, or one JSON document with ``--json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+
+from corral.errors import CorralError
+from corral.store import Environment, Snapshot
+
+
+def emit(as_json: bool, payload: Any, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, indent=2, default=_default))
+    else:
+        human()
+
+
+def fail(exc: CorralError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(exc.to_dict()), err=True)
+    else:
+        click.echo(f"corral: {exc.detail}", err=True)
+    sys.exit(2 if exc.code == "invalid_input" else 1)
+
+
+def environment(env: Environment) -> dict[str, Any]:
+    return {
+        "name": env.name,
+        "base": env.base,
+        "head": env.head,
+        "created_at": env.created_at,
+        "updated_at": env.updated_at,
+    }
+
+
+def snapshot(snap: Snapshot) -> dict[str, Any]:
+    return {
+        "digest": snap.digest,
+        "environment": snap.environment,
+        "seq": snap.seq,
+        "parent": snap.parent,
+        "layer": snap.layer,
+        "size": snap.size,
+        "created_at": snap.created_at,
+        "message": snap.message,
+    }
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot serialise {type(value).__name__}")

@@ -1,0 +1,24 @@
+"""``corral serve``: the HTTP API (and its OpenAPI document) over the same services."""
+
+from __future__ import annotations
+
+import click
+
+from corral.cli.context import Corral
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8700, show_default=True, type=int)
+@click.pass_obj
+def serve(corral: Corral, host: str, port: int) -> None:
+    """Serve the HTTP API; the OpenAPI document is at /openapi.json."""
+    import uvicorn
+
+    from corral.api.app import create_app
+
+    uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)

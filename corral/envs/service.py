@@ -1,0 +1,292 @@
+"""Environments: the user's verbs on frozen environments.
+
+``create`` starts an environment from the base image or any OCI image; ``exec`` runs a command in
+an edit session (a sandbox whose upper directory is the environment's *draft*, and whose network
+reaches package registries); ``freeze`` turns the draft into one new OCI layer and snapshot;
+``history`` and ``verify`` read them back; ``run`` boots the newest snapshot read-only with a
+scratch layer of its own, as every agent run will.
+
+The database says which snapshot is an environment's head; the OCI layout holds the bytes and
+tags each head with the environment's name (and every snapshot as ``<name>+<seq>``) for outside
+tools. A freeze writes blobs, then moves the head in one compare-and-swap transaction, then tags,
+then clears the draft: a crash or a full disk at any step leaves the previous head intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from corral.config import Settings
+from corral.errors import DiskFull, EnvironmentBusy, EnvironmentExists, EnvironmentNotFound
+from corral.errors import NothingToFreeze
+from corral.sandbox.sandboxes import SandboxRequest, SandboxResult, Sandboxes, Stream
+from corral.snapshots.images import Image, Images
+from corral.snapshots.layers import is_empty
+from corral.snapshots.layout import Layout
+from corral.store import Environment, Snapshot, Store
+
+BASE_SOURCE = "base:bookworm"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    environment: str
+    snapshots: int
+    blobs: tuple[tuple[str, int], ...]  # (digest, size), each checked once
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "environment": self.environment,
+            "ok": True,
+            "snapshots": self.snapshots,
+            "blobs": [{"digest": d, "size": s} for d, s in self.blobs],
+        }
+
+
+class Environments:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sandboxes: Callable[[], Sandboxes],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.layout = Layout(settings.oci_dir).init()
+        self.images = Images(self.layout, settings.data_dir / "layers")
+        self._sandboxes = sandboxes
+
+    # -- create ------------------------------------------------------------------------------
+
+    def create(self, name: str, source: str | None = None) -> Environment:
+        """A new environment whose first snapshot is the base image, or the image at ``source``."""
+        with contextlib.suppress(EnvironmentNotFound):
+            self.store.get_environment(name)  # validates the name, too
+            raise EnvironmentExists(name)
+        image = self._base() if source is None else self.images.import_oci(source)
+        first = Snapshot(
+            digest=image.digest,
+            environment=name,
+            seq=0,
+            parent=None,
+            layer=None,
+            size=image.size,
+            created_at=_now(),
+            message=f"created from {source or BASE_SOURCE}",
+        )
+        env = self.store.create_environment(name, source or BASE_SOURCE, first)
+        self._tag(name, 1, image)
+        self._reset_draft(name)
+        return env
+
+    def _base(self) -> Image:
+        """The base image, imported once per build of the base tarball (keyed by size and mtime)."""
+        tar = self.settings.base_image
+        marker = self.settings.data_dir / "base.json"
+        try:
+            st = tar.stat()
+            key = {"path": str(tar), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            cached = json.loads(marker.read_text())
+            if {k: cached.get(k) for k in key} == key and self.layout.has_blob(cached["digest"]):
+                return self.images.load(cached["digest"])
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        image = self.images.import_rootfs(tar, created_by=f"corral import {tar}")
+        st = tar.stat()
+        marker.write_text(
+            json.dumps(
+                {"path": str(tar), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 "digest": image.digest}
+            )
+        )  # fmt: skip
+        return image
+
+    # -- edit sessions and freezing ----------------------------------------------------------
+
+    def exec(
+        self,
+        name: str,
+        argv: tuple[str, ...],
+        *,
+        stdin: Stream = None,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        timeout: float | None = None,
+    ) -> SandboxResult:
+        """Run ``argv`` in an edit session: the draft keeps what it changes, until freeze."""
+        env = self.store.get_environment(name)
+        with self._locked(name):
+            image = self.images.load(env.head)
+            draft = self._draft(name)
+            request = SandboxRequest(
+                layers=tuple(self.images.unpacked(image)),
+                argv=argv,
+                env=_process_env(image),
+                edit=True,
+                upper=draft / "upper",
+                work=draft / "work",
+                timeout=timeout,
+                label=name,
+            )
+            return self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def freeze(self, name: str, message: str | None = None) -> Snapshot:
+        """Freeze the draft into a new snapshot on top of the head. NothingToFreeze if unchanged."""
+        env = self.store.get_environment(name)
+        with self._locked(name):
+            upper = self._draft(name) / "upper"
+            if is_empty(upper):
+                raise NothingToFreeze(name, env.head)
+            parent = self.images.load(env.head)
+            image = self.images.commit(parent, upper, created_by=f"corral env freeze {name}")
+            self._try_unpack(image)
+            snap = self.store.add_snapshot(
+                name,
+                Snapshot(
+                    digest=image.digest,
+                    environment=name,
+                    seq=0,
+                    parent=parent.digest,
+                    layer=image.layers[-1].digest,
+                    size=image.size,
+                    created_at=_now(),
+                    message=message,
+                ),
+                expected_head=env.head,
+            )
+            self._tag(name, snap.seq, image)
+            self._reset_draft(name)
+            return snap
+
+    def _try_unpack(self, image: Image) -> None:
+        """Unpack the new layer now (cost proportional to it); a full disk defers it to boot."""
+        try:
+            self.images.unpacked(image)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+        except DiskFull:
+            pass
+
+    def discard(self, name: str) -> None:
+        """Throw away the draft: the environment goes back to exactly its head snapshot."""
+        self.store.get_environment(name)
+        with self._locked(name):
+            self._reset_draft(name)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, name: str) -> Environment:
+        return self.store.get_environment(name)
+
+    def list(self) -> list[Environment]:
+        return self.store.list_environments()
+
+    def history(self, name: str) -> list[Snapshot]:
+        return self.store.history(name)
+
+    def has_draft(self, name: str) -> bool:
+        upper = self._draft(name) / "upper"
+        return upper.exists() and not is_empty(upper)
+
+    def verify(self, name: str) -> VerifyReport:
+        """Re-hash every blob of every snapshot in the history; CorruptBlob names a changed one."""
+        history = self.store.history(name)
+        seen: dict[str, int] = {}
+        for snap in history:
+            image = self.images.load(snap.digest)
+            for digest, size in self.images.verify(image):
+                seen[digest] = size
+        return VerifyReport(name, len(history), tuple(seen.items()))
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        name: str,
+        argv: tuple[str, ...],
+        *,
+        digest: str | None = None,
+        stdin: Stream = None,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        timeout: float | None = None,
+    ) -> SandboxResult:
+        """Boot the head snapshot (or ``digest`` from the history) and run ``argv``; nothing stays."""
+        env = self.store.get_environment(name)
+        snap = self.store.get_snapshot(name, digest) if digest else None
+        image = self.images.load(snap.digest if snap else env.head)
+        request = SandboxRequest(
+            layers=tuple(self.images.unpacked(image)),
+            argv=argv,
+            env=_process_env(image),
+            timeout=timeout,
+            label=name,
+        )
+        return self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def delete(self, name: str) -> None:
+        """Forget the environment and its draft; blobs stay (other environments may share them)."""
+        history = self.store.history(name)
+        with self._locked(name):
+            self.store.delete_environment(name)
+            self.layout.untag(name)
+            for snap in history:
+                self.layout.untag(f"{name}+{snap.seq}")
+        shutil.rmtree(self._env_dir(name), ignore_errors=True)
+
+    def _tag(self, name: str, seq: int, image: Image) -> None:
+        self.layout.tag(name, image.manifest)
+        self.layout.tag(f"{name}+{seq}", image.manifest)
+
+    def _env_dir(self, name: str) -> Path:
+        return self.settings.data_dir / "envs" / name
+
+    def _draft(self, name: str) -> Path:
+        draft = self._env_dir(name) / "draft"
+        for sub in ("upper", "work"):
+            (draft / sub).mkdir(parents=True, exist_ok=True)
+        return draft
+
+    def _reset_draft(self, name: str) -> None:
+        draft = self._env_dir(name) / "draft"
+        shutil.rmtree(draft, ignore_errors=True)
+        self._draft(name)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """One edit session or freeze at a time per environment, across processes."""
+        path = self._env_dir(name)
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / "lock", "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EnvironmentBusy(name) from None
+            yield
+
+
+def _process_env(image: Image) -> tuple[tuple[str, str], ...]:
+    """The image's Env, with the home and user every sandbox process runs as."""
+    pairs = dict(
+        entry.split("=", 1)
+        for entry in (image.config.get("config") or {}).get("Env") or []
+        if "=" in entry
+    )
+    pairs.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    pairs.update({"HOME": "/home/user", "USER": "user", "LANG": pairs.get("LANG", "C.UTF-8")})
+    return tuple(pairs.items())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,185 @@
+"""The root of every error Corral raises on purpose.
+
+::
+
+    CorralError                       root; ``code`` is the machine-readable name
+    ├── ConfigError                   a CORRAL_* variable is missing or malformed
+    ├── NotFound                      base of every "no such thing"
+    │   ├── EnvironmentNotFound
+    │   └── SnapshotNotFound
+    ├── Conflict                      the request contradicts what is stored
+    │   ├── EnvironmentExists
+    │   └── EnvironmentBusy           another edit session or freeze holds the environment
+    ├── InvalidInput                  a name, digest, reference or argument is malformed
+    ├── StoreError                    the database refused or is unreachable
+    ├── SnapshotError                 OCI layout and layer problems
+    │   ├── NothingToFreeze           the edit session changed nothing
+    │   ├── CorruptBlob               a blob's bytes no longer match its digest
+    │   ├── ImportFailed              an oci:/oci-archive: source is unreadable
+    │   └── DiskFull                  a write ran out of space; nothing stored was changed
+    └── SandboxError                  booting, running or tearing down a sandbox
+        ├── RequirementMissing        the host lacks root, runc, overlayfs, nftables ...
+        ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
+        ├── NetworkError              ip/nft refused a change
+        └── CommandNotFound           the command to run does not exist in the sandbox
+
+Foreign exceptions are translated once, in the edge module that calls the foreign thing
+(``store`` for SQLAlchemy, ``sandbox/runc.py`` for runc), with ``raise ... from exc``.
+The HTTP status for each ``code`` lives in one table: ``corral/api/errors.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class CorralError(Exception):
+    """Something Corral refused or could not do."""
+
+    code = "corral_error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail or (self.__doc__ or self.code).strip()
+        super().__init__(self.detail)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.detail}
+
+
+class ConfigError(CorralError):
+    """A CORRAL_* setting is missing or malformed."""
+
+    code = "config_error"
+
+
+class NotFound(CorralError):
+    """The named thing does not exist."""
+
+    code = "not_found"
+
+
+class EnvironmentNotFound(NotFound):
+    code = "environment_not_found"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"no environment named {name!r}; `corral env list` shows the ones there are")
+
+
+class SnapshotNotFound(NotFound):
+    code = "snapshot_not_found"
+
+    def __init__(self, ref: str, where: str = "") -> None:
+        self.ref = ref
+        suffix = f" in {where}" if where else ""
+        super().__init__(f"no snapshot {ref!r}{suffix}")
+
+
+class Conflict(CorralError):
+    """The request contradicts what is already stored."""
+
+    code = "conflict"
+
+
+class EnvironmentExists(Conflict):
+    code = "environment_exists"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an environment named {name!r} already exists")
+
+
+class EnvironmentBusy(Conflict):
+    code = "environment_busy"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"environment {name!r} is held by another edit session or freeze")
+
+
+class InvalidInput(CorralError):
+    """A name, digest, reference or argument is malformed."""
+
+    code = "invalid_input"
+
+
+class StoreError(CorralError):
+    """The database refused the operation or could not be reached."""
+
+    code = "store_error"
+
+
+class SnapshotError(CorralError):
+    """An OCI layout, manifest or layer could not be read or written."""
+
+    code = "snapshot_error"
+
+
+class NothingToFreeze(SnapshotError):
+    code = "nothing_to_freeze"
+
+    def __init__(self, name: str, head: str) -> None:
+        super().__init__(
+            f"environment {name!r} has no changes since {head}; no new snapshot was written"
+        )
+
+
+class CorruptBlob(SnapshotError):
+    code = "corrupt_blob"
+
+    def __init__(self, digest: str, actual: str, path: str) -> None:
+        self.digest, self.actual, self.path = digest, actual, path
+        super().__init__(f"blob {digest} at {path} hashes to {actual}: its bytes have changed")
+
+
+class ImportFailed(SnapshotError):
+    code = "import_failed"
+
+
+class DiskFull(SnapshotError):
+    code = "disk_full"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"no space left while writing {path}; the write was abandoned and every stored "
+            "snapshot is unchanged"
+        )
+
+
+class SandboxError(CorralError):
+    """A sandbox could not be booted, run or torn down."""
+
+    code = "sandbox_error"
+
+
+class RequirementMissing(SandboxError):
+    code = "requirement_missing"
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what = what
+        super().__init__(f"this host lacks {what}: {hint}")
+
+
+class RuncError(SandboxError):
+    code = "runc_error"
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
+        super().__init__(f"{' '.join(self.argv[:4])} ... exited {returncode}: {stderr.strip()}")
+
+
+class NetworkError(SandboxError):
+    code = "network_error"
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
+        super().__init__(f"{' '.join(self.argv)} exited {returncode}: {stderr.strip()}")
+
+
+class CommandNotFound(SandboxError):
+    code = "command_not_found"
+
+    def __init__(self, command: str, env: str) -> None:
+        self.command = command
+        super().__init__(f"{command!r} is not found in environment {env!r}")

@@ -1,0 +1,165 @@
+"""Engines, migrations and error translation: how the store reaches its database.
+
+This module owns everything engine-specific, so ``store.py`` can stay portable:
+
+* ``make_engine`` turns a ``sqlite:///...`` or ``postgresql://...`` URL into an Engine.
+  SQLite gets WAL, ``synchronous=NORMAL``, ``foreign_keys=ON`` and ``busy_timeout=5000``
+  on every connection, and SQLAlchemy (not the sqlite3 module) emits BEGIN, so DDL is
+  transactional and a write transaction can take the file lock up front
+  (``WRITE``: ``BEGIN IMMEDIATE``). PostgreSQL URLs are pointed at psycopg 3.
+* ``migrate`` brings the schema to Alembic ``head`` in one transaction, serialised between
+  processes by ``pg_advisory_xact_lock`` on PostgreSQL and the database file lock on SQLite.
+* ``translating`` is the one place SQLAlchemy and Alembic exceptions become
+  ``corral.errors``; ``is_unique_violation`` lets callers say which conflict it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from alembic import command
+from alembic.config import Config
+from alembic.util import CommandError
+from sqlalchemy import create_engine, event, exc, text
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from corral.errors import InvalidInput, StoreError
+
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+# Execution options for a connection whose transaction will write: on SQLite it begins
+# with BEGIN IMMEDIATE, so a compare-and-swap never meets a stale read snapshot.
+WRITE: Final[dict[str, Any]] = {"corral_sqlite_begin": "IMMEDIATE"}
+_BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+_SQLITE_PRAGMAS: Final = (
+    "busy_timeout=5000",  # first: the pragmas below may themselves wait for the lock
+    "journal_mode=WAL",
+    "synchronous=NORMAL",
+    "foreign_keys=ON",
+)
+
+# Key of the PostgreSQL advisory lock held while migrating ("corral" in ASCII).
+MIGRATION_LOCK_KEY: Final = 0x636F7272616C
+
+# Alembic installs its ``context`` proxy module-globally: one migration per process at once.
+_MIGRATE_LOCK = threading.Lock()
+
+
+def parse_url(url: str) -> URL:
+    """Parse a store URL; ``postgresql://`` becomes ``postgresql+psycopg://``."""
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError as e:
+        raise InvalidInput(f"not a database URL: {url.split(':', 1)[0]!r}...") from e
+    if parsed.drivername == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        return parsed
+    raise InvalidInput(
+        f"unsupported database URL scheme {parsed.drivername!r}: "
+        "use sqlite:///path or postgresql://user@host/db"
+    )
+
+
+def shown(url: URL) -> str:
+    """The URL as it may appear in messages and logs: password masked."""
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(url: str | URL) -> Engine:
+    """Create the Engine for ``url`` with Corral's per-connection setup installed."""
+    parsed = parse_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        try:
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the directory for {shown(parsed)}: {e}") from e
+    engine = create_engine(parsed)
+    event.listen(engine, "connect", _sqlite_connect)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Stop the sqlite3 module from issuing BEGIN itself; _sqlite_begin does it instead.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    mode = str(conn.get_execution_options().get("corral_sqlite_begin", "DEFERRED"))
+    if mode not in _BEGIN_MODES:
+        raise ValueError(f"unknown SQLite BEGIN mode {mode!r}")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def alembic_config() -> Config:
+    """An Alembic Config for the store's migrations, built without any alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade the database behind ``engine`` to the newest revision; safe to race."""
+    config = alembic_config()
+    with _MIGRATE_LOCK, translating(engine.url), engine.connect() as conn:
+        conn.execution_options(**WRITE)
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                # Released by the commit; a second process waits here, then finds head.
+                pass  # conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = conn
+            try:
+                command.upgrade(config, "head")
+            except CommandError as e:
+                raise StoreError(
+                    f"cannot migrate {shown(engine.url)}: {e}. "
+                    "Is the database newer than this version of Corral?"
+                ) from e
+
+
+def is_unique_violation(error: exc.IntegrityError) -> bool:
+    """Whether ``error`` is a duplicate key (as opposed to, say, a failed CHECK)."""
+    orig = error.orig
+    if getattr(orig, "sqlstate", None) == "23505":  # PostgreSQL unique_violation
+        return True
+    return getattr(orig, "sqlite_errorname", None) in (
+        "SQLITE_CONSTRAINT_PRIMARYKEY",
+        "SQLITE_CONSTRAINT_UNIQUE",
+    )
+
+
+@contextmanager
+def translating(url: URL) -> Iterator[None]:
+    """Turn any SQLAlchemy error raised inside into ``StoreError`` naming the masked URL."""
+    try:
+        yield
+    except exc.OperationalError as e:
+        raise StoreError(
+            f"database {shown(url)} is unreachable or refused the operation: {_reason(e, url)}"
+        ) from e
+    except exc.SQLAlchemyError as e:
+        raise StoreError(f"database {shown(url)} refused the operation: {_reason(e, url)}") from e
+
+
+def _reason(error: exc.SQLAlchemyError, url: URL) -> str:
+    # The driver's own message, without SQLAlchemy's appended statement and parameters.
+    orig = error.orig if isinstance(error, exc.DBAPIError) else None
+    message = " ".join(str(orig if orig is not None else error).split())
+    if url.password:
+        message = message.replace(str(url.password), "***")
+    return message

@@ -1,0 +1,105 @@
+"""The row types the store hands out, and the rules their values must follow.
+
+``Environment`` and ``Snapshot`` are frozen mirrors of one row each of the ``environments``
+and ``snapshots`` tables (see ``schema.py``). The ``check_*`` functions are the store's
+input validation: every value a caller passes in goes through one of them before any SQL
+is built, and a bad value raises ``InvalidInput`` naming the value and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from corral.errors import InvalidInput
+
+NAME_RULE = (
+    "1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+)
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+DIGEST_RULE = "'sha256:' followed by 64 lowercase hex digits"
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One row of ``environments``: a named line of snapshots and where it now stands."""
+
+    name: str
+    base: str  # where it was created from: ``base:bookworm``, ``oci-archive:/path`` ...
+    head: str  # manifest digest of its newest snapshot
+    created_at: datetime  # aware, UTC
+    updated_at: datetime  # aware, UTC; moves whenever ``head`` does
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One row of ``snapshots``: a frozen image of an environment at one point in its history.
+
+    ``seq`` is 0 on a snapshot that has not been stored yet; the store assigns 1, 2, 3 ...
+    per environment and returns the stored row.
+    """
+
+    digest: str  # manifest digest
+    environment: str
+    seq: int
+    parent: str | None  # manifest digest of the previous snapshot; None for the first
+    layer: str | None  # digest of the layer added on top of ``parent``; None for an import
+    size: int  # bytes of all layers together
+    created_at: datetime  # aware, UTC
+    message: str | None = None
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid environment name, else raise ``InvalidInput``."""
+    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        raise InvalidInput(f"invalid environment name {name!r}: must be {NAME_RULE}")
+    return name
+
+
+def check_digest(value: str, what: str = "digest") -> str:
+    """Return ``value`` if it is a sha256 digest, else raise ``InvalidInput`` naming ``what``."""
+    if not isinstance(value, str) or _DIGEST_RE.fullmatch(value) is None:
+        raise InvalidInput(f"invalid {what} {value!r}: must be {DIGEST_RULE}")
+    return value
+
+
+def check_aware(value: datetime, what: str) -> datetime:
+    """Return ``value`` converted to UTC; a naive datetime raises ``InvalidInput``."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidInput(f"{what} must be a timezone-aware datetime, got {value!r}")
+    return value.astimezone(UTC)
+
+
+def check_snapshot(snap: Snapshot, environment: str) -> Snapshot:
+    """Validate a snapshot about to be stored in ``environment``; return it normalised.
+
+    The returned copy names ``environment`` and carries ``created_at`` in UTC. A snapshot
+    that already names a different environment is refused rather than silently moved.
+    """
+    if snap.environment not in ("", environment):
+        raise InvalidInput(
+            f"snapshot {snap.digest} names environment {snap.environment!r} "
+            f"but is being stored in {environment!r}"
+        )
+    check_digest(snap.digest, "snapshot digest")
+    if snap.parent is not None:
+        check_digest(snap.parent, "parent digest")
+    if snap.layer is not None:
+        check_digest(snap.layer, "layer digest")
+    if isinstance(snap.size, bool) or not isinstance(snap.size, int) or snap.size < 0:
+        raise InvalidInput(f"snapshot size must be a non-negative integer, got {snap.size!r}")
+    if snap.message is not None and not isinstance(snap.message, str):
+        raise InvalidInput(f"snapshot message must be text, got {type(snap.message).__name__}")
+    return Snapshot(
+        digest=snap.digest,
+        environment=environment,
+        seq=snap.seq,
+        parent=snap.parent,
+        layer=snap.layer,
+        size=snap.size,
+        created_at=check_aware(snap.created_at, "snapshot created_at"),
+        message=snap.message,
+    )

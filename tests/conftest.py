@@ -1,0 +1,143 @@
+"""Fixtures shared by the whole suite.
+
+* ``require(need)``: skip a test whose host lacks ``need`` - or fail it, when ``need`` is
+  listed in ``CORRAL_TEST_REQUIRE`` (comma-separated), so CI cannot pass by skipping.
+* ``store_url``: a fresh, migrated database per test, on SQLite (a file under tmp_path)
+  and on PostgreSQL (marked ``postgres``). PostgreSQL databases are cloned from a template
+  migrated once per session (``CREATE DATABASE ... TEMPLATE``), which is far quicker than
+  migrating each one. The server comes from ``CORRAL_TEST_POSTGRES_URL``.
+* ``blank_store_url``: the same two engines, but an empty database nobody has migrated.
+* ``store``: a ``Store`` opened on ``store_url`` and closed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from corral.store import Store
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+_ENGINES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+]
+
+
+def require(need: str, detail: str = "") -> NoReturn:
+    """Skip the current test for want of ``need``, or fail it if CI insists on ``need``."""
+    required = {
+        item.strip() for item in os.environ.get("CORRAL_TEST_REQUIRE", "").split(",")
+    }
+    message = f"this test needs {need}, which is not available" + (f": {detail}" if detail else "")
+    if need in required:
+        pytest.fail(f"{message} (CORRAL_TEST_REQUIRE lists {need!r})")
+    pytest.skip(message)
+
+
+class PostgresServer:
+    """The test PostgreSQL server: creates and drops the databases the tests use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.created: set[str] = set()
+
+    def url_for(self, database: str) -> str:
+        return make_url(self.url).set(database=database).render_as_string(hide_password=False)
+
+    def _execute(self, statement: sql.Composable) -> None:
+        # CREATE/DROP DATABASE refuse to run inside a transaction: autocommit.
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(statement)
+
+    def create(self, database: str, template: str = "template0") -> str:
+        self._execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(database), sql.Identifier(template)
+            )
+        )
+        self.created.add(database)
+        return self.url_for(database)
+
+    def drop(self, database: str) -> None:
+        self._execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+        )
+        self.created.discard(database)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The server at CORRAL_TEST_POSTGRES_URL; every database made on it is dropped at the end."""
+    url = os.environ.get("CORRAL_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        shown = make_url(url).render_as_string(hide_password=True)
+        require("postgres", f"cannot connect to {shown} (CORRAL_TEST_POSTGRES_URL): {exc}")
+    server = PostgresServer(url)
+    yield server
+    for database in sorted(server.created):
+        server.drop(database)
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: PostgresServer) -> str:
+    """Name of a database migrated to head once per session, to clone test databases from."""
+    name = f"corral_template_{os.getpid()}"
+    postgres_server.drop(name)
+    Store.open(postgres_server.create(name)).close()  # close(): a template must be idle
+    return name
+
+
+@pytest.fixture(params=_ENGINES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of a fresh database already migrated to head, on each engine in turn."""
+    if request.param == "sqlite":
+        path = tmp_path / "store" / "corral.db"
+        Store.open(f"sqlite:///{path}").close()
+        yield f"sqlite:///{path}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    template: str = request.getfixturevalue("postgres_template")
+    name = f"corral_test_{secrets.token_hex(6)}"
+    url = server.create(name, template=template)
+    try:
+        yield url
+    finally:
+        server.drop(name)
+
+
+@pytest.fixture(params=_ENGINES)
+def blank_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """URL of an empty database nothing has migrated (its SQLite directory does not exist)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'not-yet' / 'corral.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"corral_test_{secrets.token_hex(6)}"
+    url = server.create(name)
+    try:
+        yield url
+    finally:
+        server.drop(name)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """A Store opened on ``store_url``."""
+    opened = Store.open(store_url)
+    try:
+        yield opened
+    finally:
+        opened.close()
