@@ -35,9 +35,7 @@ _ENGINES = [
 
 def require(need: str, detail: str = "") -> NoReturn:
     """Skip the current test for want of ``need``, or fail it if CI insists on ``need``."""
-    required = {
-        item.strip() for item in os.environ.get("CORRAL_TEST_REQUIRE", "").split(",")
-    }
+    required = {item.strip() for item in os.environ.get("CORRAL_TEST_REQUIRE", "").split(",")}
     message = f"this test needs {need}, which is not available" + (f": {detail}" if detail else "")
     if need in required:
         pytest.fail(f"{message} (CORRAL_TEST_REQUIRE lists {need!r})")
@@ -54,7 +52,7 @@ class PostgresServer:
     def url_for(self, database: str) -> str:
         return make_url(self.url).set(database=database).render_as_string(hide_password=False)
 
-    def _execute(self, statement: sql.Composable) -> None:
+    def _execute(self, statement: sql.Composed) -> None:
         # CREATE/DROP DATABASE refuse to run inside a transaction: autocommit.
         with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(statement)

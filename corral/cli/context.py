@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -15,6 +16,10 @@ from corral.store import Store
 class Corral:
     settings: Settings
     _sandboxes: Sandboxes | None = field(default=None, init=False)
+    # Guards the first sandboxes() call: the HTTP API calls it from many threads at once.
+    _sandboxes_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_env(cls) -> Corral:
@@ -27,9 +32,10 @@ class Corral:
 
     def sandboxes(self) -> Sandboxes:
         """Built on first use: it checks the host and reaps what a crash left behind."""
-        if self._sandboxes is None:
-            self._sandboxes = Sandboxes(self.settings)
-        return self._sandboxes
+        with self._sandboxes_lock:
+            if self._sandboxes is None:
+                self._sandboxes = Sandboxes(self.settings)
+            return self._sandboxes
 
     @cached_property
     def envs(self) -> Environments:

@@ -43,7 +43,7 @@ def run(
 def reap(corral: Corral, as_json: bool) -> None:
     """Tear down sandboxes whose owning process died (every start does this too)."""
     sandboxes = corral.sandboxes()
-    count = sandboxes.reap()
+    count = sandboxes.reaped_at_start + sandboxes.reap()
     click.echo(f'{{"reaped": {count}}}' if as_json else f"reaped {count} sandboxes")
 
 

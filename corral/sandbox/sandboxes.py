@@ -77,7 +77,7 @@ class Sandboxes:
         self.slots = Slots(settings.run_dir, self.network.capacity())
         self.bundles = settings.data_dir / "sandboxes"
         self.network.ensure_host()
-        self.reap()
+        self.reaped_at_start = self.reap()
 
     def run(
         self,

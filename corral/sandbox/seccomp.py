@@ -16,10 +16,11 @@ The profile is an allowlist, at least as strict as Docker's default profile:
   live in a struct in user memory that seccomp cannot inspect, and ENOSYS makes glibc fall
   back to ``clone``), and ``personality`` only with harmless values.
 
-Names that the host's libseccomp does not know are skipped by runc 1.1 (it logs them at
-debug level) rather than failing, so listing a syscall newer than libseccomp is harmless.
-runc also answers ENOSYS, not EPERM, for syscall numbers above the newest one it could
-resolve, which is what glibc wants for features it probes by trying them.
+Names that the host's libseccomp does not know are skipped by runc 1.1 (it logs
+"unknown seccomp syscall ... ignored" at debug level) rather than failing, so listing a
+syscall newer than libseccomp is harmless. runc also answers ENOSYS, not EPERM, for
+syscall numbers above the newest one named here that libseccomp resolved, which is what
+glibc wants for brand-new syscalls it probes by trying them.
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def migrate(engine: Engine) -> None:
         with conn.begin():
             if conn.dialect.name == "postgresql":
                 # Released by the commit; a second process waits here, then finds head.
-                pass  # conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             config.attributes["connection"] = conn
             try:
                 command.upgrade(config, "head")

@@ -14,9 +14,7 @@ from datetime import UTC, datetime
 
 from corral.errors import InvalidInput
 
-NAME_RULE = (
-    "1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
-)
+NAME_RULE = "1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 DIGEST_RULE = "'sha256:' followed by 64 lowercase hex digits"

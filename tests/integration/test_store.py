@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -57,7 +61,7 @@ def grow(store: Store, name: str, labels: list[str]) -> list[Snapshot]:
     """Create ``name`` from ``labels[0]`` and add the rest, each on top of the previous."""
     store.create_environment(name, "base:bookworm", snap(labels[0]))
     added = []
-    for parent, label in zip(labels, labels[1:]):
+    for parent, label in itertools.pairwise(labels):
         added.append(store.add_snapshot(name, snap(label, parent), expected_head=dg(parent)))
     return added
 
@@ -86,7 +90,7 @@ def test_duplicate_name_is_refused_and_changes_nothing(store: Store) -> None:
 
 def test_unknown_environment(store: Store) -> None:
     store.create_environment("known", "base:bookworm", snap("k"))
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "get_environment": lambda: store.get_environment("ghost"),
         "history": lambda: store.history("ghost"),
         "get_snapshot": lambda: store.get_snapshot("ghost", dg("k")),
@@ -242,10 +246,17 @@ def test_open_twice_is_idempotent(store_url: str) -> None:
 
 
 def test_processes_racing_to_migrate_a_blank_database(blank_store_url: str) -> None:
-    code = "import sys; from corral.store import Store; Store.open(sys.argv[1]).close()"
+    # Each racer imports first, then sleeps until the common start time, so the
+    # migrations themselves overlap rather than the interpreter start-ups.
+    code = (
+        "import sys, time; from corral.store import Store; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "Store.open(sys.argv[1]).close()"
+    )
+    start = time.time() + 3
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", code, blank_store_url],
+            [sys.executable, "-c", code, blank_store_url, str(start)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -276,34 +287,27 @@ def test_racing_add_snapshot_has_exactly_one_winner(store: Store, racers: int) -
     for rnd in range(1, 6):
         labels = [f"r{rnd}-{i}" for i in range(racers)]
         barrier = threading.Barrier(racers)
+
+        def race(label: str, parent: str, barrier: threading.Barrier) -> Snapshot:
+            barrier.wait(timeout=30)
+            return store.add_snapshot("web", snap(label, parent), dg(parent))
+
         won: list[Snapshot] = []
         lost: list[Conflict] = []
-        other: list[BaseException] = []
-
-        def race(label: str, parent: str, barrier: threading.Barrier) -> None:
-            try:
-                barrier.wait(timeout=30)
-                won.append(store.add_snapshot("web", snap(label, parent), dg(parent)))
-            except Conflict as exc:
-                lost.append(exc)
-            except BaseException as exc:  # reported below instead of dying with the thread
-                other.append(exc)
-
-        threads = [
-            threading.Thread(target=race, args=(label, head, barrier)) for label in labels
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert other == []
+        with ThreadPoolExecutor(max_workers=racers) as pool:
+            futures = [pool.submit(race, label, head, barrier) for label in labels]
+            for future in futures:
+                try:
+                    won.append(future.result(timeout=60))
+                except Conflict as exc:  # anything else fails the test right here
+                    lost.append(exc)
         assert len(won) == 1 and len(lost) == racers - 1
         assert won[0].seq == rnd + 1
         assert store.get_environment("web").head == won[0].digest
         head = next(label for label in labels if dg(label) == won[0].digest)
     history = store.history("web")
     assert [s.seq for s in history] == [6, 5, 4, 3, 2, 1]
-    assert all(s.parent == older.digest for s, older in zip(history, history[1:]))
+    assert all(s.parent == older.digest for s, older in itertools.pairwise(history))
 
 
 def test_unreachable_database_is_a_store_error_without_the_password() -> None:

@@ -1,0 +1,25 @@
+"""Shared set-up for the benchmarks: a Corral on a private data directory, and statistics."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from corral.cli.context import Corral
+from corral.config import Settings
+
+
+def private_corral() -> tuple[Corral, Path]:
+    data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    return Corral(Settings.from_env({**os.environ, "CORRAL_DATA_DIR": str(data)})), data
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_ms": statistics.median(ordered) * 1000,
+        "p90_ms": ordered[int(len(ordered) * 0.9) - 1] * 1000,
+        "min_ms": ordered[0] * 1000,
+    }

@@ -1,0 +1,165 @@
+"""Errors over HTTP: the one table from ``CorralError`` to status code, and the handlers.
+
+Every error the API returns has the body ``{"error": "<code>", "detail": "<sentence>"}``:
+``code`` is the ``CorralError.code`` the service raised (see ``corral/errors.py``), or, for
+what FastAPI itself refuses before any service runs, ``invalid_request`` (a body or parameter
+that does not fit its schema, 422) and the snake-cased HTTP reason (``not_found`` for an
+unknown route, ``method_not_allowed``). Anything unexpected is ``internal_error``, 500, and
+its traceback goes to the server log rather than to the client.
+
+``STATUS`` lists every class in ``corral/errors.py``; ``status_for`` walks the class's MRO,
+so a subclass added later without an entry answers with its family's status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, Final
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from corral.errors import (
+    CommandNotFound,
+    ConfigError,
+    Conflict,
+    CorralError,
+    CorruptBlob,
+    DiskFull,
+    EnvironmentBusy,
+    EnvironmentExists,
+    EnvironmentNotFound,
+    ImportFailed,
+    InvalidInput,
+    NetworkError,
+    NotFound,
+    NothingToFreeze,
+    RequirementMissing,
+    RuncError,
+    SandboxError,
+    SnapshotError,
+    SnapshotNotFound,
+    StoreError,
+)
+
+log = logging.getLogger("corral.api")
+
+INVALID_REQUEST: Final = "invalid_request"  # the body or a parameter does not fit its schema
+INTERNAL_ERROR: Final = "internal_error"  # an exception that is not a CorralError
+
+STATUS: Final[Mapping[type[CorralError], int]] = {
+    CorralError: 500,
+    # A CORRAL_* variable on the server is malformed: nothing the client sent can fix that.
+    ConfigError: 500,
+    NotFound: 404,
+    EnvironmentNotFound: 404,
+    SnapshotNotFound: 404,
+    Conflict: 409,  # includes the compare-and-swap loser of a racing freeze
+    EnvironmentExists: 409,
+    EnvironmentBusy: 409,  # another edit session or freeze holds the environment: retry later
+    InvalidInput: 400,
+    StoreError: 500,
+    SnapshotError: 500,
+    # The request is well formed but contradicts the environment's state (an empty draft).
+    NothingToFreeze: 409,
+    # A stored blob's bytes changed under us: the server's state is damaged, not the request,
+    # and retrying will not help. 500, with the detail naming the blob, its path and its hash.
+    CorruptBlob: 500,
+    ImportFailed: 400,  # the oci:/oci-archive: source the client named is unreadable
+    DiskFull: 507,  # Insufficient Storage; nothing stored was changed
+    SandboxError: 500,
+    RequirementMissing: 503,  # this host cannot run sandboxes until an operator fixes it
+    RuncError: 500,
+    NetworkError: 500,
+    CommandNotFound: 422,  # the argv is well formed but names nothing in the sandbox
+}
+
+# The same table by code, for clients and documentation.
+STATUS_BY_CODE: Final[Mapping[str, int]] = {cls.code: status for cls, status in STATUS.items()}
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: str = Field(description="machine-readable code, e.g. environment_not_found")
+    detail: str = Field(description="one human-readable sentence saying what went wrong")
+
+
+def status_for(exc: CorralError) -> int:
+    """The HTTP status for ``exc``: its own entry in ``STATUS``, else its nearest ancestor's."""
+    for cls in type(exc).__mro__:
+        if issubclass(cls, CorralError) and cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route that may answer with ``statuses``, naming the codes."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        codes = sorted(code for code, s in STATUS_BY_CODE.items() if s == status)
+        if status == 422:
+            codes.append(INVALID_REQUEST)
+        if status == 500:
+            codes.append(INTERNAL_ERROR)
+        phrase = HTTPStatus(status).phrase
+        out[status] = {
+            "model": ErrorBody,
+            "description": f"{phrase}: " + ", ".join(f"`{c}`" for c in codes),
+        }
+    # Also stops FastAPI documenting its own 422 body, which the handlers below replace.
+    out["default"] = {"model": ErrorBody, "description": "Any other error, in the same shape"}
+    return out
+
+
+def _body(code: str, detail: str, status: int) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status)
+
+
+async def _corral_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CorralError)
+    status = status_for(exc)
+    if status >= 500:
+        log.error("%s %s: %s", request.method, request.url.path, exc.detail, exc_info=exc)
+    return _body(exc.code, exc.detail, status)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err.get("loc", ()))
+        problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
+    return _body(INVALID_REQUEST, "; ".join(problems) or "the request is invalid", 422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        code = f"http_{exc.status_code}"
+    response = _body(code, str(exc.detail), exc.status_code)
+    for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+        response.headers[name] = value
+    return response
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback itself after this handler answers.
+    return _body(
+        INTERNAL_ERROR, f"unexpected {type(exc).__name__}; the server log has the traceback", 500
+    )
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into an ``ErrorBody`` response."""
+    app.add_exception_handler(CorralError, _corral_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
