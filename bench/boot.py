@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import private_corral, summary  # noqa: E402
-from corral.sandbox.sandboxes import SandboxRequest  # noqa: E402
+from bench._common import private_corral, summary
+from corral.sandbox.sandboxes import SandboxRequest
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 
@@ -67,11 +67,17 @@ def main() -> None:
         f, o = summary(floor), summary(ours)
         ratio = o["median_ms"] / f["median_ms"]
         print(f"boot: {RUNS} runs each, interleaved")
-        print(f"  floor  runc run /bin/true (plain bundle)  median {f['median_ms']:6.1f} ms  "
-              f"p90 {f['p90_ms']:6.1f} ms")
-        print(f"  corral snapshot -> /bin/true -> teardown   median {o['median_ms']:6.1f} ms  "
-              f"p90 {o['p90_ms']:6.1f} ms")
-        print(f"  ratio  {ratio:.2f}x the floor (target <= 2.00x) {'OK' if ratio <= 2.0 else 'MISS'}")
+        print(
+            f"  floor  runc run /bin/true (plain bundle)  median {f['median_ms']:6.1f} ms  "
+            f"p90 {f['p90_ms']:6.1f} ms"
+        )
+        print(
+            f"  corral snapshot -> /bin/true -> teardown   median {o['median_ms']:6.1f} ms  "
+            f"p90 {o['p90_ms']:6.1f} ms"
+        )
+        print(
+            f"  ratio  {ratio:.2f}x the floor (target <= 2.00x) {'OK' if ratio <= 2.0 else 'MISS'}"
+        )
     finally:
         corral.close()
         shutil.rmtree(data, ignore_errors=True)

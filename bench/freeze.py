@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import private_corral  # noqa: E402
+from bench._common import private_corral
 
 ROUNDS = 10
 
@@ -53,7 +53,9 @@ def main() -> None:
         rehash = time.perf_counter() - t
 
         median = statistics.median(freezes)
-        print(f"freeze: one-file edit on a {image.size / 2**20:.0f} MiB environment, {ROUNDS} rounds")
+        print(
+            f"freeze: one-file edit on a {image.size / 2**20:.0f} MiB environment, {ROUNDS} rounds"
+        )
         print(f"  corral freeze             median {median * 1000:8.1f} ms")
         print(f"  peer: re-hash all layers         {rehash * 1000:8.1f} ms")
         print(f"  ratio {median / rehash:.3f}x the peer (proportional to the change, not the env)")

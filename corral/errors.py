@@ -63,7 +63,9 @@ class EnvironmentNotFound(NotFound):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"no environment named {name!r}; `corral env list` shows the ones there are")
+        super().__init__(
+            f"no environment named {name!r}; `corral env list` shows the ones there are"
+        )
 
 
 class SnapshotNotFound(NotFound):

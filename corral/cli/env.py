@@ -101,7 +101,7 @@ def verify(corral: Corral, name: str, as_json: bool) -> None:
 @handled
 def list_(corral: Corral, as_json: bool) -> None:
     """Every environment and its head snapshot."""
-    envs = corral.envs.list()
+    envs = corral.envs.all()
 
     def human() -> None:
         for e in envs:
@@ -119,7 +119,12 @@ def show(corral: Corral, name: str, as_json: bool) -> None:
     """One environment: base, head, and whether its draft holds unfrozen changes."""
     env = corral.envs.get(name)
     payload = {**environment(env), "draft_changed": corral.envs.has_draft(name)}
-    emit(as_json, payload, lambda: [click.echo(f"{k}: {v}") for k, v in payload.items()])
+
+    def human() -> None:
+        for key, value in payload.items():
+            click.echo(f"{key}: {value}")
+
+    emit(as_json, payload, human)
 
 
 @env_group.command("discard")
@@ -130,7 +135,9 @@ def show(corral: Corral, name: str, as_json: bool) -> None:
 def discard(corral: Corral, name: str, as_json: bool) -> None:
     """Throw away NAME's unfrozen changes."""
     corral.envs.discard(name)
-    emit(as_json, {"name": name, "discarded": True}, lambda: click.echo(f"discarded {name}'s draft"))
+    emit(
+        as_json, {"name": name, "discarded": True}, lambda: click.echo(f"discarded {name}'s draft")
+    )
 
 
 @env_group.command("rm")
@@ -163,7 +170,9 @@ def run_command(as_json: bool, start: Callable[..., SandboxResult]) -> NoReturn:
     else:
         result = start()
         if result.timed_out:
-            click.echo(f"corral: timed out after {result.seconds:.1f}s; sandbox torn down", err=True)
+            click.echo(
+                f"corral: timed out after {result.seconds:.1f}s; sandbox torn down", err=True
+            )
     sys.exit(result.exit_code)
 
 

@@ -25,9 +25,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from corral.config import Settings
-from corral.errors import DiskFull, EnvironmentBusy, EnvironmentExists, EnvironmentNotFound
-from corral.errors import NothingToFreeze
-from corral.sandbox.sandboxes import SandboxRequest, SandboxResult, Sandboxes, Stream
+from corral.errors import (
+    DiskFull,
+    EnvironmentBusy,
+    EnvironmentExists,
+    EnvironmentNotFound,
+    NothingToFreeze,
+)
+from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
 from corral.snapshots.images import Image, Images
 from corral.snapshots.layers import is_empty
 from corral.snapshots.layout import Layout
@@ -187,7 +192,7 @@ class Environments:
     def get(self, name: str) -> Environment:
         return self.store.get_environment(name)
 
-    def list(self) -> list[Environment]:
+    def all(self) -> list[Environment]:
         return self.store.list_environments()
 
     def history(self, name: str) -> list[Snapshot]:
@@ -220,7 +225,7 @@ class Environments:
         stderr: Stream = None,
         timeout: float | None = None,
     ) -> SandboxResult:
-        """Boot the head snapshot (or ``digest`` from the history) and run ``argv``; nothing stays."""
+        """Boot the head snapshot (or ``digest`` of the history), run ``argv``; nothing stays."""
         env = self.store.get_environment(name)
         snap = self.store.get_snapshot(name, digest) if digest else None
         image = self.images.load(snap.digest if snap else env.head)

@@ -26,5 +26,6 @@ def check() -> None:
     v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
     if not (v1 or v2):
         raise RequirementMissing(
-            "cgroups", "mount cgroup v1 memory and pids controllers, or cgroup v2, on /sys/fs/cgroup"
+            "cgroups",
+            "mount cgroup v1 memory and pids controllers, or cgroup v2, on /sys/fs/cgroup",
         )

@@ -38,7 +38,7 @@ class Runc:
         timeout: float | None = None,
         env_name: str = "",
     ) -> tuple[int, bool]:
-        """Run the bundle to completion: (exit status, timed out). 128+N means killed by signal N."""
+        """Run the bundle to its end: (exit status, timed out); 128+N means killed by signal N."""
         log = bundle / "runc.log"
         argv = self._argv("--log", str(log), "--log-format", "json", "run", "--bundle",
                           str(bundle), container_id)  # fmt: skip

@@ -78,7 +78,7 @@ class Images:
         )
 
     def verify(self, image: Image) -> list[tuple[str, int]]:
-        """Re-hash the manifest, config and every layer blob; CorruptBlob names the first bad one."""
+        """Re-hash the manifest, config and every layer; CorruptBlob names the first bad blob."""
         checked = []
         for desc in (image.manifest, image.config_descriptor, *image.layers):
             checked.append((desc.digest, self.layout.verify_blob(desc.digest)))
@@ -172,7 +172,7 @@ class Images:
             copied = self.layout.put_file(src.blob_path(blob.digest), blob.media_type)
             if copied.digest != blob.digest:
                 raise ImportFailed(
-                    f"{source}: blob {blob.digest} hashes to {copied.digest}; refusing a corrupt image"
+                    f"{source}: blob {blob.digest} hashes to {copied.digest}; refusing it"
                 )
         return self.load(desc.digest)
 

@@ -114,7 +114,9 @@ def _walk(root: Path, rel: str = "") -> Iterator[tuple[str, os.stat_result]]:
 
 def _whiteout(rel: str, st: os.stat_result) -> tarfile.TarInfo:
     parent, _, name = rel.rpartition("/")
-    info = tarfile.TarInfo(f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name)
+    info = tarfile.TarInfo(
+        f"{parent}/{WHITEOUT_PREFIX}{name}" if parent else WHITEOUT_PREFIX + name
+    )
     info.mtime = int(st.st_mtime)
     return info
 

@@ -54,15 +54,17 @@ def env(corral: Corral) -> Iterator[str]:
     corral.envs.delete(name)
 
 
-def run(corral: Corral, name: str, *argv: str, edit: bool = False,
-        timeout: float = 60) -> tuple[int, str, str]:
+def run(
+    corral: Corral, name: str, *argv: str, edit: bool = False, timeout: float = 60
+) -> tuple[int, str, str]:
     """Run ``argv`` in a sandbox (an edit session with ``edit``); (exit code, stdout, stderr)."""
     start = corral.envs.exec if edit else corral.envs.run
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"corral-test-{secrets.token_hex(4)}"
     with open(f"{out}.out", "w+b") as o, open(f"{out}.err", "w+b") as e:
         try:
-            result = start(name, tuple(argv), stdin=subprocess.DEVNULL, stdout=o, stderr=e,
-                           timeout=timeout)
+            result = start(
+                name, tuple(argv), stdin=subprocess.DEVNULL, stdout=o, stderr=e, timeout=timeout
+            )
             o.seek(0)
             e.seek(0)
             return result.exit_code, o.read().decode(), e.read().decode()

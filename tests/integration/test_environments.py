@@ -34,9 +34,12 @@ def _wheel(tmp_path: Path) -> Path:
     """A real wheel of a tiny package (PEP 427 layout, RECORD with hashes), built offline."""
     files = {
         "corralprobe/__init__.py": b"VALUE = 7\n",
-        "corralprobe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: corralprobe\nVersion: 1.0\n",
+        "corralprobe-1.0.dist-info/METADATA": (
+            b"Metadata-Version: 2.1\nName: corralprobe\nVersion: 1.0\n"
+        ),
         "corralprobe-1.0.dist-info/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: corral-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+            b"Wheel-Version: 1.0\nGenerator: corral-tests\n"
+            b"Root-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
     record = [
@@ -86,7 +89,9 @@ def test_snapshot_bytes_never_change_across_boots(corral: Corral, env: str) -> N
     corral.envs.freeze(env)
     head = corral.envs.get(env).head
     image = corral.envs.images.load(head)
-    before = {d: corral.envs.layout.blob_path(d).read_bytes() for d, _ in corral.envs.images.verify(image)}
+    before = {
+        d: corral.envs.layout.blob_path(d).read_bytes() for d, _ in corral.envs.images.verify(image)
+    }
     for _ in range(3):
         run(corral, env, "sh", "-c", "rm -f /home/user/a.txt; echo x > /etc/hostname; true")
         assert run(corral, env, "cat", "/home/user/a.txt")[1] == "v1\n"
@@ -98,17 +103,31 @@ def test_snapshot_bytes_never_change_across_boots(corral: Corral, env: str) -> N
 
 def test_deletions_and_replaced_directories_survive_freeze(corral: Corral, env: str) -> None:
     assert run(corral, env, "test", "-e", "/etc/debian_version")[0] == 0
-    script = "rm /home/user/.bashrc 2>/dev/null; rm -rf /opt/corral && mkdir /opt/corral && echo new > /opt/corral/only"
     # As uid 1000 the user cannot touch root's files: edit sessions run as the user, too.
     code, _, err = run(corral, env, "sh", "-c", "rm /etc/debian_version", edit=True)
     assert code != 0 and "Permission denied" in err
-    run(corral, env, "sh", "-c", "mkdir -p /home/user/d && touch /home/user/d/old /home/user/gone", edit=True)
+    run(
+        corral,
+        env,
+        "sh",
+        "-c",
+        "mkdir -p /home/user/d && touch /home/user/d/old /home/user/gone",
+        edit=True,
+    )
     corral.envs.freeze(env)
-    run(corral, env, "sh", "-c", "rm /home/user/gone && rm -rf /home/user/d && mkdir /home/user/d && touch /home/user/d/new", edit=True)
+    run(
+        corral,
+        env,
+        "sh",
+        "-c",
+        "rm /home/user/gone && rm -rf /home/user/d && mkdir /home/user/d && touch /home/user/d/new",
+        edit=True,
+    )
     corral.envs.freeze(env)
-    code, out, err = run(corral, env, "sh", "-c", "ls /home/user/d; test -e /home/user/gone || echo gone")
+    code, out, err = run(
+        corral, env, "sh", "-c", "ls /home/user/d; test -e /home/user/gone || echo gone"
+    )
     assert (code, out.split()) == (0, ["new", "gone"]), err
-    del script
 
 
 def test_history_is_newest_first_and_tags_are_readable_by_skopeo(corral: Corral, env: str) -> None:
@@ -160,13 +179,17 @@ def test_foreign_image_with_gzip_layers_boots(corral: Corral, env: str, tmp_path
     run(corral, env, "sh", "-c", "echo from-gzip > /home/user/marker", edit=True)
     corral.envs.freeze(env)
     layout = tmp_path / "layout"
-    subprocess.run(["skopeo", "copy", "-q", f"oci:{corral.settings.oci_dir}:{env}",
-                    f"oci:{layout}:v1"], check=True)  # fmt: skip  (skopeo gzips the layers)
+    subprocess.run(
+        ["skopeo", "copy", "-q", f"oci:{corral.settings.oci_dir}:{env}", f"oci:{layout}:v1"],
+        check=True,
+    )  # fmt: skip  (skopeo gzips the layers)
     copy = f"t-{secrets.token_hex(4)}"
     created = corral.envs.create(copy, f"oci:{layout}:v1")
     try:
         image = corral.envs.images.load(created.head)
-        assert {d.media_type for d in image.layers} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+        assert {d.media_type for d in image.layers} == {
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+        }
         assert run(corral, copy, "cat", "/home/user/marker")[:2] == (0, "from-gzip\n")
     finally:
         corral.envs.delete(copy)
@@ -212,6 +235,5 @@ def test_bad_input_is_named_and_loses_nothing(corral: Corral, env: str) -> None:
 
 
 def test_one_edit_session_at_a_time(corral: Corral, env: str) -> None:
-    with corral.envs._locked(env):
-        with pytest.raises(EnvironmentBusy):
-            corral.envs.freeze(env)
+    with corral.envs._locked(env), pytest.raises(EnvironmentBusy):
+        corral.envs.freeze(env)

@@ -48,9 +48,9 @@ def wait_for_record(corral: Corral, owner_pid: int, known: set[str], timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for record in corral.sandboxes().slots.records():
-            if record.owner.pid == owner_pid and record.sandbox_id not in known:
-                if (Path(record.runc_root) / record.container).exists():
-                    return record
+            fresh = record.owner.pid == owner_pid and record.sandbox_id not in known
+            if fresh and (Path(record.runc_root) / record.container).exists():
+                return record
         time.sleep(0.05)
     raise AssertionError(f"no running sandbox owned by pid {owner_pid} appeared")
 
@@ -82,7 +82,9 @@ def test_sandbox_killed_mid_run_is_torn_down(corral: Corral, env: str) -> None:
     t = threading.Thread(target=lambda: results.append(run(corral, env, "sleep", "60")))
     t.start()
     record = wait_for_record(corral, os.getpid(), known)
-    subprocess.run(["runc", "--root", record.runc_root, "kill", record.container, "KILL"], check=True)
+    subprocess.run(
+        ["runc", "--root", record.runc_root, "kill", record.container, "KILL"], check=True
+    )
     t.join(timeout=30)
     assert results and results[0][0] == 128 + 9  # type: ignore[index]
     assert leftovers(corral, record) == []
@@ -122,10 +124,12 @@ def test_disk_full_during_freeze_keeps_the_previous_snapshot(small_disk: Path) -
         with pytest.raises(DiskFull, match="no space left"):
             envs.freeze("full")
 
-        assert [s.digest for s in envs.history("full")][0] == good.digest
+        assert envs.history("full")[0].digest == good.digest
         assert envs.get("full").head == good.digest
         assert envs.verify("full").snapshots == 2
-        assert not [p for p in os.listdir(settings.oci_dir / "blobs/sha256") if p.startswith(".tmp")]
+        assert not [
+            p for p in os.listdir(settings.oci_dir / "blobs/sha256") if p.startswith(".tmp")
+        ]
         assert run(corral, "full", "cat", "/home/user/kept")[:2] == (0, "kept\n")
         assert envs.has_draft("full")  # the user's unfrozen work is still there
         envs.discard("full")
