@@ -7,7 +7,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from corral.cli.context import Corral
+from corral.context import Corral
 from corral.config import Settings
 
 

@@ -51,6 +51,8 @@ class Settings:
     base_image: Path
     limits: SandboxLimits
     network: NetworkSettings
+    import_dir: Path  # over HTTP, `from` may name images only under here
+    sandbox_timeout: float  # over HTTP: the default and the longest a sandbox may run
 
     @property
     def oci_dir(self) -> Path:
@@ -90,6 +92,8 @@ class Settings:
             base_image=Path(env.get("CORRAL_BASE_IMAGE", DEFAULT_BASE_IMAGE)),
             limits=limits,
             network=network,
+            import_dir=Path(env.get("CORRAL_IMPORT_DIR", str(data_dir / "imports"))),
+            sandbox_timeout=_float(env, "CORRAL_SANDBOX_TIMEOUT", 600.0),
         )
 
 

@@ -15,12 +15,14 @@
     ├── SnapshotError                 OCI layout and layer problems
     │   ├── NothingToFreeze           the edit session changed nothing
     │   ├── CorruptBlob               a blob's bytes no longer match its digest
+    │   ├── BlobMissing               a stored snapshot names a blob that is gone
     │   ├── ImportFailed              an oci:/oci-archive: source is unreadable
     │   └── DiskFull                  a write ran out of space; nothing stored was changed
     └── SandboxError                  booting, running or tearing down a sandbox
         ├── RequirementMissing        the host lacks root, runc, overlayfs, nftables ...
         ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
         ├── NetworkError              ip/nft refused a change
+        ├── SandboxCapacity           every address of the sandbox subnet is taken; retry
         └── CommandNotFound           the command to run does not exist in the sandbox
 
 Foreign exceptions are translated once, in the edge module that calls the foreign thing
@@ -134,6 +136,14 @@ class CorruptBlob(SnapshotError):
         super().__init__(f"blob {digest} at {path} hashes to {actual}: its bytes have changed")
 
 
+class BlobMissing(SnapshotError):
+    code = "blob_missing"
+
+    def __init__(self, digest: str, path: str) -> None:
+        self.digest, self.path = digest, path
+        super().__init__(f"blob {digest} is missing from {path}: the store is damaged")
+
+
 class ImportFailed(SnapshotError):
     code = "import_failed"
 
@@ -177,6 +187,10 @@ class NetworkError(SandboxError):
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
         self.argv, self.returncode, self.stderr = list(argv), returncode, stderr
         super().__init__(f"{' '.join(self.argv)} exited {returncode}: {stderr.strip()}")
+
+
+class SandboxCapacity(SandboxError):
+    code = "sandbox_capacity"
 
 
 class CommandNotFound(SandboxError):

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from corral import __version__
 from corral.api import errors, routes
-from corral.cli.context import Corral
+from corral.context import Corral
 
 DESCRIPTION = """\
 Frozen environments and isolated sandboxes for cloud agents.

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from corral.errors import (
+    BlobMissing,
     CommandNotFound,
     ConfigError,
     Conflict,
@@ -41,6 +42,7 @@ from corral.errors import (
     NothingToFreeze,
     RequirementMissing,
     RuncError,
+    SandboxCapacity,
     SandboxError,
     SnapshotError,
     SnapshotNotFound,
@@ -70,10 +72,12 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     # A stored blob's bytes changed under us: the server's state is damaged, not the request,
     # and retrying will not help. 500, with the detail naming the blob, its path and its hash.
     CorruptBlob: 500,
+    BlobMissing: 500,  # a stored snapshot names a blob that is gone: damage, as above
     ImportFailed: 400,  # the oci:/oci-archive: source the client named is unreadable
     DiskFull: 507,  # Insufficient Storage; nothing stored was changed
     SandboxError: 500,
     RequirementMissing: 503,  # this host cannot run sandboxes until an operator fixes it
+    SandboxCapacity: 503,  # every sandbox address is taken: retry later
     RuncError: 500,
     NetworkError: 500,
     CommandNotFound: 422,  # the argv is well formed but names nothing in the sandbox

@@ -14,17 +14,19 @@ import functools
 import subprocess
 import tempfile
 from collections.abc import Callable
-from typing import Annotated, cast
+from pathlib import Path
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from corral.api import models
 from corral.api.errors import documented
-from corral.cli.context import Corral
-from corral.cli.output import environment, snapshot
+from corral.config import Settings
+from corral.context import Corral
 from corral.envs.service import Environments
+from corral.envs.shapes import environment, snapshot
+from corral.errors import InvalidInput
 from corral.sandbox.sandboxes import SandboxResult
-from corral.store import Snapshot
 
 router = APIRouter(prefix="/v1")
 
@@ -34,7 +36,30 @@ def _envs(request: Request) -> Environments:
     return corral.envs
 
 
+def _settings(request: Request) -> Settings:
+    corral: Corral = request.app.state.corral
+    return corral.settings
+
+
 Envs = Annotated[Environments, Depends(_envs)]
+Config = Annotated[Settings, Depends(_settings)]
+OUTPUT_CAP = 4 << 20  # bytes of stdout or stderr returned over HTTP; the rest is cut
+
+
+def _importable(source: str | None, settings: Settings) -> str | None:
+    """Over HTTP the server (root) reads only images an operator placed in the import dir."""
+    kind, _, rest = (source or "").partition(":")
+    if kind not in ("oci", "oci-archive"):
+        return source  # nothing to read: the service names what is wrong with it
+    path = rest.partition(":")[0]
+    root = settings.import_dir.resolve()
+    if not Path(path).resolve().is_relative_to(root):
+        raise InvalidInput(f"over HTTP, 'from' must name an image under {root}, not {path!r}")
+    return source
+
+
+def _timeout(requested: float | None, settings: Settings) -> float:
+    return min(requested or settings.sandbox_timeout, settings.sandbox_timeout)
 
 
 @router.get("/health", tags=["meta"])
@@ -49,15 +74,18 @@ def health() -> models.Health:
 @router.post(
     "/envs", status_code=201, tags=["environments"], responses=documented(400, 409, 422, 500, 507)
 )
-def create_environment(body: models.CreateEnvironment, envs: Envs) -> models.Environment:
-    """Create an environment from the base image, or from an OCI image on the server."""
-    return models.Environment.model_validate(environment(envs.create(body.name, body.source)))
+def create_environment(
+    body: models.CreateEnvironment, envs: Envs, settings: Config
+) -> models.Environment:
+    """Create an environment from the base image, or from an OCI image in the import dir."""
+    env = envs.create(body.name, _importable(body.source, settings))
+    return models.Environment.model_validate(environment(env))
 
 
 @router.get("/envs", tags=["environments"], responses=documented(500))
 def list_environments(envs: Envs) -> list[models.Environment]:
     """Every environment and its head snapshot, ordered by name."""
-    return [models.Environment.model_validate(environment(e)) for e in envs.list()]
+    return [models.Environment.model_validate(environment(e)) for e in envs.all()]
 
 
 @router.get("/envs/{name}", tags=["environments"], responses=documented(400, 404, 500))
@@ -84,12 +112,15 @@ def delete_environment(name: str, envs: Envs) -> None:
 @router.post(
     "/envs/{name}/exec", tags=["environments"], responses=documented(400, 404, 409, 422, 500, 503)
 )
-def exec_in_environment(name: str, body: models.Exec, envs: Envs) -> models.CommandResult:
+def exec_in_environment(
+    name: str, body: models.Exec, envs: Envs, settings: Config
+) -> models.CommandResult:
     """Run a command in an edit session: what it changes waits in the draft for freeze.
 
     Blocks until the command ends. A non-zero exit is still a 200: see ``exit_code``.
     """
-    return captured(functools.partial(envs.exec, name, tuple(body.argv), timeout=body.timeout))
+    timeout = _timeout(body.timeout, settings)
+    return captured(functools.partial(envs.exec, name, tuple(body.argv), timeout=timeout))
 
 
 @router.post(
@@ -116,10 +147,7 @@ def discard_draft(name: str, envs: Envs) -> models.Discarded:
 @router.get("/envs/{name}/history", tags=["environments"], responses=documented(400, 404, 500))
 def environment_history(name: str, envs: Envs) -> list[models.Snapshot]:
     """Every snapshot of the environment, newest first."""
-    # cast: inside Environments, its own ``list`` method shadows the builtin in the
-    # annotation ``-> list[Snapshot]``, so mypy cannot read history()'s return type.
-    snaps = cast("list[Snapshot]", envs.history(name))
-    return [models.Snapshot.model_validate(snapshot(s)) for s in snaps]
+    return [models.Snapshot.model_validate(snapshot(s)) for s in envs.history(name)]
 
 
 @router.post("/envs/{name}/verify", tags=["environments"], responses=documented(400, 404, 500))
@@ -132,14 +160,18 @@ def verify_environment(name: str, envs: Envs) -> models.VerifyReport:
 
 
 @router.post("/sandboxes", tags=["sandboxes"], responses=documented(400, 404, 422, 500, 503))
-def run_sandbox(body: models.RunSandbox, envs: Envs) -> models.CommandResult:
+def run_sandbox(body: models.RunSandbox, envs: Envs, settings: Config) -> models.CommandResult:
     """Boot a fresh sandbox from a frozen snapshot, run one command, and tear it down.
 
     Blocks until the command ends; nothing it writes is kept.
     """
     return captured(
         functools.partial(
-            envs.run, body.env, tuple(body.argv), digest=body.snapshot, timeout=body.timeout
+            envs.run,
+            body.env,
+            tuple(body.argv),
+            digest=body.snapshot,
+            timeout=_timeout(body.timeout, settings),
         )
     )
 
@@ -155,6 +187,6 @@ def captured(start: Callable[..., SandboxResult]) -> models.CommandResult:
             exit_code=result.exit_code,
             timed_out=result.timed_out,
             seconds=round(result.seconds, 4),
-            stdout=out.read().decode("utf-8", "replace"),
-            stderr=err.read().decode("utf-8", "replace"),
+            stdout=out.read(OUTPUT_CAP).decode("utf-8", "replace"),
+            stderr=err.read(OUTPUT_CAP).decode("utf-8", "replace"),
         )

@@ -11,9 +11,10 @@ from typing import NoReturn
 
 import click
 
-from corral.cli.context import Corral
 from corral.cli.main import handled, json_option
-from corral.cli.output import emit, environment, human_size, snapshot
+from corral.cli.output import emit, human_size
+from corral.context import Corral
+from corral.envs.shapes import environment, snapshot
 from corral.sandbox.sandboxes import SandboxResult
 
 

@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import click
 
-from corral.cli.context import Corral
 from corral.cli.output import fail
+from corral.context import Corral
 from corral.errors import CorralError
 
 F = TypeVar("F", bound=Callable[..., Any])

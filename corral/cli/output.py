@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from corral.errors import CorralError
-from corral.store import Environment, Snapshot
 
 
 def emit(as_json: bool, payload: Any, human: Callable[[], None]) -> None:
@@ -27,29 +26,6 @@ def fail(exc: CorralError, as_json: bool) -> None:
     else:
         click.echo(f"corral: {exc.detail}", err=True)
     sys.exit(2 if exc.code == "invalid_input" else 1)
-
-
-def environment(env: Environment) -> dict[str, Any]:
-    return {
-        "name": env.name,
-        "base": env.base,
-        "head": env.head,
-        "created_at": env.created_at,
-        "updated_at": env.updated_at,
-    }
-
-
-def snapshot(snap: Snapshot) -> dict[str, Any]:
-    return {
-        "digest": snap.digest,
-        "environment": snap.environment,
-        "seq": snap.seq,
-        "parent": snap.parent,
-        "layer": snap.layer,
-        "size": snap.size,
-        "created_at": snap.created_at,
-        "message": snap.message,
-    }
 
 
 def human_size(n: int) -> str:

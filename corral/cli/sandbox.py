@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from corral.cli.context import Corral
 from corral.cli.env import run_command
 from corral.cli.main import handled, json_option
+from corral.context import Corral
 
 
 @click.group("sandbox")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from corral.cli.context import Corral
+from corral.context import Corral
 
 
 @click.command("serve")

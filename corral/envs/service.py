@@ -127,9 +127,9 @@ class Environments:
         timeout: float | None = None,
     ) -> SandboxResult:
         """Run ``argv`` in an edit session: the draft keeps what it changes, until freeze."""
-        env = self.store.get_environment(name)
+        self.store.get_environment(name)  # an unknown name fails before any lock file is made
         with self._locked(name):
-            image = self.images.load(env.head)
+            image = self.images.load(self.store.get_environment(name).head)  # after a freeze
             draft = self._draft(name)
             request = SandboxRequest(
                 layers=tuple(self.images.unpacked(image)),
@@ -145,8 +145,9 @@ class Environments:
 
     def freeze(self, name: str, message: str | None = None) -> Snapshot:
         """Freeze the draft into a new snapshot on top of the head. NothingToFreeze if unchanged."""
-        env = self.store.get_environment(name)
+        self.store.get_environment(name)
         with self._locked(name):
+            env = self.store.get_environment(name)
             upper = self._draft(name) / "upper"
             if is_empty(upper):
                 raise NothingToFreeze(name, env.head)
@@ -199,8 +200,8 @@ class Environments:
         return self.store.history(name)
 
     def has_draft(self, name: str) -> bool:
-        upper = self._draft(name) / "upper"
-        return upper.exists() and not is_empty(upper)
+        upper = self._env_dir(name) / "draft" / "upper"
+        return upper.is_dir() and not is_empty(upper)
 
     def verify(self, name: str) -> VerifyReport:
         """Re-hash every blob of every snapshot in the history; CorruptBlob names a changed one."""

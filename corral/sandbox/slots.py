@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from corral.errors import SandboxError
+from corral.errors import SandboxCapacity
 
 # A slot directory without a record is a claim in progress; older than this, a crash.
 _CLAIM_GRACE_S = 30.0
@@ -77,7 +77,9 @@ class Slots:
             except FileExistsError:
                 continue
         taken = sum(1 for _ in self.dir.iterdir())
-        raise SandboxError(f"no free sandbox slot ({taken} of {self.capacity} taken)")
+        raise SandboxCapacity(
+            f"no free sandbox slot ({taken} of {self.capacity} taken); retry later"
+        )
 
     def write(self, record: Record) -> None:
         path = self.dir / str(record.slot) / "record.json"

@@ -18,7 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from corral.errors import ImportFailed, InvalidInput, SnapshotError, SnapshotNotFound
+from corral.errors import (
+    ImportFailed,
+    InvalidInput,
+    RequirementMissing,
+    SnapshotError,
+    SnapshotNotFound,
+)
 from corral.snapshots import digests
 from corral.snapshots.layers import unpack_layer, write_layer
 from corral.snapshots.layout import (
@@ -89,9 +95,9 @@ class Images:
     def import_rootfs(self, tar: Path, created_by: str) -> Image:
         """A plain rootfs tarball as a one-layer image (how the base image enters the store)."""
         if not tar.is_file():
-            raise ImportFailed(
-                f"base image {tar} does not exist; build it with scripts/build-base-image.sh "
-                "(`make demo` does)"
+            raise RequirementMissing(
+                f"the base image {tar}",
+                "build it with scripts/build-base-image.sh (`make demo` does)",
             )
         layer = self.layout.put_file(tar, MEDIA_LAYER)
         config = {
@@ -169,6 +175,8 @@ class Images:
                 raise ImportFailed(f"{source}: layer type {layer.media_type} is not supported")
         # Manifest last: once it is in, every blob it names is already here and verified.
         for blob in [*layers, config_desc, desc]:
+            if not src.blob_path(blob.digest).is_file():
+                raise ImportFailed(f"{source}: blob {blob.digest} is missing from the image")
             copied = self.layout.put_file(src.blob_path(blob.digest), blob.media_type)
             if copied.digest != blob.digest:
                 raise ImportFailed(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from corral.errors import CorruptBlob, DiskFull, SnapshotError, SnapshotNotFound
+from corral.errors import BlobMissing, CorruptBlob, DiskFull, SnapshotError, SnapshotNotFound
 from corral.snapshots import digests
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -98,7 +98,7 @@ class Layout:
         try:
             return self.blob_path(digest).read_bytes()
         except FileNotFoundError:
-            raise SnapshotNotFound(digest, str(self.root)) from None
+            raise BlobMissing(digest, str(self.blobs)) from None
 
     def put_bytes(self, data: bytes, media_type: str) -> Descriptor:
         digest = digests.of_bytes(data)
@@ -131,7 +131,7 @@ class Layout:
             with open(path, "rb") as f:
                 actual, size = digests.of_stream(f)
         except FileNotFoundError:
-            raise SnapshotNotFound(digest, str(self.root)) from None
+            raise BlobMissing(digest, str(self.blobs)) from None
         if actual != digest:
             raise CorruptBlob(digest, actual, str(path))
         return size

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli.context import Corral
+from corral.context import Corral
 from corral.config import Settings
 from corral.errors import RequirementMissing
 from tests.conftest import require

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from corral.api.app import create_app
-from corral.cli.context import Corral
+from corral.context import Corral
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
 
@@ -166,7 +166,9 @@ def test_discard_throws_the_draft_away(client: httpx.Client, api_env: str) -> No
 def test_a_failing_command_and_a_timeout_are_results(client: httpx.Client, api_env: str) -> None:
     failed = exec_(client, api_env, "sh", "-c", "exit 3")
     assert failed["exit_code"] == 3 and failed["timed_out"] is False
-    slow = client.post("/v1/sandboxes", json={"env": api_env, "argv": ["sleep", "30"], "timeout": 1})
+    slow = client.post(
+        "/v1/sandboxes", json={"env": api_env, "argv": ["sleep", "30"], "timeout": 1}
+    )
     assert slow.status_code == 200, slow.text
     assert slow.json()["timed_out"] is True and slow.json()["seconds"] < 20
 
@@ -237,11 +239,17 @@ def test_bad_name_is_400(client: httpx.Client) -> None:
     assert "Bad Name!" not in [e["name"] for e in client.get("/v1/envs").json()]
 
 
-def test_bad_source_and_digest_are_400(client: httpx.Client, api_env: str) -> None:
+def test_bad_source_and_digest_are_400(
+    client: httpx.Client, api_env: str, corral: Corral
+) -> None:
     name = f"api-{secrets.token_hex(4)}"
     bad_from = client.post("/v1/envs", json={"name": name, "from": "docker://debian"})
     assert "oci-archive:PATH" in error_of(bad_from, 400, "invalid_input")
-    missing = client.post("/v1/envs", json={"name": name, "from": "oci:/nonexistent/layout"})
+    outside = client.post("/v1/envs", json={"name": name, "from": "oci:/etc:latest"})
+    assert "must name an image under" in error_of(outside, 400, "invalid_input")
+    import_dir = corral.settings.import_dir
+    missing_path = f"oci:{import_dir}/nonexistent"
+    missing = client.post("/v1/envs", json={"name": name, "from": missing_path})
     assert "no index.json" in error_of(missing, 400, "import_failed")
     error_of(client.get(f"/v1/envs/{name}"), 404, "environment_not_found")
     bad_digest = {"env": api_env, "argv": ["true"], "snapshot": "sha256:nope"}
@@ -254,6 +262,18 @@ def test_missing_command_is_422(client: httpx.Client, api_env: str) -> None:
     assert "no-such-command" in detail and api_env in detail
     edit = client.post(f"/v1/envs/{api_env}/exec", json={"argv": ["no-such-command"]})
     error_of(edit, 422, "command_not_found")
+
+
+def test_a_corrupt_blob_is_500_naming_it(
+    client: httpx.Client, corral: Corral, api_env: str
+) -> None:
+    exec_(client, api_env, "sh", "-c", f"echo {secrets.token_hex(16)} > {FILE}")
+    layer = client.post(f"/v1/envs/{api_env}/freeze").json()["layer"]
+    blob = corral.settings.oci_dir / "blobs" / "sha256" / layer.removeprefix("sha256:")
+    with open(blob, "ab") as f:  # this layer is this environment's alone: its content is random
+        f.write(b"rot")
+    detail = error_of(client.post(f"/v1/envs/{api_env}/verify"), 500, "corrupt_blob")
+    assert layer in detail and str(blob) in detail
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli.context import Corral
+from corral.context import Corral
 from corral.errors import (
     CommandNotFound,
     CorruptBlob,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli.context import Corral
+from corral.context import Corral
 from corral.config import Settings
 from corral.errors import DiskFull, NothingToFreeze
 from corral.sandbox.network import NETNS_DIR
