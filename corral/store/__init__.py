@@ -6,7 +6,17 @@ tables, ``migrations/`` creates them (Alembic, driven from code: no alembic.ini)
 errors into ``corral.errors``. ``Environment`` and ``Snapshot`` are frozen copies of rows.
 """
 
-from corral.store.rows import Environment, Snapshot
+from corral.store.records import ReleaseNotFound, RunNotFound
+from corral.store.rows import Environment, Release, Run, RunEvent, Snapshot
 from corral.store.store import Store
 
-__all__ = ["Environment", "Snapshot", "Store"]
+__all__ = [
+    "Environment",
+    "Release",
+    "ReleaseNotFound",
+    "Run",
+    "RunEvent",
+    "RunNotFound",
+    "Snapshot",
+    "Store",
+]

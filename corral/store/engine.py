@@ -146,6 +146,20 @@ def is_unique_violation(error: exc.IntegrityError) -> bool:
 
 
 @contextmanager
+def transaction(engine: Engine, *, write: bool = False) -> Iterator[Connection]:
+    """One transaction, committed on success; database errors become ``StoreError``.
+
+    ``write`` takes SQLite's write lock at BEGIN (IMMEDIATE), so read-then-write transactions
+    serialise instead of failing at commit; PostgreSQL ignores it.
+    """
+    with translating(engine.url), engine.connect() as conn:
+        if write:
+            conn.execution_options(**WRITE)
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
 def translating(url: URL) -> Iterator[None]:
     """Turn any SQLAlchemy error raised inside into ``StoreError`` naming the masked URL."""
     try:

@@ -101,3 +101,53 @@ def check_snapshot(snap: Snapshot, environment: str) -> Snapshot:
         created_at=check_aware(snap.created_at, "snapshot created_at"),
         message=snap.message,
     )
+
+
+@dataclass(frozen=True)
+class Release:
+    """One published runner release."""
+
+    digest: str  # sha256 of the release tarball: its identity
+    version: str
+    requires_python: str  # "3.8"
+    source: str
+    published_at: datetime
+    activated_at: datetime
+
+    @property
+    def short_id(self) -> str:
+        """The directory name the release lives under inside a sandbox."""
+        return self.digest.split(":", 1)[1][:16]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One agent run: what it booted, what it ran, how it ended."""
+
+    id: str
+    environment: str
+    snapshot: str
+    entrypoint: str
+    input: str  # JSON
+    trigger: str
+    status: str
+    created_at: datetime
+    result: str | None = None  # JSON
+    error_code: str | None = None
+    error: str | None = None
+    runner_version: str | None = None
+    runner_digest: str | None = None
+    swapped: bool = False
+    folded_snapshot: str | None = None
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    run_id: str
+    seq: int
+    at: datetime
+    kind: str
+    data: str  # JSON object

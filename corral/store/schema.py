@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -93,4 +94,49 @@ snapshots = Table(
     UniqueConstraint("environment", "seq"),
     CheckConstraint("seq >= 1", name="seq_positive"),
     CheckConstraint("size >= 0", name="size_not_negative"),
+)
+
+runner_releases = Table(
+    "runner_releases",
+    metadata,
+    Column("digest", Text, primary_key=True),  # sha256 of the release tarball
+    Column("version", Text, nullable=False),
+    Column("requires_python", Text, nullable=False),  # "3.8": the oldest Python it supports
+    Column("source", Text, nullable=False),  # where it was published from
+    Column("published_at", UTCDateTime, nullable=False),
+    Column("activated_at", UTCDateTime, nullable=False),  # the newest activation is current
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Text, primary_key=True),
+    # Not foreign keys: a run's record outlives the environment it ran in.
+    Column("environment", Text, nullable=False),
+    Column("snapshot", Text, nullable=False),  # the digest the run booted
+    Column("entrypoint", Text, nullable=False),
+    Column("input", Text, nullable=False),  # JSON
+    Column("trigger", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("result", Text, nullable=True),  # JSON
+    Column("error_code", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("runner_version", Text, nullable=True),
+    Column("runner_digest", Text, nullable=True),
+    Column("swapped", Boolean, nullable=False),
+    Column("folded_snapshot", Text, nullable=True),  # the snapshot the fold-in wrote
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+)
+
+run_events = Table(
+    "run_events",
+    metadata,
+    Column("run_id", Text, ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("data", Text, nullable=False),  # JSON object
 )

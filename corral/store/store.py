@@ -31,14 +31,14 @@ from corral.errors import (
     SnapshotNotFound,
 )
 from corral.store.engine import (
-    WRITE,
     is_unique_violation,
     make_engine,
     migrate,
     parse_url,
     shown,
-    translating,
+    transaction,
 )
+from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
 from corral.store.schema import environments, snapshots
 
@@ -49,6 +49,8 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         """Wrap an engine from ``engine.make_engine``; use ``Store.open`` instead."""
         self._engine = engine
+        self.releases = Releases(engine)
+        self.runs = Runs(engine)
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -214,12 +216,8 @@ class Store:
 
     @contextmanager
     def _transaction(self, *, write: bool = False) -> Iterator[Connection]:
-        """One transaction, committed on success; database errors become ``StoreError``."""
-        with translating(self._engine.url), self._engine.connect() as conn:
-            if write:
-                conn.execution_options(**WRITE)
-            with conn.begin():
-                yield conn
+        with transaction(self._engine, write=write) as conn:
+            yield conn
 
     @staticmethod
     def _exists(conn: Connection, name: str) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral.cli.context import Corral
+from corral.context import Corral
 from corral.sandbox.sandboxes import SandboxResult
 
 # Shared by the probes: errno names, and TCP connects that say how they failed.
@@ -125,15 +125,18 @@ def boot(
             os.unlink(f"{out}.err")
 
 
-def probe(corral: Corral, env: str, script: str, *args: object, edit: bool = False,
-          timeout: float = 30) -> Outcome:
+def probe(
+    corral: Corral, env: str, script: str, *args: object, edit: bool = False, timeout: float = 30
+) -> Outcome:
     """Run ``PRELUDE + script`` with ``args`` as sys.argv[1:]; it must exit 0."""
-    outcome = boot(corral, env, "python3", "-c", PRELUDE + script, *map(str, args),
-                   edit=edit, timeout=timeout)
+    outcome = boot(
+        corral, env, "python3", "-c", PRELUDE + script, *map(str, args), edit=edit, timeout=timeout
+    )
     assert outcome.exit_code == 0 and not outcome.result.timed_out, (
         f"probe exited {outcome.exit_code} (timed out: {outcome.result.timed_out}): "
         f"{outcome.stdout[-1000:]} {outcome.stderr[-2000:]}"
     )
+    print(f"observed in {outcome.result.address}: {outcome.stdout.strip()}")  # for -rP
     return outcome
 
 
@@ -152,7 +155,8 @@ class Listener:
     peers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((self.host, self.port))
         self._sock.listen(64)
@@ -187,7 +191,9 @@ def nft_counter(chain: str, rule: str) -> int:
     """Packets counted so far by the rule in ``inet corral <chain>`` that starts with ``rule``."""
     text = subprocess.run(
         ["nft", "-a", "list", "chain", "inet", "corral", chain],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for line in text.splitlines():
         if line.strip().startswith(rule) and "counter packets" in line:
@@ -216,8 +222,9 @@ class Background:
     """A probe running in a sandbox on a thread: its stdout is read line by line as it comes,
     and closing its stdin (``finish``) tells it to stop."""
 
-    def __init__(self, corral: Corral, env: str, script: str, *args: object,
-                 timeout: float = 40) -> None:
+    def __init__(
+        self, corral: Corral, env: str, script: str, *args: object, timeout: float = 40
+    ) -> None:
         self._stdin_r, self._stdin_w = os.pipe()
         self._out_r, out_w = os.pipe()
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -230,7 +237,7 @@ class Background:
                 self.result = corral.envs.run(
                     env, argv, stdin=self._stdin_r, stdout=out_w, stderr=out_w, timeout=timeout
                 )
-            except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+            except BaseException as exc:
                 self.error = exc
             finally:
                 os.close(out_w)
@@ -254,12 +261,19 @@ class Background:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise AssertionError(f"no report from the sandbox in {timeout}s: {self.seen}")
+                raise AssertionError(
+                    f"no report from the sandbox in {timeout}s: {self.seen}"
+                ) from None
             if line is None:
                 raise AssertionError(f"the sandbox ended without a report: {self.seen}")
             self.seen.append(line)
+            print(f"observed in the background sandbox: {line.strip()}")
             if line.startswith("{"):
                 return json.loads(line)
+
+    def send(self, line: str) -> None:
+        """Write one line to the probe's stdin."""
+        os.write(self._stdin_w, line.encode() + b"\n")
 
     def finish(self) -> SandboxResult:
         """Close the probe's stdin, wait for the sandbox to end and return its result."""

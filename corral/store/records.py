@@ -1,0 +1,153 @@
+"""Runner releases, runs and run events: the SQL for issue 3's records.
+
+Like ``store.py``, every public method is one transaction and every database error leaves
+as a ``corral.errors`` exception. A run's event log is append-only: ``append_event`` assigns
+the next sequence number inside its transaction, so concurrent writers of one run's log
+serialise and readers can follow the log with ``events(run_id, after=seq)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.exc import IntegrityError
+
+from corral.errors import NotFound
+from corral.store.engine import is_unique_violation, transaction
+from corral.store.rows import Release, Run, RunEvent
+from corral.store.schema import run_events, runner_releases, runs
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}")
+
+
+class ReleaseNotFound(NotFound):
+    code = "release_not_found"
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"no runner release {ref!r}; `corral runner list` shows them")
+
+
+class Releases:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def publish(self, release: Release) -> Release:
+        """Record ``release`` and make it current; publishing the same bytes again re-activates."""
+        with transaction(self._engine, write=True) as conn:
+            try:
+                conn.execute(insert(runner_releases).values(dataclasses.asdict(release)))
+            except IntegrityError as exc:
+                if not is_unique_violation(exc):
+                    raise
+                conn.execute(
+                    update(runner_releases)
+                    .where(runner_releases.c.digest == release.digest)
+                    .values(activated_at=release.activated_at)
+                )
+        return self.get(release.digest)
+
+    def activate(self, ref: str, at: datetime) -> Release:
+        release = self.get(ref)
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(
+                update(runner_releases)
+                .where(runner_releases.c.digest == release.digest)
+                .values(activated_at=at)
+            )
+        return self.get(release.digest)
+
+    def get(self, ref: str) -> Release:
+        """A release by digest, or by version (the newest published with that version)."""
+        with transaction(self._engine) as conn:
+            row = conn.execute(
+                select(runner_releases)
+                .where((runner_releases.c.digest == ref) | (runner_releases.c.version == ref))
+                .order_by(runner_releases.c.published_at.desc())
+            ).first()
+        if row is None:
+            raise ReleaseNotFound(ref)
+        return _release(row)
+
+    def current(self) -> Release | None:
+        with transaction(self._engine) as conn:
+            row = conn.execute(
+                select(runner_releases).order_by(runner_releases.c.activated_at.desc()).limit(1)
+            ).first()
+        return None if row is None else _release(row)
+
+    def all(self) -> list[Release]:
+        with transaction(self._engine) as conn:
+            rows = conn.execute(
+                select(runner_releases).order_by(runner_releases.c.published_at.desc())
+            ).all()
+        return [_release(r) for r in rows]
+
+
+class Runs:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def create(self, run: Run) -> Run:
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(insert(runs).values(dataclasses.asdict(run)))
+        return run
+
+    def update(self, run_id: str, **fields: Any) -> Run:
+        unknown = set(fields) - {c.name for c in runs.columns}
+        if unknown:
+            raise ValueError(f"runs has no columns {sorted(unknown)}")
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(update(runs).where(runs.c.id == run_id).values(**fields))
+            if done.rowcount == 0:
+                raise RunNotFound(run_id)
+        return self.get(run_id)
+
+    def get(self, run_id: str) -> Run:
+        with transaction(self._engine) as conn:
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+        if row is None:
+            raise RunNotFound(run_id)
+        return Run(**row._asdict())
+
+    def for_environment(self, environment: str, limit: int = 50) -> list[Run]:
+        with transaction(self._engine) as conn:
+            rows = conn.execute(
+                select(runs)
+                .where(runs.c.environment == environment)
+                .order_by(runs.c.created_at.desc())
+                .limit(limit)
+            ).all()
+        return [Run(**r._asdict()) for r in rows]
+
+    def append_event(self, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
+        with transaction(self._engine, write=True) as conn:
+            last = conn.scalar(
+                select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
+            )
+            seq = (last or 0) + 1
+            conn.execute(
+                insert(run_events).values(run_id=run_id, seq=seq, at=at, kind=kind, data=data)
+            )
+        return RunEvent(run_id, seq, at, kind, data)
+
+    def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
+        with transaction(self._engine) as conn:
+            rows = conn.execute(
+                select(run_events)
+                .where(run_events.c.run_id == run_id, run_events.c.seq > after)
+                .order_by(run_events.c.seq)
+            ).all()
+        return [RunEvent(**r._asdict()) for r in rows]
+
+
+def _release(row: Row[Any]) -> Release:
+    return Release(**row._asdict())
