@@ -7,8 +7,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from corral.context import Corral
 from corral.config import Settings
+from corral.context import Corral
 
 
 def private_corral() -> tuple[Corral, Path]:

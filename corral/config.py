@@ -22,9 +22,10 @@ DEFAULT_BASE_IMAGE = "/var/cache/corral/base/bookworm.tar"
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-sandbox cgroup limits."""
+    """Per-sandbox limits: cgroups, and the size of a run's scratch layer."""
 
     memory_bytes: int = 512 * 1024 * 1024
+    scratch_bytes: int = 1024 * 1024 * 1024  # a run's writable layer: a tmpfs of this size
     pids: int = 256
     cpu_quota_us: int = 100_000  # per cpu_period_us: one full CPU
     cpu_period_us: int = 100_000
@@ -76,6 +77,7 @@ class Settings:
         limits = SandboxLimits(
             memory_bytes=_int(env, "CORRAL_SANDBOX_MEMORY_MB", 512) * 1024 * 1024,
             pids=_int(env, "CORRAL_SANDBOX_PIDS", 256),
+            scratch_bytes=_int(env, "CORRAL_SANDBOX_SCRATCH_MB", 1024) * 1024 * 1024,
             cpu_quota_us=int(_float(env, "CORRAL_SANDBOX_CPUS", 1.0) * 100_000),
         )
         try:

@@ -121,10 +121,14 @@ class Sandboxes:
         self.slots.write(record)
         try:
             rootfs = bundle / "rootfs"
+            rootfs.mkdir(parents=True)
             upper, work = request.upper, request.work
             if upper is None or work is None:
-                upper, work = bundle / "upper", bundle / "work"
-            for d in (rootfs, upper, work):
+                scratch = bundle / "scratch"
+                scratch.mkdir()
+                overlay.mount_scratch(scratch, self.settings.limits.scratch_bytes)
+                upper, work = scratch / "upper", scratch / "work"
+            for d in (upper, work):
                 d.mkdir(parents=True, exist_ok=True)
             overlay.mount(request.layers, upper, work, rootfs)
             self.network.create(link)

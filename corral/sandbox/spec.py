@@ -31,9 +31,9 @@ from corral.sandbox import seccomp
 
 OCI_VERSION: Final = "1.0.2"
 
-# The bounding set: the ceiling for anything that ever runs in the sandbox (an edit session
-# as uid 0 gets exactly these). It is the classic container set minus MKNOD, NET_RAW,
-# SYS_CHROOT and friends.
+# The bounding set: the ceiling for anything that ever runs in the sandbox (a process run as
+# uid 0, which Corral itself never asks for, would get exactly these). It is the classic
+# container set minus MKNOD, NET_RAW, SYS_CHROOT and friends.
 BOUNDING_CAPABILITIES: Final = (
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
@@ -215,7 +215,7 @@ def _process(process: ProcessSpec) -> dict[str, object]:
     bounding = list(BOUNDING_CAPABILITIES)
     # A non-root process gets nothing to use: it could only gain capabilities through
     # execve of a file with caps or a setuid binary, and noNewPrivileges rules both out.
-    # Root (an edit session installing packages) may use the whole bounding set.
+    # Root may use the whole bounding set; Corral runs user code, edits included, as uid 1000.
     usable = list(BOUNDING_CAPABILITIES) if process.uid == 0 else []
     return {
         "terminal": process.terminal,

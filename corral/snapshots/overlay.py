@@ -54,6 +54,21 @@ def mount(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None
         raise SnapshotError(f"mount overlay on {target} failed: {os.strerror(err)} ({options})")
 
 
+def mount_scratch(target: Path, size_bytes: int) -> None:
+    """A tmpfs of ``size_bytes`` at ``target``: a run's scratch layer, capped and thrown away.
+
+    Its pages are charged to the memory cgroup of whoever writes them, so a sandbox's writes
+    also count against its memory limit; either cap stops a sandbox from filling the host.
+    """
+    options = f"size={size_bytes},mode=0755".encode()
+    rc = _libc.mount(
+        b"corral-scratch", os.fsencode(target), b"tmpfs", MS_NOSUID | MS_NODEV, options
+    )
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise SnapshotError(f"mount tmpfs on {target} failed: {os.strerror(err)}")
+
+
 def unmount(target: Path) -> None:
     """Detach the mount at ``target``; a missing mount is not an error (teardown is idempotent)."""
     rc = _libc.umount2(os.fsencode(target), MNT_DETACH)

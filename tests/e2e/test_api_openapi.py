@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from corral import errors as corral_errors
 from corral.api.app import create_app
 from corral.api.errors import STATUS, STATUS_BY_CODE, status_for
-from corral.context import Corral
 from corral.config import Settings
+from corral.context import Corral
 from corral.errors import CorralError, SandboxError, SnapshotError
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.context import Corral
 from corral.config import Settings
+from corral.context import Corral
 from corral.errors import RequirementMissing
 from tests.conftest import require
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.context import Corral
 from corral.config import Settings
+from corral.context import Corral
 from corral.errors import DiskFull, NothingToFreeze
 from corral.sandbox.network import NETNS_DIR
 from corral.sandbox.slots import Record
@@ -137,3 +138,22 @@ def test_disk_full_during_freeze_keeps_the_previous_snapshot(small_disk: Path) -
             envs.freeze("full")
     finally:
         corral.close()
+
+
+def test_a_run_cannot_fill_the_host_disk(corral: Corral, env: str) -> None:
+    small = dataclasses.replace(
+        corral.settings, limits=dataclasses.replace(corral.settings.limits, scratch_bytes=64 << 20)
+    )
+    capped = Corral(small)
+    try:
+        code, out, err = run(
+            capped,
+            env,
+            "sh",
+            "-c",
+            "head -c 100000000 /dev/zero > /tmp/fill; echo $?; du -m /tmp/fill",
+        )
+    finally:
+        capped.close()
+    assert "No space left on device" in err
+    assert int(out.split()[-2]) <= 64  # MB written before the cap stopped it
