@@ -23,6 +23,7 @@
         ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
         ├── NetworkError              ip/nft refused a change
         ├── SandboxCapacity           every address of the sandbox subnet is taken; retry
+        ├── SandboxDied               the sandbox was killed before its command started
         └── CommandNotFound           the command to run does not exist in the sandbox
 
 Foreign exceptions are translated once, in the edge module that calls the foreign thing
@@ -191,6 +192,14 @@ class NetworkError(SandboxError):
 
 class SandboxCapacity(SandboxError):
     code = "sandbox_capacity"
+
+
+class SandboxDied(SandboxError):
+    code = "sandbox_died"
+
+    def __init__(self, container: str) -> None:
+        self.container = container
+        super().__init__(f"sandbox {container} was killed before its command started")
 
 
 class CommandNotFound(SandboxError):

@@ -43,6 +43,7 @@ from corral.errors import (
     RequirementMissing,
     RuncError,
     SandboxCapacity,
+    SandboxDied,
     SandboxError,
     SnapshotError,
     SnapshotNotFound,
@@ -78,6 +79,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     SandboxError: 500,
     RequirementMissing: 503,  # this host cannot run sandboxes until an operator fixes it
     SandboxCapacity: 503,  # every sandbox address is taken: retry later
+    SandboxDied: 503,  # killed before its command started: an infrastructure failure, retry
     RuncError: 500,
     NetworkError: 500,
     CommandNotFound: 422,  # the argv is well formed but names nothing in the sandbox

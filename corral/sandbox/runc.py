@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from corral.errors import CommandNotFound, RuncError
+from corral.errors import CommandNotFound, RuncError, SandboxDied
 
 _NOT_FOUND = ("executable file not found", "no such file or directory")
 
@@ -79,6 +79,8 @@ class Runc:
         if not errors:
             return
         message = "; ".join(str(e.get("msg", "")) for e in errors)
+        if "already dead" in message:
+            raise SandboxDied(argv[-1])
         if "exec" in message and any(s in message for s in _NOT_FOUND):
             command = message.split('exec: "', 1)[-1].split('"', 1)[0]
             raise CommandNotFound(command, env_name)

@@ -239,9 +239,7 @@ def test_bad_name_is_400(client: httpx.Client) -> None:
     assert "Bad Name!" not in [e["name"] for e in client.get("/v1/envs").json()]
 
 
-def test_bad_source_and_digest_are_400(
-    client: httpx.Client, api_env: str, corral: Corral
-) -> None:
+def test_bad_source_and_digest_are_400(client: httpx.Client, api_env: str, corral: Corral) -> None:
     name = f"api-{secrets.token_hex(4)}"
     bad_from = client.post("/v1/envs", json={"name": name, "from": "docker://debian"})
     assert "oci-archive:PATH" in error_of(bad_from, 400, "invalid_input")

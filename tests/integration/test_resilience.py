@@ -50,10 +50,21 @@ def wait_for_record(corral: Corral, owner_pid: int, known: set[str], timeout: fl
     while time.monotonic() < deadline:
         for record in corral.sandboxes().slots.records():
             fresh = record.owner.pid == owner_pid and record.sandbox_id not in known
-            if fresh and (Path(record.runc_root) / record.container).exists():
+            if fresh and _running(record):
                 return record
         time.sleep(0.05)
     raise AssertionError(f"no running sandbox owned by pid {owner_pid} appeared")
+
+
+def _running(record: Record) -> bool:
+    """The container's command has started (not merely created)."""
+    state = subprocess.run(
+        ["runc", "--root", record.runc_root, "state", record.container],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return state.returncode == 0 and json.loads(state.stdout)["status"] == "running"
 
 
 def test_corral_killed_mid_run_is_reaped_by_the_next_start(corral: Corral, env: str) -> None:

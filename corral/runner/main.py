@@ -1,0 +1,120 @@
+"""Run one agent: load the entrypoint, call it with the input, report the result.
+
+``run(spec, events_fd)`` is what the sandbox bootstrap calls. The spec names the entrypoint
+as ``file.py:function`` (relative to the working directory) or ``package.module:function``.
+The function receives the decoded input; one that takes a second parameter also receives
+the run's context. Exit status: 0 with a ``result`` event, 1 with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import sys
+import traceback
+from typing import Any, Callable, Dict
+
+from . import REQUIRES_PYTHON, __version__, sdk
+from .events import Channel, LogStream
+
+
+class AgentError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run(spec: Dict[str, Any], events_fd: int) -> int:
+    channel = Channel(events_fd)
+    channel.emit(
+        "runner.started",
+        version=__version__,
+        python=platform.python_version(),
+        requires_python=".".join(map(str, REQUIRES_PYTHON)),
+    )
+    context = {
+        "run_id": spec.get("run_id"),
+        "environment": spec.get("environment"),
+        "entrypoint": spec.get("entrypoint"),
+    }
+    sdk._bind(channel, context)
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout = LogStream(channel, "stdout")
+    sys.stderr = LogStream(channel, "stderr")
+    try:
+        output = _call(spec)
+        try:
+            json.dumps(output)
+        except (TypeError, ValueError) as exc:
+            raise AgentError("result_not_json", f"the agent returned {type(output).__name__}, "
+                             f"which is not JSON: {exc}") from None  # fmt: skip
+        _flush()
+        channel.emit("result", output=output)
+        return 0
+    except AgentError as exc:
+        _flush()
+        channel.emit("error", code=exc.code, message=str(exc))
+        return 1
+    except BaseException as exc:  # the agent's own failure, whatever it is, is a result
+        _flush()
+        channel.emit(
+            "error",
+            code="agent_raised",
+            message=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(limit=20),
+        )
+        return 1
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+
+
+def _call(spec: Dict[str, Any]) -> Any:
+    function = load_entrypoint(str(spec.get("entrypoint", "")), str(spec.get("workdir", ".")))
+    value = spec.get("input")
+    try:
+        parameters = len(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        parameters = 1
+    if parameters == 0:
+        return function()
+    if parameters == 1:
+        return function(value)
+    return function(value, sdk.context())
+
+
+def load_entrypoint(entrypoint: str, workdir: str) -> Callable[..., Any]:
+    target, sep, name = entrypoint.partition(":")
+    if not sep or not target or not name.isidentifier():
+        raise AgentError(
+            "bad_entrypoint", f"entrypoint {entrypoint!r} is not of the form file.py:function"
+        )
+    if workdir not in sys.path:
+        sys.path.insert(0, workdir)
+    if target.endswith(".py"):
+        path = os.path.join(workdir, target)
+        if not os.path.isfile(path):
+            raise AgentError("entrypoint_not_found", f"no file {path} in the sandbox")
+        spec = importlib.util.spec_from_file_location("__corral_agent__", path)
+        if spec is None or spec.loader is None:
+            raise AgentError("entrypoint_not_found", f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["__corral_agent__"] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise AgentError("entrypoint_not_found", f"cannot import {target}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise AgentError("entrypoint_not_found", f"{target} has no function {name!r}")
+    return function
