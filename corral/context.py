@@ -8,6 +8,8 @@ from functools import cached_property
 
 from corral.config import Settings
 from corral.envs.service import Environments
+from corral.pipeline.executor import Executor
+from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Store
 
@@ -40,6 +42,14 @@ class Corral:
     @cached_property
     def envs(self) -> Environments:
         return Environments(self.settings, self.store, self.sandboxes)
+
+    @cached_property
+    def releases(self) -> ReleaseService:
+        return ReleaseService(self.store, self.envs.layout)
+
+    @cached_property
+    def executor(self) -> Executor:
+        return Executor(self.settings, self.store, self.envs, self.releases, self.sandboxes)
 
     def close(self) -> None:
         if "store" in self.__dict__:

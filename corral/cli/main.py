@@ -46,9 +46,10 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from corral.cli import env, sandbox, serve
+    from corral.cli import env, run, sandbox, serve
 
     env.register(cli)
+    run.register(cli)
     sandbox.register(cli)
     serve.register(cli)
     cli()

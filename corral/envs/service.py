@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from corral.config import Settings
 from corral.errors import (
+    Conflict,
     DiskFull,
     EnvironmentBusy,
     EnvironmentExists,
@@ -134,7 +136,7 @@ class Environments:
             request = SandboxRequest(
                 layers=tuple(self.images.unpacked(image)),
                 argv=argv,
-                env=_process_env(image),
+                env=process_env(image),
                 edit=True,
                 upper=draft / "upper",
                 work=draft / "work",
@@ -181,6 +183,40 @@ class Environments:
                 raise
         except DiskFull:
             pass
+
+    def commit_platform_layer(
+        self, name: str, parent: str, build: Callable[[Path], None], message: str
+    ) -> Snapshot | None:
+        """A new head: ``parent`` plus one layer whose upper directory ``build`` writes.
+
+        For Corral's own files (the runner's fold-in), never the user's: every user layer stays
+        byte-identical. The head moves only if it is still ``parent``; if the user froze a new
+        snapshot meanwhile, nothing is written and None is returned.
+        """
+        if self.store.get_environment(name).head != parent:
+            return None
+        base = self.images.load(parent)
+        with tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".platform-") as tmp:
+            upper = Path(tmp) / "upper"
+            build(upper)
+            image = self.images.commit(base, upper, created_by=f"corral: {message}")
+        self._try_unpack(image)
+        snapshot = Snapshot(
+            digest=image.digest,
+            environment=name,
+            seq=0,
+            parent=parent,
+            layer=image.layers[-1].digest,
+            size=image.size,
+            created_at=_now(),
+            message=message,
+        )
+        try:
+            stored = self.store.add_snapshot(name, snapshot, expected_head=parent)
+        except Conflict:
+            return None
+        self._tag(name, stored.seq, image)
+        return stored
 
     def discard(self, name: str) -> None:
         """Throw away the draft: the environment goes back to exactly its head snapshot."""
@@ -233,7 +269,7 @@ class Environments:
         request = SandboxRequest(
             layers=tuple(self.images.unpacked(image)),
             argv=argv,
-            env=_process_env(image),
+            env=process_env(image),
             timeout=timeout,
             label=name,
         )
@@ -282,7 +318,7 @@ class Environments:
             yield
 
 
-def _process_env(image: Image) -> tuple[tuple[str, str], ...]:
+def process_env(image: Image) -> tuple[tuple[str, str], ...]:
     """The image's Env, with the home and user every sandbox process runs as."""
     pairs = dict(
         entry.split("=", 1)

@@ -16,7 +16,8 @@ import os
 import platform
 import sys
 import traceback
-from typing import Any, Callable, Dict
+from collections.abc import Callable
+from typing import Any
 
 from . import REQUIRES_PYTHON, __version__, sdk
 from .events import Channel, LogStream
@@ -28,7 +29,7 @@ class AgentError(Exception):
         self.code = code
 
 
-def run(spec: Dict[str, Any], events_fd: int) -> int:
+def run(spec: dict[str, Any], events_fd: int) -> int:
     channel = Channel(events_fd)
     channel.emit(
         "runner.started",
@@ -77,7 +78,7 @@ def _flush() -> None:
         stream.flush()
 
 
-def _call(spec: Dict[str, Any]) -> Any:
+def _call(spec: dict[str, Any]) -> Any:
     function = load_entrypoint(str(spec.get("entrypoint", "")), str(spec.get("workdir", ".")))
     value = spec.get("input")
     try:
@@ -114,7 +115,7 @@ def load_entrypoint(entrypoint: str, workdir: str) -> Callable[..., Any]:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise AgentError("entrypoint_not_found", f"cannot import {target}: {exc}") from None
-    function = getattr(module, name, None)
+    function: Callable[..., Any] | None = getattr(module, name, None)
     if not callable(function):
         raise AgentError("entrypoint_not_found", f"{target} has no function {name!r}")
     return function

@@ -10,15 +10,15 @@ Everything here reports through the runner's event channel; nothing in it holds 
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any
 
 from .events import Channel
 
-_channel: Optional[Channel] = None
-_context: Dict[str, Any] = {}
+_channel: Channel | None = None
+_context: dict[str, Any] = {}
 
 
-def _bind(channel: Channel, context: Dict[str, Any]) -> None:
+def _bind(channel: Channel, context: dict[str, Any]) -> None:
     global _channel, _context
     _channel = channel
     _context = dict(context)
@@ -48,6 +48,6 @@ def metric(name: str, value: float, **labels: str) -> None:
     _emit("metric", name=str(name), value=float(value), labels=labels)
 
 
-def context() -> Dict[str, Any]:
+def context() -> dict[str, Any]:
     """Who and what this run is: run id, environment, entrypoint."""
     return dict(_context)

@@ -39,10 +39,32 @@ class Runc:
         env_name: str = "",
     ) -> tuple[int, bool]:
         """Run the bundle to its end: (exit status, timed out); 128+N means killed by signal N."""
-        log = bundle / "runc.log"
-        argv = self._argv("--log", str(log), "--log-format", "json", "run", "--bundle",
-                          str(bundle), container_id)  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+        proc = self.start(container_id, bundle, stdin=stdin, stdout=stdout, stderr=stderr)
+        return self.wait(proc, container_id, bundle, timeout=timeout, env_name=env_name)
+
+    def start(
+        self,
+        container_id: str,
+        bundle: Path,
+        *,
+        stdin: IO[bytes] | int | None = None,
+        stdout: IO[bytes] | int | None = None,
+        stderr: IO[bytes] | int | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``runc run`` in the foreground of a child process; ``wait`` reaps it."""
+        argv = self._argv("--log", str(bundle / "runc.log"), "--log-format", "json", "run",
+                          "--bundle", str(bundle), container_id)  # fmt: skip
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
+
+    def wait(
+        self,
+        proc: subprocess.Popen[bytes],
+        container_id: str,
+        bundle: Path,
+        *,
+        timeout: float | None = None,
+        env_name: str = "",
+    ) -> tuple[int, bool]:
         timed_out = False
         try:
             code = proc.wait(timeout=timeout)
@@ -55,7 +77,7 @@ class Runc:
             proc.wait()
             raise
         if code != 0 and not timed_out:
-            self._raise_start_failure(argv, code, log, env_name)
+            self._raise_start_failure(proc.args, code, bundle / "runc.log", env_name)  # type: ignore[arg-type]
         return code, timed_out
 
     def kill(self, container_id: str, signal: str = "KILL") -> None:

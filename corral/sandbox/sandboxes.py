@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +57,16 @@ class SandboxRequest:
     timeout: float | None = None
     label: str = ""  # the environment's name, for messages
     mounts: tuple[BindMount, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Started:
+    """A sandbox whose process is running: its host-side root and its runc child."""
+
+    record: Record
+    address: str
+    rootfs: Path  # the sandbox's root as the host sees it (host code only: never follow links)
+    process: subprocess.Popen[bytes]
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,44 @@ class Sandboxes:
         return SandboxResult(
             record.sandbox_id, address, code, timed_out, time.perf_counter() - started
         )
+
+    @contextlib.contextmanager
+    def started(
+        self,
+        request: SandboxRequest,
+        *,
+        stdin: Stream = None,
+        stdout: Stream = None,
+        stderr: Stream = None,
+    ) -> Iterator[Started]:
+        """Boot a sandbox and start its command; on exit, kill whatever still runs, tear down."""
+        with self._booted(request) as (record, address):
+            bundle = Path(record.bundle)
+            proc = self.runc.start(
+                record.container, bundle, stdin=stdin, stdout=stdout, stderr=stderr
+            )
+            try:
+                yield Started(record, address, bundle / "rootfs", proc)
+            finally:
+                if proc.poll() is None:
+                    self.runc.kill(record.container)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # runc itself is stuck; teardown force-deletes the container
+                    proc.wait()
+
+    def raise_start_failure(self, started: Started, label: str) -> None:
+        """After a started sandbox ended unexpectedly: raise if runc never started its command
+        (CommandNotFound, SandboxDied, RuncError); return if the command itself ended."""
+        self.runc.wait(
+            started.process, started.record.container, Path(started.record.bundle),
+            timeout=30, env_name=label,
+        )  # fmt: skip
+
+    def kill(self, started: Started) -> None:
+        """Kill every process of a started sandbox (it then tears down as usual)."""
+        self.runc.kill(started.record.container)
 
     @contextlib.contextmanager
     def _booted(self, request: SandboxRequest) -> Iterator[tuple[Record, str]]:

@@ -26,6 +26,7 @@ from corral.errors import (
     SnapshotNotFound,
 )
 from corral.snapshots import digests
+from corral.snapshots.fsattr import Immutability, unlock_everything
 from corral.snapshots.layers import unpack_layer, write_layer
 from corral.snapshots.layout import (
     LAYER_TYPES,
@@ -36,6 +37,9 @@ from corral.snapshots.layout import (
     Layout,
 )
 
+# Platform-owned trees: immutable in the layer cache, so that overlayfs refuses every change
+# to them in every sandbox (lifting the flag needs CAP_LINUX_IMMUTABLE; no sandbox has it).
+PROTECTED = ("opt/corral",)
 DEFAULT_PATH = "/home/user/.local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -213,6 +217,9 @@ class Images:
         try:
             os.chmod(tmp, 0o755)
             unpack_layer(self.layout.blob_path(layer.digest), tmp)
+            for tree in PROTECTED:
+                if (tmp / tree).is_dir() and not (tmp / tree).is_symlink():
+                    Immutability().set_tree(tmp / tree, True)
             try:
                 os.rename(tmp, dest)
             except OSError:
@@ -220,6 +227,7 @@ class Images:
                     raise
         finally:
             if tmp.exists():
+                unlock_everything(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
 

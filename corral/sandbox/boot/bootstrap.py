@@ -25,11 +25,16 @@ import json
 import os
 import sys
 
+MYPY = False
+if MYPY:  # type comments, not annotations: this file must parse on Python 3.6
+    from typing import Any, List, Optional  # noqa: F401
+
 RUNNER_HOME = "/opt/corral/runner"
 STAGED_NAME = "_corral_staged_runner"
 
 
 def main():
+    # type: () -> None
     sys.dont_write_bytecode = True  # the runner's directory is immutable; never litter it
     control = os.fdopen(os.dup(0), "rb")
     events = os.dup(1)
@@ -39,6 +44,7 @@ def main():
     os.close(devnull)
 
     def emit(kind, **data):
+        # type: (str, Any) -> None
         data["type"] = kind
         line = (json.dumps(data) + "\n").encode()
         while line:
@@ -61,7 +67,7 @@ def main():
         elif op == "run":
             control.close()
             sys.path.insert(0, RUNNER_HOME)
-            from corral_runner.main import run  # noqa: the freshly swapped runner
+            from corral_runner.main import run  # the freshly swapped runner
 
             sys.stdout.flush()
             os._exit(run(command["spec"], events))
@@ -71,6 +77,7 @@ def main():
 
 
 def validate(path, package, requires):
+    # type: (str, str, List[int]) -> Optional[str]
     """None if the release at ``path`` compiles and imports here; else why not."""
     if tuple(sys.version_info[:2]) < tuple(requires):
         return "the release needs Python >= %s; this environment has %s" % (
@@ -100,6 +107,8 @@ def validate(path, package, requires):
         spec = importlib.util.spec_from_file_location(
             STAGED_NAME, os.path.join(root, "__init__.py"), submodule_search_locations=[root]
         )
+        if spec is None or spec.loader is None:
+            return "cannot load %s" % root
         module = importlib.util.module_from_spec(spec)
         sys.modules[STAGED_NAME] = module
         spec.loader.exec_module(module)

@@ -1,0 +1,286 @@
+"""Running one agent: boot, make the runner current, run, record, fold in.
+
+``Executor.run`` is the sandbox half of every agent run, whoever asked for it. For each
+attempt it boots a fresh sandbox from the environment's snapshot with the bootstrap as its
+first process, hot-swaps the current runner release in if the snapshot holds another one
+(``corral.sandbox.hotswap``), sends the run spec, and records every event the sandbox sends.
+
+Failures are sorted by whether a fresh sandbox could end differently:
+
+* infrastructure (the sandbox died, a swap step failed, the sandbox did not boot in time):
+  kill the sandbox, boot a fresh one, try again, up to ``max_attempts``;
+* permanent (the release does not validate in this environment, no python3 in it, the
+  agent's own error, the deadline): the run ends with a clear error at once.
+
+After a successful run in which the runner was swapped, the release is folded into the
+environment as one new top layer, so the next run boots straight into it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from corral.config import Settings
+from corral.envs.service import Environments, process_env
+from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.pipeline.states import RunStatus
+from corral.releases.service import ReleaseService
+from corral.sandbox import hotswap
+from corral.sandbox.hotswap import RunnerInvalid
+from corral.sandbox.sandboxes import Sandboxes, SandboxRequest
+from corral.sandbox.session import AgentSession, SessionEnded, SessionTimeout, agent_session
+from corral.snapshots.fsattr import Immutability
+from corral.store import Release, Run, RunEvent, Store
+
+BOOT_TIMEOUT_S = 20.0
+SANDBOX_EVENTS = frozenset({"runner.started", "log", "progress", "metric", "result", "error"})
+WORKDIR = "/home/user"
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    environment: str
+    entrypoint: str  # "agent.py:main"
+    input: Any = None
+    trigger: str = "cli"
+    timeout: float | None = None  # seconds for the whole run; default settings.sandbox_timeout
+    snapshot: str | None = None  # a digest from the history; default the head
+
+
+class Hooks(Protocol):
+    """Test seam: called after every swap step, with the live session."""
+
+    def on_step(self, attempt: int, step: str, session: AgentSession) -> None: ...
+
+
+@dataclass
+class _Outcome:
+    status: RunStatus
+    result: Any = None
+    error_code: str | None = None
+    error: str | None = None
+    swapped: bool = False
+    replaced: list[str] = field(default_factory=list)
+
+
+class Executor:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        envs: Environments,
+        releases: ReleaseService,
+        sandboxes: Callable[[], Sandboxes],
+        *,
+        attrs: Immutability | None = None,
+        hooks: Hooks | None = None,
+        max_attempts: int = 3,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.envs = envs
+        self.releases = releases
+        self.sandboxes = sandboxes
+        self.attrs = attrs or Immutability()
+        self.hooks = hooks
+        self.max_attempts = max_attempts
+
+    def run(self, request: AgentRequest, on_event: Callable[[RunEvent], None] | None = None) -> Run:
+        env = self.envs.get(request.environment)
+        digest = env.head
+        if request.snapshot:
+            digest = self.store.get_snapshot(env.name, request.snapshot).digest
+        try:
+            encoded_input = json.dumps(request.input)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"the input is not JSON: {exc}") from exc
+        release = self.releases.current()
+        now = datetime.now(UTC)
+        run = self.store.runs.create(
+            Run(
+                id=f"run-{secrets.token_hex(8)}",
+                environment=env.name,
+                snapshot=digest,
+                entrypoint=request.entrypoint,
+                input=encoded_input,
+                trigger=request.trigger,
+                status=RunStatus.RUNNING,
+                created_at=now,
+                started_at=now,
+                runner_version=release.version,
+                runner_digest=release.digest,
+            )
+        )
+
+        def emit(kind: str, **data: Any) -> None:
+            event = self.store.runs.append_event(
+                run.id, datetime.now(UTC), kind, json.dumps(data, default=repr)
+            )
+            if on_event is not None:
+                on_event(event)
+
+        emit("run.started", environment=env.name, snapshot=digest, trigger=request.trigger,
+             runner=release.version)  # fmt: skip
+        deadline = time.monotonic() + (request.timeout or self.settings.sandbox_timeout)
+        outcome, attempts = self._attempts(run, release, deadline, emit)
+
+        folded = None
+        if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
+            folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
+        emit("run.finished", status=str(outcome.status), attempts=attempts)
+        return self.store.runs.update(
+            run.id,
+            status=str(outcome.status),
+            result=None if outcome.result is None else json.dumps(outcome.result),
+            error_code=outcome.error_code,
+            error=outcome.error,
+            swapped=outcome.swapped,
+            attempts=attempts,
+            folded_snapshot=folded,
+            finished_at=datetime.now(UTC),
+        )
+
+    def _attempts(
+        self, run: Run, release: Release, deadline: float, emit: Callable[..., None]
+    ) -> tuple[_Outcome, int]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(run, release, attempt, deadline, emit), attempt
+            except (RunnerInvalid, CommandNotFound) as exc:
+                return _Outcome(RunStatus.FAILED, error_code=exc.code, error=exc.detail), attempt
+            except SandboxError as exc:
+                emit("attempt.failed", attempt=attempt, code=exc.code, detail=exc.detail)
+                if time.monotonic() >= deadline:
+                    return _Outcome(RunStatus.TIMED_OUT, error_code="timed_out",
+                                    error="the run's deadline passed"), attempt  # fmt: skip
+                if attempt >= self.max_attempts:
+                    return _Outcome(
+                        RunStatus.FAILED,
+                        error_code="sandbox_failed",
+                        error=f"{attempt} sandboxes failed; the last: {exc.detail}",
+                    ), attempt
+            except OSError as exc:  # a swap step's file operation on the host (chattr, rename)
+                emit("attempt.failed", attempt=attempt, code="swap_io", detail=str(exc))
+                if attempt >= self.max_attempts:
+                    return _Outcome(RunStatus.FAILED, error_code="runner_swap_failed",
+                                    error=str(exc)), attempt  # fmt: skip
+
+    def _attempt(
+        self,
+        run: Run,
+        release: Release,
+        attempt: int,
+        deadline: float,
+        emit: Callable[..., None],
+    ) -> _Outcome:
+        image = self.envs.images.load(run.snapshot)
+        sandboxes = self.sandboxes()
+        request = SandboxRequest(
+            layers=tuple(self.envs.images.unpacked(image)),
+            argv=(),
+            env=process_env(image),
+            label=run.environment,
+        )
+        with agent_session(sandboxes, request) as session:
+            emit("sandbox.booted", attempt=attempt, sandbox=session.started.record.sandbox_id,
+                 address=session.started.address)  # fmt: skip
+            try:
+                ready, logs = session.expect(
+                    ("boot.ready",), min(deadline, time.monotonic() + BOOT_TIMEOUT_S)
+                )
+            except SessionEnded:
+                sandboxes.raise_start_failure(session.started, run.environment)
+                raise
+            self._forward(logs, attempt, emit)
+            live, present = hotswap.installed(session.rootfs)
+            swapped = live != release.short_id
+            if swapped:
+                emit("swap.started", attempt=attempt, replacing=live, release=release.short_id)
+
+                def step(name: str, **details: Any) -> None:
+                    emit(f"swap.{name}", attempt=attempt, **details)
+                    if self.hooks is not None:
+                        self.hooks.on_step(attempt, name, session)
+
+                hotswap.swap(
+                    session, release, self.releases.data(release),
+                    self.releases.requires(release), step, self.attrs,
+                )  # fmt: skip
+            session.send({"op": "run", "spec": self._spec(run)})
+            try:
+                final = self._follow(session, attempt, deadline, emit)
+            except SessionTimeout:
+                return _Outcome(RunStatus.TIMED_OUT, error_code="timed_out",
+                                error="the run's deadline passed", swapped=swapped)  # fmt: skip
+        if final["type"] == "result":
+            return _Outcome(RunStatus.SUCCEEDED, result=final.get("output"), swapped=swapped,
+                            replaced=present)  # fmt: skip
+        return _Outcome(
+            RunStatus.FAILED,
+            error_code=str(final.get("code", "agent_error")),
+            error=str(final.get("message", "")),
+            swapped=swapped,
+        )
+
+    def _follow(
+        self, session: AgentSession, attempt: int, deadline: float, emit: Callable[..., None]
+    ) -> dict[str, Any]:
+        """Record events until the result or error, then the rest of the sandbox's output."""
+        final = None
+        while final is None:
+            event = session.next(deadline)  # SessionEnded here: the sandbox died mid-run
+            self._forward([event], attempt, emit)
+            if event.get("type") in ("result", "error"):
+                final = event
+        try:
+            while True:
+                self._forward([session.next(time.monotonic() + 5)], attempt, emit)
+        except (SessionEnded, SessionTimeout):
+            pass
+        return final
+
+    @staticmethod
+    def _forward(events: list[dict[str, Any]], attempt: int, emit: Callable[..., None]) -> None:
+        for event in events:
+            data = {k: v for k, v in event.items() if k not in ("type", "at", "attempt")}
+            kind = str(event.get("type", ""))
+            emit(kind if kind in SANDBOX_EVENTS else "sandbox.unknown", attempt=attempt, **data)
+
+    def _spec(self, run: Run) -> dict[str, Any]:
+        net = self.settings.network
+        return {
+            "run_id": run.id,
+            "environment": run.environment,
+            "entrypoint": run.entrypoint,
+            "input": json.loads(run.input),
+            "workdir": WORKDIR,
+            "bridge": f"http://{net.gateway}:{net.bridge_port}",
+        }
+
+    def _fold_in(
+        self,
+        name: str,
+        parent: str,
+        release: Release,
+        replaced: list[str],
+        emit: Callable[..., None],
+    ) -> str | None:
+        def build(upper: Path) -> None:
+            self.releases.fold_in_tree(release, replaced, upper)
+
+        message = f"runner {release.version} ({release.short_id}) folded in"
+        snapshot = self.envs.commit_platform_layer(name, parent, build, message)
+        if snapshot is None:
+            emit("fold_in.skipped", reason="the environment's head moved during the run")
+            return None
+        emit("fold_in.done", snapshot=snapshot.digest, seq=snapshot.seq)
+        return snapshot.digest
