@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
 
 from corral.config import Settings
 from corral.context import Corral
+from corral.snapshots.fsattr import unlock_layer_caches
 
 
 def private_corral() -> tuple[Corral, Path]:
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     return Corral(Settings.from_env({**os.environ, "CORRAL_DATA_DIR": str(data)})), data
+
+
+def discard(data: Path) -> None:
+    unlock_layer_caches(data)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def summary(samples: list[float]) -> dict[str, float]:

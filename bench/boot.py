@@ -8,7 +8,6 @@ Target: Corral's median at most 2.0x the floor.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import private_corral, summary
+from bench._common import discard, private_corral, summary
 from corral.sandbox.sandboxes import SandboxRequest
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
@@ -80,7 +79,7 @@ def main() -> None:
         )
     finally:
         corral.close()
-        shutil.rmtree(data, ignore_errors=True)
+        discard(data)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ proportional to the change, so the ratio should be tiny.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ def main() -> None:
         print(f"  ratio {median / rehash:.3f}x the peer (proportional to the change, not the env)")
     finally:
         corral.close()
-        shutil.rmtree(data, ignore_errors=True)
+        discard(data)
 
 
 if __name__ == "__main__":

@@ -139,3 +139,13 @@ def store(store_url: str) -> Iterator[Store]:
         yield opened
     finally:
         opened.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Sandbox data directories hold immutable runner trees; unlock them so that pytest can
+    delete old temporary directories as usual."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and os.geteuid() == 0:
+        from corral.snapshots.fsattr import unlock_layer_caches
+
+        unlock_layer_caches(factory.getbasetemp())

@@ -10,7 +10,8 @@ Failures are sorted by whether a fresh sandbox could end differently:
 * infrastructure (the sandbox died, a swap step failed, the sandbox did not boot in time):
   kill the sandbox, boot a fresh one, try again, up to ``max_attempts``;
 * permanent (the release does not validate in this environment, no python3 in it, the
-  agent's own error, the deadline): the run ends with a clear error at once.
+  agent's own error, a sandbox that breaks the event protocol, the deadline): the run ends
+  with a clear error at once.
 
 After a successful run in which the runner was swapped, the release is folded into the
 environment as one new top layer, so the next run boots straight into it.
@@ -35,7 +36,13 @@ from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
 from corral.sandbox.hotswap import RunnerInvalid
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest
-from corral.sandbox.session import AgentSession, SessionEnded, SessionTimeout, agent_session
+from corral.sandbox.session import (
+    AgentSession,
+    ProtocolError,
+    SessionEnded,
+    SessionTimeout,
+    agent_session,
+)
 from corral.snapshots.fsattr import Immutability
 from corral.store import Release, Run, RunEvent, Store
 
@@ -155,7 +162,7 @@ class Executor:
             attempt += 1
             try:
                 return self._attempt(run, release, attempt, deadline, emit), attempt
-            except (RunnerInvalid, CommandNotFound) as exc:
+            except (RunnerInvalid, CommandNotFound, ProtocolError) as exc:
                 return _Outcome(RunStatus.FAILED, error_code=exc.code, error=exc.detail), attempt
             except SandboxError as exc:
                 emit("attempt.failed", attempt=attempt, code=exc.code, detail=exc.detail)

@@ -11,13 +11,19 @@ the host has and no sandbox process does.
 from __future__ import annotations
 
 import array
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
 FS_IMMUTABLE_FL = 0x00000010
+# The flags every filesystem with flags at all understands (tmpfs takes only these). Flags
+# read through an overlay come from the lower layer's filesystem (ext4's extents flag, say),
+# which the scratch layer's tmpfs refuses; ext4, in turn, must never be told to drop them.
+GENERIC_FLAGS = 0x00000010 | 0x00000020 | 0x00000040 | 0x00000080  # immutable append nodump noatime
 
 
 class Immutability:
@@ -28,8 +34,14 @@ class Immutability:
             flags = array.array("l", [0])
             fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
             want = flags[0] | FS_IMMUTABLE_FL if immutable else flags[0] & ~FS_IMMUTABLE_FL
-            if want != flags[0]:
+            if want == flags[0]:
+                return
+            try:
                 fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("l", [want]), True)
+            except OSError as exc:
+                if exc.errno != errno.EOPNOTSUPP or want == want & GENERIC_FLAGS:
+                    raise
+                fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("l", [want & GENERIC_FLAGS]), True)
         finally:
             os.close(fd)
 
@@ -51,12 +63,23 @@ class Immutability:
 
 
 def _walk(root: Path) -> list[Path]:
+    """Directories and regular files under ``root``: symlinks, devices (overlay whiteouts)
+    and sockets carry no flags."""
     out = []
     for directory, dirs, files in os.walk(root):
         base = Path(directory)
-        out += [base / d for d in sorted(dirs) if not (base / d).is_symlink()]
-        out += [base / f for f in sorted(files) if not (base / f).is_symlink()]
+        for name in sorted(dirs) + sorted(files):
+            mode = os.lstat(base / name).st_mode
+            if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+                out.append(base / name)
     return out
+
+
+def unlock_layer_caches(root: Path) -> None:
+    """Lift the flags Corral sets in every layer cache under ``root`` (data directories made
+    by tests and benchmarks), so that they can be deleted."""
+    for cache in root.glob("**/layers/*/opt/corral"):
+        unlock_everything(cache)
 
 
 def unlock_everything(root: Path) -> None:
