@@ -23,3 +23,4 @@ lint: deps
 bench: deps
 	$(PY) bench/boot.py
 	$(PY) bench/freeze.py
+	$(PY) bench/hotswap.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from corral.releases.service import BUNDLED
 from tests.integration.conftest import need_sandboxes
 from tests.integration.test_environments import _wheel
 
@@ -77,3 +79,46 @@ def test_errors_are_clear_and_exit_non_zero(corral_cli: Any) -> None:
     assert code.returncode == 7  # the command's own exit status comes through
     bad = corral_cli("env", "create", "Not/Valid", ok=False)
     assert bad.returncode == 2 and "invalid environment name" in bad.stderr
+
+
+def test_run_an_agent_and_publish_a_runner(corral_cli: Any, tmp_path: Path) -> None:
+    corral_cli("env", "create", "analyst")
+    agent = "def main(input):\n    print('charting', input['ticker'])\n    return {'ticker': input['ticker'], 'close': 109.0}\n"
+    corral_cli(
+        "env", "exec", "analyst", "--", "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{agent}EOF"
+    )
+    corral_cli("env", "freeze", "analyst")
+
+    streamed = corral_cli("run", "analyst", "agent.py:main", "--input", '{"ticker": "ACME"}')
+    assert json.loads(streamed.stdout) == {"ticker": "ACME", "close": 109.0}
+    assert "swap.locked" in streamed.stderr and "| charting ACME" in streamed.stderr
+
+    listed = json.loads(corral_cli("runner", "list", "--json").stdout)
+    assert [r["version"] for r in listed] == ["1.0.0"] and listed[0]["current"]
+
+    source = tmp_path / "runner"
+    shutil.copytree(BUNDLED, source, ignore=shutil.ignore_patterns("__pycache__"))
+    published = json.loads(
+        corral_cli("runner", "publish", str(source), "--version", "1.2.0", "--json").stdout
+    )
+    assert published["version"] == "1.2.0"
+
+    done = json.loads(
+        corral_cli(
+            "run", "analyst", "agent.py:main", "--input", '{"ticker": "ACME"}', "--json"
+        ).stdout
+    )
+    assert (done["status"], done["runner_version"], done["swapped"]) == ("succeeded", "1.2.0", True)
+    assert done["result"] == {"ticker": "ACME", "close": 109.0}
+    assert any(e["kind"] == "fold_in.done" for e in done["events"])
+
+    corral_cli("runner", "use", "1.0.0")
+    rolled = json.loads(
+        corral_cli("run", "analyst", "agent.py:main", "--input", '{"ticker": "X"}', "--json").stdout
+    )
+    assert (rolled["runner_version"], rolled["swapped"]) == ("1.0.0", True)
+
+    bad = corral_cli("run", "analyst", "agent.py:main", "--input", "{not json", ok=False)
+    assert bad.returncode == 2 and "--input is not JSON" in bad.stderr
+    missing = corral_cli("run", "analyst", "nope.py:main", "--input", "{}", ok=False)
+    assert missing.returncode == 1 and "entrypoint_not_found" in missing.stderr
