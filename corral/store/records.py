@@ -128,6 +128,23 @@ class Runs:
             ).all()
         return [Run(**r._asdict()) for r in rows]
 
+    def append_events(self, events: list[tuple[str, datetime, str, str]]) -> None:
+        """Append (run_id, at, kind, data) events, in order, numbering each run's own."""
+        with transaction(self._engine, write=True) as conn:
+            next_seq: dict[str, int] = {}
+            rows = []
+            for run_id, at, kind, data in events:
+                if run_id not in next_seq:
+                    last = conn.scalar(
+                        select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
+                    )
+                    next_seq[run_id] = (last or 0) + 1
+                rows.append({"run_id": run_id, "seq": next_seq[run_id], "at": at, "kind": kind,
+                             "data": data})  # fmt: skip
+                next_seq[run_id] += 1
+            if rows:
+                conn.execute(insert(run_events), rows)
+
     def append_event(self, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
         with transaction(self._engine, write=True) as conn:
             last = conn.scalar(

@@ -30,6 +30,7 @@ from corral.errors import (
     InvalidInput,
     SnapshotNotFound,
 )
+from corral.store.credentials import Credentials
 from corral.store.engine import (
     is_unique_violation,
     make_engine,
@@ -38,6 +39,7 @@ from corral.store.engine import (
     shown,
     transaction,
 )
+from corral.store.bridge import BridgeRecords
 from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
 from corral.store.schema import environments, snapshots
@@ -51,6 +53,8 @@ class Store:
         self._engine = engine
         self.releases = Releases(engine)
         self.runs = Runs(engine)
+        self.bridge = BridgeRecords(engine)
+        self.credentials = Credentials(engine)
 
     @classmethod
     def open(cls, url: str) -> Store:

@@ -1,0 +1,329 @@
+"""The bridge's decisions: who may call, where the call goes, with which credential.
+
+``BridgeGate`` is what the proxy consults. Everything it needs from the database (live runs,
+signing keys, connection profiles, credentials) is cached in memory and refreshed off the event
+loop, so a call costs dictionary lookups; only the first call of a run, or a credential not
+seen before, waits on a worker thread. What it records (audit rows, usage, run events) goes to
+``Sink``, which writes in batches from a thread of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from corral.bridge.connections import BUILTIN, Connection, credential_headers
+from corral.bridge.meter import read_usage
+from corral.bridge.proxy import Exchange, Head, Refused, Route
+from corral.bridge.tokens import Claims, TokenRefused, Verifier
+
+RESERVED = "_corral"
+# Every header a sandbox could use to present a credential of its own; never passed on.
+AUTH_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
+RUNNER_EVENTS = frozenset({"log", "progress", "metric", "result", "error", "runner.started"})
+_CREDENTIAL_TTL = 60.0
+
+
+@dataclass(frozen=True)
+class Credential:
+    kind: str
+    fields: dict[str, str]  # host memory only: never logged, never sent to a sandbox
+    expires_at: float | None = None
+
+
+class Backend(Protocol):
+    """What the gate needs from the rest of Corral; every method may block (called off-loop)."""
+
+    def run_is_live(self, run: str) -> bool: ...
+
+    def ended_since(self, since: datetime) -> tuple[list[str], datetime]: ...
+
+    def connection(self, name: str) -> Connection | None: ...
+
+    def credential(self, user: str, connection: str) -> Credential | None: ...
+
+    def refresh(self, user: str, connection: str, credential: Credential) -> Credential: ...
+
+    def write_calls(self, calls: list[dict[str, Any]]) -> None: ...
+
+    def write_usage(self, usage: list[dict[str, Any]]) -> None: ...
+
+    def write_events(self, events: list[tuple[str, str, dict[str, Any]]]) -> None: ...
+
+
+class Sink:
+    """Batches what the bridge records and writes it from one thread, every ``interval``."""
+
+    def __init__(self, backend: Backend, interval: float = 0.05) -> None:
+        self._backend = backend
+        self._interval = interval
+        self._calls: list[dict[str, Any]] = []
+        self._usage: list[dict[str, Any]] = []
+        self._events: list[tuple[str, str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="bridge-sink", daemon=True)
+        self._thread.start()
+
+    def call(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._calls.append(row)
+
+    def usage(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._usage.append(row)
+
+    def events(self, run: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+        with self._lock:
+            self._events.extend((run, kind, data) for kind, data in events)
+        self._wake.set()  # events are awaited by whoever drives the run: write them now
+
+    def flush(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+            usage, self._usage = self._usage, []
+            events, self._events = self._events, []
+        if events:
+            self._backend.write_events(events)
+        if usage:
+            self._backend.write_usage(usage)
+        if calls:
+            self._backend.write_calls(calls)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+        self.flush()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # a supervisor: a failed batch must not stop the bridge
+                import logging
+
+                logging.getLogger("corral.bridge").exception("could not record bridge activity")
+
+
+class BridgeGate:
+    def __init__(
+        self,
+        subnet: ipaddress.IPv4Network,
+        verifier: Verifier,
+        backend: Backend,
+        sink: Sink,
+        *,
+        max_body: int = 10 << 20,
+        upstream_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.subnet = subnet
+        self.verifier = verifier
+        self.backend = backend
+        self.sink = sink
+        self.max_body = max_body
+        self.upstream_timeout = upstream_timeout
+        self._clock = clock
+        self._live: set[str] = set()
+        self._cursor = datetime.now(UTC)
+        self._credentials: dict[tuple[str, str], tuple[float, Credential | None]] = {}
+        self._connections: dict[str, tuple[float, Connection | None]] = {}
+
+    # -- the proxy's questions ---------------------------------------------------------------
+
+    def admit(self, peer: str) -> bool:
+        try:
+            return ipaddress.IPv4Address(peer) in self.subnet
+        except ValueError:
+            return False
+
+    async def authorize(self, head: Head, peer: str) -> Route:
+        path, _, query = head.url.partition(b"?")
+        parts = path.split(b"/", 2)
+        name = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
+        rest = parts[2] if len(parts) > 2 else b""
+        claims = await self._claims(head, peer)
+        if name == RESERVED:
+            return self._local(rest, claims)
+        connection = await self._connection(name)
+        if connection is None:
+            raise Refused(404, "unknown_connection", f"no connection named {name!r}")
+        if not claims.allows(name):
+            raise Refused(403, "out_of_scope", f"this run may not use connection {name!r}")
+        credential = await self._credential(claims.user, name)
+        if credential is None:
+            raise Refused(403, "no_credential",
+                          f"user {claims.user!r} has no credential for connection {name!r}")  # fmt: skip
+        if credential.expires_at is not None and credential.expires_at <= self._clock() + 30:
+            credential = await self._refresh(claims.user, name, credential)
+        add, query_auth = credential_headers(connection, credential.kind, credential.fields)
+        target = (connection.base_path.encode() + b"/" + rest) if rest else (connection.base_path.encode() or b"/")
+        extra = "&".join(x for x in (query.decode("latin-1"), query_auth) if x)
+        if extra:
+            target += b"?" + extra.encode("latin-1")
+        scheme, host, port = connection.origin
+        return Route(
+            scheme=scheme,
+            host=host,
+            port=port,
+            target=target,
+            host_header=connection.host_header.encode(),
+            drop=AUTH_HEADERS | {k for k, _ in add},
+            add=add,
+            secrets=_secrets(credential, add),
+            connection=name,
+            run=claims.run,
+            timeout=self.upstream_timeout,
+            meter=self._meter(claims, connection) if connection.meter else None,
+        )
+
+    def record(self, exchange: Exchange) -> None:
+        route = exchange.route
+        path = exchange.head.url.split(b"?", 1)[0].decode("latin-1")[:512]
+        self.sink.call(
+            {
+                "at": datetime.now(UTC),
+                "run": route.run if route else None,
+                "connection": route.connection if route else None,
+                "method": exchange.head.method.decode("latin-1"),
+                "path": path,  # as the sandbox sent it: never with a query-string credential
+                "status": exchange.status,
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "latency_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
+                "error": exchange.error,
+                "peer": exchange.peer,
+            }
+        )
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    async def _claims(self, head: Head, peer: str) -> Claims:
+        token = _token(head)
+        try:
+            claims = self.verifier.verify(token, peer)
+        except TokenRefused as refused:
+            raise Refused(refused.status, f"token_{refused.reason}", refused.detail) from None
+        if claims.run not in self._live:
+            live = await asyncio.get_running_loop().run_in_executor(
+                None, self.backend.run_is_live, claims.run
+            )
+            if not live:
+                self.verifier.revoke_run(claims.run)
+                raise Refused(401, "token_revoked", f"run {claims.run} has ended; its token is revoked")
+            self._live.add(claims.run)
+        return claims
+
+    def revoke_ended(self) -> None:
+        """Called every few tens of milliseconds from a thread: runs that ended lose access.
+
+        Only runs the store says have *ended* are revoked; a run the poll has not seen start
+        is not touched, so a slow poll can never cut off a run that is just beginning.
+        """
+        ended, self._cursor = self.backend.ended_since(self._cursor)
+        for run in ended:
+            self.verifier.revoke_run(run)
+            self._live.discard(run)
+
+    async def _connection(self, name: str) -> Connection | None:
+        cached = self._connections.get(name)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
+        found = await asyncio.get_running_loop().run_in_executor(None, self.backend.connection, name)
+        if found is None:
+            found = BUILTIN.get(name)
+        self._connections[name] = (self._clock() + 5.0, found)
+        return found
+
+    async def _credential(self, user: str, connection: str) -> Credential | None:
+        key = (user, connection)
+        cached = self._credentials.get(key)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, self.backend.credential, user, connection
+        )
+        self._credentials[key] = (self._clock() + _CREDENTIAL_TTL, found)
+        return found
+
+    async def _refresh(self, user: str, connection: str, credential: Credential) -> Credential:
+        try:
+            fresh = await asyncio.get_running_loop().run_in_executor(
+                None, self.backend.refresh, user, connection, credential
+            )
+        except Exception as exc:  # the token endpoint's failure is the call's failure
+            raise Refused(502, "refresh_failed", f"refreshing the {connection} token failed: {exc}") from None
+        self._credentials[(user, connection)] = (self._clock() + _CREDENTIAL_TTL, fresh)
+        return fresh
+
+    def forget_credential(self, user: str, connection: str) -> None:
+        self._credentials.pop((user, connection), None)
+
+    def _meter(self, claims: Claims, connection: Connection) -> Callable[[bytes, bytes], None]:
+        def meter(content_type: bytes, body: bytes) -> None:
+            usage = read_usage(connection.meter or "", content_type, body)
+            if usage is not None:
+                self.sink.usage({"at": datetime.now(UTC), "run": claims.run, "user": claims.user,
+                                 "connection": connection.name, **usage})  # fmt: skip
+
+        return meter
+
+    def _local(self, rest: bytes, claims: Claims) -> Route:
+        if rest != b"events":
+            raise Refused(404, "unknown_endpoint", "the bridge serves /_corral/events")
+
+        async def events(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
+            if head.method != b"POST":
+                raise Refused(405, "method_not_allowed", "POST events")
+            try:
+                batch = json.loads(body)["events"]
+                assert isinstance(batch, list)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise Refused(400, "bad_events", 'the body must be {"events": [...]}') from None
+            accepted = []
+            for event in batch[:1000]:
+                if isinstance(event, dict) and event.get("type") in RUNNER_EVENTS:
+                    data = {k: v for k, v in event.items() if k not in ("type", "at")}
+                    accepted.append((str(event["type"]), data))
+            self.sink.events(claims.run, accepted)
+            return 202, {"accepted": len(accepted)}
+
+        return Route(
+            scheme="local", host="", port=0, target=b"", host_header=b"", drop=frozenset(),
+            add=[], secrets=[], connection=RESERVED, run=claims.run, timeout=10.0, local=events,
+        )  # fmt: skip
+
+
+def _token(head: Head) -> str | None:
+    for name, value in head.headers:
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].strip().decode("latin-1")
+        if name == b"x-api-key":
+            return value.strip().decode("latin-1")
+    return None
+
+
+def _secrets(credential: Credential, add: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Every form in which the credential could come back: raw values and the header values."""
+    out = {
+        str(v).encode()
+        for k, v in credential.fields.items()
+        if k not in ("token_url", "client_id", "expires_at") and len(str(v)) >= 8
+    }
+    for _, value in add:
+        out.add(value)
+        if value.startswith(b"Basic "):
+            out.add(base64.b64decode(value[6:]))
+    return sorted(out, key=len, reverse=True)

@@ -1,0 +1,214 @@
+"""Run tokens: short-lived EdDSA JWTs minted per run, checked by the bridge on every call.
+
+A token names who and what is calling (user, app, session, run), the connections it may use,
+the sandbox address it may be used from, and an expiry that covers the run window and no more.
+Signing keys are Ed25519, named by a key id in the JWT header, and rotate: the newest key
+signs, every key younger than the longest token lifetime still verifies.
+
+The verifier is built for the bridge's hot path: a token's signature is checked once and the
+claims cached until the token expires; revocation is a set consulted on every call.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from corral.errors import CorralError
+
+ISSUER = "corral"
+AUDIENCE = "corral-bridge"
+ALGORITHM = "EdDSA"
+_CACHE_LIMIT = 100_000
+
+
+class TokenRefused(CorralError):
+    """A run token was missing, malformed, forged, expired, revoked or out of scope."""
+
+    code = "token_refused"
+
+    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
+        self.reason, self.status = reason, status
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class Claims:
+    user: str
+    app: str
+    session: str
+    run: str
+    connections: frozenset[str]
+    address: str
+    expires: float
+    token_id: str
+
+    def allows(self, connection: str) -> bool:
+        return connection in self.connections or "*" in self.connections
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private: Ed25519PrivateKey
+    created: float
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @classmethod
+    def generate(cls, now: float) -> SigningKey:
+        return cls(f"k{secrets.token_hex(6)}", Ed25519PrivateKey.generate(), now)
+
+
+class KeyRing:
+    """Signing keys in memory: the newest signs, all verify until retired."""
+
+    def __init__(self, rotate_after: float = 6 * 3600, keys: Iterable[SigningKey] = ()) -> None:
+        self.rotate_after = rotate_after
+        self._keys: dict[str, SigningKey] = {k.kid: k for k in keys}
+        self._lock = threading.Lock()
+        self.on_new_key: Callable[[SigningKey], None] | None = None
+
+    def signing(self, now: float) -> SigningKey:
+        with self._lock:
+            newest = max(self._keys.values(), key=lambda k: k.created, default=None)
+            if newest is None or now - newest.created >= self.rotate_after:
+                newest = SigningKey.generate(now)
+                self._keys[newest.kid] = newest
+                if self.on_new_key is not None:
+                    self.on_new_key(newest)
+            return newest
+
+    def public(self, kid: str) -> Ed25519PublicKey | None:
+        key = self._keys.get(kid)
+        return None if key is None else key.public
+
+    def add(self, key: SigningKey) -> None:
+        with self._lock:
+            self._keys[key.kid] = key
+
+    def retire_older_than(self, cutoff: float) -> None:
+        """Drop keys that can no longer have signed a live token (never the newest)."""
+        with self._lock:
+            newest = max(self._keys.values(), key=lambda k: k.created, default=None)
+            self._keys = {
+                kid: k for kid, k in self._keys.items() if k.created >= cutoff or k is newest
+            }
+
+
+def mint(
+    ring: KeyRing,
+    *,
+    user: str,
+    app: str,
+    session: str,
+    run: str,
+    connections: Iterable[str],
+    address: str,
+    lifetime: float,
+    now: float | None = None,
+) -> str:
+    issued = time.time() if now is None else now
+    key = ring.signing(issued)
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": user,
+        "app": app,
+        "ses": session,
+        "run": run,
+        "con": sorted(set(connections)),
+        "adr": address,
+        "iat": int(issued),
+        "nbf": int(issued) - 1,
+        "exp": int(issued + lifetime),
+        "jti": f"{run}.{secrets.token_hex(4)}",
+    }
+    return jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
+
+
+class Verifier:
+    """Checks run tokens. Thread-safe; the bridge calls ``verify`` on every request."""
+
+    def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+        self._ring = ring
+        self._clock = clock
+        self._cache: dict[str, Claims] = {}
+        self._revoked_runs: set[str] = set()
+        self._lock = threading.Lock()
+
+    def revoke_run(self, run: str) -> None:
+        """Every token of ``run`` is refused from now on, expired or not."""
+        with self._lock:
+            self._revoked_runs.add(run)
+
+    def revoked(self, run: str) -> bool:
+        return run in self._revoked_runs
+
+    def verify(self, token: str | None, peer: str) -> Claims:
+        if not token:
+            raise TokenRefused(
+                "missing", "no run token: send it as 'Authorization: Bearer <token>'"
+            )
+        claims = self._cache.get(token)
+        if claims is None:
+            claims = self._decode(token)
+            with self._lock:
+                if len(self._cache) >= _CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[token] = claims
+        if claims.expires <= self._clock():
+            raise TokenRefused("expired", "the run token has expired")
+        if claims.run in self._revoked_runs:
+            raise TokenRefused("revoked", f"run {claims.run} has ended; its token is revoked")
+        if claims.address != peer:
+            raise TokenRefused(
+                "wrong_sandbox",
+                "this run token belongs to another sandbox; tokens work only where they were minted",
+                status=403,
+            )
+        return claims
+
+    def _decode(self, token: str) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise TokenRefused("malformed", "the run token is not a JWT") from None
+        if header.get("alg") != ALGORITHM:
+            raise TokenRefused("forged", f"run tokens are signed with {ALGORITHM}")
+        key = self._ring.public(str(header.get("kid", "")))
+        if key is None:
+            raise TokenRefused("forged", "the run token was not signed by a Corral key")
+        try:
+            raw = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "run", "adr", "jti"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenRefused("expired", "the run token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise TokenRefused("forged", "the run token's signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise TokenRefused("malformed", f"the run token is invalid: {exc}") from None
+        return Claims(
+            user=str(raw["sub"]),
+            app=str(raw.get("app", "")),
+            session=str(raw.get("ses", "")),
+            run=str(raw["run"]),
+            connections=frozenset(str(c) for c in raw.get("con", [])),
+            address=str(raw["adr"]),
+            expires=float(raw["exp"]),
+            token_id=str(raw["jti"]),
+        )
