@@ -3,10 +3,17 @@
 Every component receives the frozen ``Settings`` (or the slice it needs) as an argument;
 nothing else in Corral looks at the environment. A malformed value fails at start-up and
 names the variable.
+
+A secret setting (``CORRAL_MASTER_KEY``) is carried as a ``Secret``, whose ``repr`` and
+``str`` are masked, so printing or logging ``Settings`` can never show it; error messages
+about it name the variable and the position of the bad part, never its value.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -18,6 +25,51 @@ from corral.errors import ConfigError
 DEFAULT_DATA_DIR = "/var/lib/corral"
 DEFAULT_RUN_DIR = "/run/corral"
 DEFAULT_BASE_IMAGE = "/var/cache/corral/base/bookworm.tar"
+MASTER_KEY_BYTES = 32  # AES-256
+
+
+class Secret:
+    """A secret string that never shows itself: ``repr``, ``str`` and f-strings are masked.
+
+    ``reveal()`` is the one way to the value, so every use of it is greppable. Equality is
+    constant-time, so comparing two secrets leaks nothing through timing.
+    """
+
+    __slots__ = ("_value",)
+    MASK = "**********"
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Secret wraps a str, not {type(value).__name__}")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.MASK!r})"
+
+    def __str__(self) -> str:
+        return self.MASK
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    # Immutable, so a copy may be the same object; dataclasses.asdict() deep-copies fields.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Secret:
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickling would write the value somewhere nobody decided it should go.
+        raise TypeError("a Secret cannot be pickled")
 
 
 @dataclass(frozen=True)
@@ -54,10 +106,18 @@ class Settings:
     network: NetworkSettings
     import_dir: Path  # over HTTP, `from` may name images only under here
     sandbox_timeout: float  # over HTTP: the default and the longest a sandbox may run
+    # CORRAL_MASTER_KEY: base64 AES-256 keys, comma-separated, the first one primary.
+    # None: the vault keeps its keys in a file under ``vault_dir`` instead.
+    master_key: Secret | None = None
 
     @property
     def oci_dir(self) -> Path:
         return self.data_dir / "oci"
+
+    @property
+    def vault_dir(self) -> Path:
+        """Where the vault's master key file lives when CORRAL_MASTER_KEY is not set."""
+        return self.data_dir / "vault"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +156,7 @@ class Settings:
             network=network,
             import_dir=Path(env.get("CORRAL_IMPORT_DIR", str(data_dir / "imports"))),
             sandbox_timeout=_float(env, "CORRAL_SANDBOX_TIMEOUT", 600.0),
+            master_key=_master_key(env),
         )
 
 
@@ -123,3 +184,38 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
     return value
+
+
+def master_key_parts(raw: str) -> list[bytes]:
+    """Decode CORRAL_MASTER_KEY: comma-separated base64 keys of 32 bytes, the first primary.
+
+    Raises ``ConfigError`` naming the variable and the position of a bad key - never the
+    key itself, which may be a real key with a typo in it.
+    """
+    parts = [part.strip() for part in raw.split(",")]
+    if not any(parts):
+        raise ConfigError("CORRAL_MASTER_KEY is set but empty; unset it or give a base64 key")
+    keys = []
+    for position, part in enumerate(parts, start=1):
+        where = f"key {position} of {len(parts)} in CORRAL_MASTER_KEY"
+        try:
+            key = base64.b64decode(part, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                f"{where} is not base64; make one with `openssl rand -base64 32`"
+            ) from None
+        if len(key) != MASTER_KEY_BYTES:
+            raise ConfigError(
+                f"{where} decodes to {len(key)} bytes, not {MASTER_KEY_BYTES} (AES-256); "
+                "make one with `openssl rand -base64 32`"
+            )
+        keys.append(key)
+    return keys
+
+
+def _master_key(env: Mapping[str, str]) -> Secret | None:
+    raw = env.get("CORRAL_MASTER_KEY")
+    if raw is None:
+        return None
+    master_key_parts(raw)  # fail at start-up, not at the first secret
+    return Secret(raw)

@@ -6,18 +6,29 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from corral.bridge.backend import StoreBackend
+from corral.bridge.gate import BridgeGate, Sink
+from corral.bridge.keys import StoredKeyRing
+from corral.bridge.server import Bridge, BridgeUnavailable
+from corral.bridge.tokens import Verifier
 from corral.config import Settings
 from corral.envs.service import Environments
-from corral.pipeline.executor import Executor
+from corral.pipeline.executor import Executor, TokenIssuer
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Store
+from corral.vault import MasterKeys, Vault
 
 
 @dataclass
 class Corral:
     settings: Settings
     _sandboxes: Sandboxes | None = field(default=None, init=False)
+    _bridge: Bridge | None = field(default=None, init=False)
+    _bridge_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+    _bridge_elsewhere: bool = field(default=False, init=False)
     # Guards the first sandboxes() call: the HTTP API calls it from many threads at once.
     _sandboxes_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -48,9 +59,52 @@ class Corral:
         return ReleaseService(self.store, self.envs.layout)
 
     @cached_property
+    def vault(self) -> Vault:
+        """Host-side only: the bridge resolves credentials through it; no sandbox ever may."""
+        return Vault(self.store.credentials, MasterKeys.from_settings(self.settings))
+
+    @cached_property
+    def signing_keys(self) -> StoredKeyRing:
+        return StoredKeyRing(self.store.bridge, MasterKeys.from_settings(self.settings))
+
+    @cached_property
+    def verifier(self) -> Verifier:
+        return Verifier(self.signing_keys)
+
+    def bridge(self) -> Bridge | None:
+        """Serve the bridge from this process unless another Corral process already does.
+
+        Returns the bridge this process serves, or None if another process holds the port
+        (every bridge decides from the same store, so any of them will do).
+        """
+        with self._bridge_lock:
+            if self._bridge is None and not self._bridge_elsewhere:
+                self.sandboxes()  # the gateway address must exist before we can listen on it
+                net = self.settings.network
+                backend = StoreBackend(self.store, self.vault)
+                gate = BridgeGate(net.subnet, self.verifier, backend, Sink(backend))
+                try:
+                    self._bridge = Bridge(gate, str(net.gateway), net.bridge_port).start()
+                except BridgeUnavailable:
+                    gate.sink.close()
+                    self._bridge_elsewhere = True
+            return self._bridge
+
+    @cached_property
     def executor(self) -> Executor:
-        return Executor(self.settings, self.store, self.envs, self.releases, self.sandboxes)
+        return Executor(
+            self.settings,
+            self.store,
+            self.envs,
+            self.releases,
+            self.sandboxes,
+            tokens=TokenIssuer(self.signing_keys, self.verifier),
+            bridge=self.bridge,
+        )
 
     def close(self) -> None:
+        if self._bridge is not None:
+            self._bridge.stop()
+            self._bridge = None
         if "store" in self.__dict__:
             self.store.close()

@@ -18,16 +18,25 @@
     │   ├── BlobMissing               a stored snapshot names a blob that is gone
     │   ├── ImportFailed              an oci:/oci-archive: source is unreadable
     │   └── DiskFull                  a write ran out of space; nothing stored was changed
-    └── SandboxError                  booting, running or tearing down a sandbox
-        ├── RequirementMissing        the host lacks root, runc, overlayfs, nftables ...
-        ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
-        ├── NetworkError              ip/nft refused a change
-        ├── SandboxCapacity           every address of the sandbox subnet is taken; retry
-        ├── SandboxDied               the sandbox was killed before its command started
-        └── CommandNotFound           the command to run does not exist in the sandbox
+    ├── SandboxError                  booting, running or tearing down a sandbox
+    │   ├── RequirementMissing        the host lacks root, runc, overlayfs, nftables ...
+    │   ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
+    │   ├── NetworkError              ip/nft refused a change
+    │   ├── SandboxCapacity           every address of the sandbox subnet is taken; retry
+    │   ├── SandboxDied               the sandbox was killed before its command started
+    │   └── CommandNotFound           the command to run does not exist in the sandbox
+    └── VaultError                    stored credentials and the master keys that seal them
+        ├── MasterKeyError            no usable master key: an unsafe or malformed key file ...
+        ├── UnknownMasterKey          a record is sealed under a key id the key ring lacks
+        ├── CredentialTampered        authenticated decryption failed: bytes or identity altered
+        ├── CredentialNotFound        (also a NotFound) no credential for that user+connection
+        ├── CredentialRevoked         the credential was revoked; its sealed bytes are gone
+        └── MasterKeyInUse            (also a Conflict) retiring a key records still use
 
 Foreign exceptions are translated once, in the edge module that calls the foreign thing
-(``store`` for SQLAlchemy, ``sandbox/runc.py`` for runc), with ``raise ... from exc``.
+(``store`` for SQLAlchemy, ``sandbox/runc.py`` for runc, ``vault/sealed.py`` for
+cryptography), with ``raise ... from exc``. A vault error never carries secret material: it
+names the record, the key id or the file, and what failed.
 The HTTP status for each ``code`` lives in one table: ``corral/api/errors.py``.
 """
 
@@ -208,3 +217,66 @@ class CommandNotFound(SandboxError):
     def __init__(self, command: str, env: str) -> None:
         self.command = command
         super().__init__(f"{command!r} is not found in environment {env!r}")
+
+
+class VaultError(CorralError):
+    """A credential could not be sealed, opened or found, or the master keys are unusable."""
+
+    code = "vault_error"
+
+
+class MasterKeyError(VaultError):
+    """The master keys are missing, malformed or unsafely stored."""
+
+    code = "master_key_error"
+
+
+class UnknownMasterKey(VaultError):
+    code = "unknown_master_key"
+
+    def __init__(self, key_id: str, record: str, source: str) -> None:
+        self.key_id = key_id
+        super().__init__(
+            f"credential {record} is sealed under master key {key_id}, which {source} does "
+            "not hold: restore that key (as a non-primary key) to open it"
+        )
+
+
+class CredentialTampered(VaultError):
+    code = "credential_tampered"
+
+    def __init__(self, record: str, what: str) -> None:
+        self.record, self.what = record, what
+        super().__init__(f"credential {record} failed authentication: {what}")
+
+
+class CredentialNotFound(VaultError, NotFound):
+    code = "credential_not_found"
+
+    def __init__(self, user: str, connection: str) -> None:
+        self.user, self.connection = user, connection
+        super().__init__(
+            f"no credential {connection!r} for user {user!r}; `corral secret list` shows them"
+        )
+
+
+class CredentialRevoked(VaultError):
+    code = "credential_revoked"
+
+    def __init__(self, user: str, connection: str) -> None:
+        self.user, self.connection = user, connection
+        super().__init__(
+            f"credential {connection!r} of user {user!r} was revoked; "
+            "`corral secret set` stores a new one"
+        )
+
+
+class MasterKeyInUse(VaultError, Conflict):
+    code = "master_key_in_use"
+
+    def __init__(self, key_id: str, records: int) -> None:
+        self.key_id, self.records = key_id, records
+        super().__init__(
+            f"master key {key_id} still seals {records} credential(s); "
+            "`corral vault rotate` rewraps them first"
+        )

@@ -31,12 +31,17 @@ from corral.errors import (
     Conflict,
     CorralError,
     CorruptBlob,
+    CredentialNotFound,
+    CredentialRevoked,
+    CredentialTampered,
     DiskFull,
     EnvironmentBusy,
     EnvironmentExists,
     EnvironmentNotFound,
     ImportFailed,
     InvalidInput,
+    MasterKeyError,
+    MasterKeyInUse,
     NetworkError,
     NotFound,
     NothingToFreeze,
@@ -48,6 +53,8 @@ from corral.errors import (
     SnapshotError,
     SnapshotNotFound,
     StoreError,
+    UnknownMasterKey,
+    VaultError,
 )
 
 log = logging.getLogger("corral.api")
@@ -83,6 +90,14 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     RuncError: 500,
     NetworkError: 500,
     CommandNotFound: 422,  # the argv is well formed but names nothing in the sandbox
+    # The vault: a key problem is the server's to fix, never the client's, so 500.
+    VaultError: 500,
+    MasterKeyError: 500,
+    UnknownMasterKey: 500,
+    CredentialTampered: 500,  # the stored bytes changed under us: damage or an attack
+    CredentialNotFound: 404,
+    CredentialRevoked: 410,  # Gone: it existed and was destroyed on purpose
+    MasterKeyInUse: 409,
 }
 
 # The same table by code, for clients and documentation.

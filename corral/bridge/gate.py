@@ -15,7 +15,7 @@ import ipaddress
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -164,12 +164,30 @@ class BridgeGate:
             raise Refused(403, "out_of_scope", f"this run may not use connection {name!r}")
         credential = await self._credential(claims.user, name)
         if credential is None:
-            raise Refused(403, "no_credential",
-                          f"user {claims.user!r} has no credential for connection {name!r}")  # fmt: skip
+            raise Refused(
+                403,
+                "no_credential",
+                f"user {claims.user!r} has no credential for connection {name!r}",
+            )
         if credential.expires_at is not None and credential.expires_at <= self._clock() + 30:
             credential = await self._refresh(claims.user, name, credential)
+        return self._route(claims, connection, credential, rest, query)
+
+    def _route(
+        self,
+        claims: Claims,
+        connection: Connection,
+        credential: Credential,
+        rest: bytes,
+        query: bytes,
+    ) -> Route:
+        name = connection.name
         add, query_auth = credential_headers(connection, credential.kind, credential.fields)
-        target = (connection.base_path.encode() + b"/" + rest) if rest else (connection.base_path.encode() or b"/")
+        target = (
+            (connection.base_path.encode() + b"/" + rest)
+            if rest
+            else (connection.base_path.encode() or b"/")
+        )
         extra = "&".join(x for x in (query.decode("latin-1"), query_auth) if x)
         if extra:
             target += b"?" + extra.encode("latin-1")
@@ -187,7 +205,24 @@ class BridgeGate:
             run=claims.run,
             timeout=self.upstream_timeout,
             meter=self._meter(claims, connection) if connection.meter else None,
+            reauthorize=self._reauthorizer(claims, connection, credential, rest, query)
+            if credential.kind == "oauth2"
+            else None,
         )
+
+    def _reauthorizer(
+        self,
+        claims: Claims,
+        connection: Connection,
+        credential: Credential,
+        rest: bytes,
+        query: bytes,
+    ) -> Callable[[], Awaitable[Route]]:
+        async def again() -> Route:
+            fresh = await self._refresh(claims.user, connection.name, credential)
+            return self._route(claims, connection, fresh, rest, query)
+
+        return again
 
     def record(self, exchange: Exchange) -> None:
         route = exchange.route
@@ -222,7 +257,9 @@ class BridgeGate:
             )
             if not live:
                 self.verifier.revoke_run(claims.run)
-                raise Refused(401, "token_revoked", f"run {claims.run} has ended; its token is revoked")
+                raise Refused(
+                    401, "token_revoked", f"run {claims.run} has ended; its token is revoked"
+                )
             self._live.add(claims.run)
         return claims
 
@@ -241,7 +278,9 @@ class BridgeGate:
         cached = self._connections.get(name)
         if cached is not None and cached[0] > self._clock():
             return cached[1]
-        found = await asyncio.get_running_loop().run_in_executor(None, self.backend.connection, name)
+        found = await asyncio.get_running_loop().run_in_executor(
+            None, self.backend.connection, name
+        )
         if found is None:
             found = BUILTIN.get(name)
         self._connections[name] = (self._clock() + 5.0, found)
@@ -264,7 +303,9 @@ class BridgeGate:
                 None, self.backend.refresh, user, connection, credential
             )
         except Exception as exc:  # the token endpoint's failure is the call's failure
-            raise Refused(502, "refresh_failed", f"refreshing the {connection} token failed: {exc}") from None
+            raise Refused(
+                502, "refresh_failed", f"refreshing the {connection} token failed: {exc}"
+            ) from None
         self._credentials[(user, connection)] = (self._clock() + _CREDENTIAL_TTL, fresh)
         return fresh
 
@@ -275,8 +316,15 @@ class BridgeGate:
         def meter(content_type: bytes, body: bytes) -> None:
             usage = read_usage(connection.meter or "", content_type, body)
             if usage is not None:
-                self.sink.usage({"at": datetime.now(UTC), "run": claims.run, "user": claims.user,
-                                 "connection": connection.name, **usage})  # fmt: skip
+                self.sink.usage(
+                    {
+                        "at": datetime.now(UTC),
+                        "run": claims.run,
+                        "user": claims.user,
+                        "connection": connection.name,
+                        **usage,
+                    }
+                )
 
         return meter
 
@@ -301,9 +349,19 @@ class BridgeGate:
             return 202, {"accepted": len(accepted)}
 
         return Route(
-            scheme="local", host="", port=0, target=b"", host_header=b"", drop=frozenset(),
-            add=[], secrets=[], connection=RESERVED, run=claims.run, timeout=10.0, local=events,
-        )  # fmt: skip
+            scheme="local",
+            host="",
+            port=0,
+            target=b"",
+            host_header=b"",
+            drop=frozenset(),
+            add=[],
+            secrets=[],
+            connection=RESERVED,
+            run=claims.run,
+            timeout=10.0,
+            local=events,
+        )
 
 
 def _token(head: Head) -> str | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import ssl
 import time
@@ -32,12 +33,25 @@ from typing import Any, Protocol, cast
 
 import httptools
 
+log = logging.getLogger("corral.bridge")
+
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-     b"proxy-authenticate", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
-     b"content-length"}
-)  # fmt: skip
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
+)
 MAX_HEAD = 64 * 1024
+MAX_REPLAY = 64 * 1024  # a request this small is kept, so it can be retried after a refresh
 HIGH_WATER = 256 * 1024
 
 
@@ -80,6 +94,8 @@ class Route:
     run: str
     timeout: float
     meter: Callable[[bytes, bytes], None] | None = None  # (content-type, body prefix) -> usage
+    # OAuth: on a 401, refresh the credential and return the route to try once more with
+    reauthorize: Callable[[], Awaitable[Route]] | None = None
     local: Callable[[Head, bytes], Awaitable[tuple[int, dict[str, Any]]]] | None = None
 
 
@@ -110,14 +126,24 @@ def refusal_bytes(status: int, code: str, detail: str, keep_alive: bool) -> byte
     reason = _REASONS.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     )
     return head.encode() + body
 
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            413: "Payload Too Large", 502: "Bad Gateway", 504: "Gateway Timeout",
-            200: "OK", 202: "Accepted", 503: "Service Unavailable"}  # fmt: skip
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    413: "Payload Too Large",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+    200: "OK",
+    202: "Accepted",
+    503: "Service Unavailable",
+}
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -234,8 +260,11 @@ class ClientProtocol(asyncio.Protocol):
         head = exchange.head
         try:
             if head.content_length is not None and head.content_length > self.gate.max_body:
-                raise Refused(413, "body_too_large",
-                              f"request bodies are limited to {self.gate.max_body} bytes")  # fmt: skip
+                raise Refused(
+                    413,
+                    "body_too_large",
+                    f"request bodies are limited to {self.gate.max_body} bytes",
+                )
             exchange.route = route = await self.gate.authorize(head, self.peer)
             if route.local is not None:
                 data = await _read_all(body, self.gate.max_body)
@@ -247,11 +276,21 @@ class ClientProtocol(asyncio.Protocol):
         except Refused as refused:
             exchange.error = refused.code
             await _drain(body)
-            self._respond_json(exchange, refused.status,
-                               {"error": refused.code, "detail": refused.detail})  # fmt: skip
+            self._respond_json(
+                exchange, refused.status, {"error": refused.code, "detail": refused.detail}
+            )
         except asyncio.CancelledError:
             exchange.error = exchange.error or "client_gone"
             raise
+        except Exception:  # a supervisor: one broken exchange answers 500, the bridge goes on
+            log.exception("bridge exchange failed")
+            exchange.error = "internal_error"
+            await _drain(body)
+            self._respond_json(
+                exchange,
+                500,
+                {"error": "internal_error", "detail": "the bridge failed; see its log"},
+            )
         finally:
             self._upstream = None
             self.gate.record(exchange)
@@ -268,13 +307,16 @@ class ClientProtocol(asyncio.Protocol):
         self._body = None
         transport.resume_reading()
 
+    def _reusable(self, exchange: Exchange) -> bool:
+        return exchange.head.keep_alive and self._complete
+
     def _respond_json(self, exchange: Exchange, status: int, payload: dict[str, Any]) -> None:
         exchange.status = status
         body = json.dumps(payload).encode()
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
             f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-            f"connection: {'keep-alive' if exchange.head.keep_alive and self._complete else 'close'}"
+            f"connection: {'keep-alive' if self._reusable(exchange) else 'close'}"
             "\r\n\r\n"
         ).encode()
         if self.transport is not None and not self.transport.is_closing():
@@ -285,6 +327,29 @@ class ClientProtocol(asyncio.Protocol):
         self, exchange: Exchange, route: Route, body: asyncio.Queue[bytes | None]
     ) -> None:
         head = exchange.head
+        replayable = route.reauthorize is not None and (head.content_length or 0) <= MAX_REPLAY
+        if head.content_length is None and head.method not in (b"GET", b"HEAD", b"DELETE"):
+            replayable = False  # a chunked body of unknown size is never held back
+        kept: list[bytes] | None = [] if replayable else None
+        retried = await self._send(exchange, route, body, kept, hold_401=replayable)
+        if retried and route.reauthorize is not None and kept is not None:
+            exchange.route = route = await route.reauthorize()
+            replay: asyncio.Queue[bytes | None] = asyncio.Queue()
+            for chunk in kept:
+                replay.put_nowait(chunk)
+            replay.put_nowait(None)
+            await self._send(exchange, route, replay, None, hold_401=False)
+
+    async def _send(
+        self,
+        exchange: Exchange,
+        route: Route,
+        body: asyncio.Queue[bytes | None],
+        kept: list[bytes] | None,
+        hold_401: bool,
+    ) -> bool:
+        """One attempt upstream. True if a held-back 401 asks for a refresh and a retry."""
+        head = exchange.head
         loop = asyncio.get_running_loop()
         deadline = loop.time() + route.timeout
         try:
@@ -293,23 +358,22 @@ class ClientProtocol(asyncio.Protocol):
             )
         except (TimeoutError, OSError) as exc:
             code = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_unreachable"
-            raise Refused(504 if code == "upstream_timeout" else 502, code,
-                          f"connection {route.connection}: cannot reach the upstream ({exc})") from None  # fmt: skip
+            raise Refused(
+                504 if code == "upstream_timeout" else 502,
+                code,
+                f"connection {route.connection}: cannot reach the upstream ({exc})",
+            ) from None
         self._upstream = upstream
         assert self.transport is not None
-        upstream.begin(self, exchange, route)
+        upstream.begin(self, exchange, route, hold_401)
         lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (head.method, route.target, route.host_header)]
         for name, value in head.headers:
             if name not in HOP_BY_HOP and name not in route.drop:
                 lines.append(name + b": " + value + b"\r\n")
         for name, value in route.add:
             lines.append(name + b": " + value + b"\r\n")
-        chunked = head.content_length is None and head.method not in (
-            b"GET",
-            b"HEAD",
-            b"DELETE",
-            b"OPTIONS",
-        )
+        bodyless = head.method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
+        chunked = head.content_length is None and not bodyless
         if head.content_length is not None:
             lines.append(b"content-length: %d\r\n" % head.content_length)
         elif chunked:
@@ -324,8 +388,13 @@ class ClientProtocol(asyncio.Protocol):
             sent += len(chunk)
             if sent > self.gate.max_body:
                 upstream.abort()
-                raise Refused(413, "body_too_large",
-                              f"request bodies are limited to {self.gate.max_body} bytes")  # fmt: skip
+                raise Refused(
+                    413,
+                    "body_too_large",
+                    f"request bodies are limited to {self.gate.max_body} bytes",
+                )
+            if kept is not None:
+                kept.append(chunk)
             upstream.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             if self._body_paused and body.qsize() < 4:
                 self._body_paused = False
@@ -339,17 +408,27 @@ class ClientProtocol(asyncio.Protocol):
         except TimeoutError:
             upstream.abort()
             if exchange.status == 0:
-                raise Refused(504, "upstream_timeout",
-                              f"connection {route.connection}: no answer in {route.timeout:g}s") from None  # fmt: skip
+                raise Refused(
+                    504,
+                    "upstream_timeout",
+                    f"connection {route.connection}: no answer in {route.timeout:g}s",
+                ) from None
             exchange.error = "timeout_mid"
-            return
+            return False
         if upstream.failed is not None and exchange.status == 0:
-            raise Refused(502, "upstream_reset",
-                          f"connection {route.connection}: the upstream {upstream.failed}")  # fmt: skip
+            raise Refused(
+                502,
+                "upstream_reset",
+                f"connection {route.connection}: the upstream {upstream.failed}",
+            )
         if upstream.failed is not None:
             exchange.error = "upstream_reset"
-        else:
-            self.pool.release(upstream)
+            return False
+        held = upstream.held_401
+        self.pool.release(upstream)
+        if held:
+            exchange.status = 0
+        return held
 
     # -- called by the upstream side ---------------------------------------------------------
 
@@ -378,9 +457,13 @@ class UpstreamProtocol(asyncio.Protocol):
         self._chunked_out = False
         self._meter_buf = bytearray()
         self._carry = b""
+        self.hold_401 = self.held_401 = False
 
-    def begin(self, client: ClientProtocol, exchange: Exchange, route: Route) -> None:
+    def begin(
+        self, client: ClientProtocol, exchange: Exchange, route: Route, hold_401: bool = False
+    ) -> None:
         self.client, self.exchange, self.route = client, exchange, route
+        self.hold_401, self.held_401 = hold_401, False
         self.finished = asyncio.get_running_loop().create_future()
         self.failed = None
         self.parser = httptools.HttpResponseParser(self)
@@ -441,6 +524,9 @@ class UpstreamProtocol(asyncio.Protocol):
         assert self.client is not None and self.exchange is not None and self.route is not None
         status = self.parser.get_status_code()
         self.exchange.status = status
+        if status == 401 and self.hold_401:
+            self.held_401 = True  # the sandbox never sees it: refresh, then try again
+            return
         keep = self.exchange.head.keep_alive
         out = [b"HTTP/1.1 %d %s\r\n" % (status, self._reason or b"OK")]
         length = None
@@ -461,6 +547,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         assert self.client is not None and self.exchange is not None and self.route is not None
+        if self.held_401:
+            return
         body = self._redact_body(body)
         self.exchange.bytes_out += len(body)
         if self.route.meter is not None and len(self._meter_buf) < 4 << 20:
@@ -469,6 +557,11 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.client is not None and self.route is not None
+        if self.held_401:
+            self.reusable = self.parser.should_keep_alive()
+            if not self.finished.done():
+                self.finished.set_result(None)
+            return
         if self._chunked_out:
             self.client.send(b"0\r\n\r\n")
             self._chunked_out = False

@@ -172,7 +172,7 @@ class Verifier:
         if claims.address != peer:
             raise TokenRefused(
                 "wrong_sandbox",
-                "this run token belongs to another sandbox; tokens work only where they were minted",
+                "this run token belongs to another sandbox; a token works only where it was minted",
                 status=403,
             )
         return claims

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from corral.bridge import tokens
+from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
 from corral.errors import CommandNotFound, InvalidInput, SandboxError
@@ -59,6 +61,33 @@ class AgentRequest:
     trigger: str = "cli"
     timeout: float | None = None  # seconds for the whole run; default settings.sandbox_timeout
     snapshot: str | None = None  # a digest from the history; default the head
+    user: str = "local"
+    app: str = ""
+    session: str = ""
+    connections: tuple[str, ...] = ()  # what the run's token may reach through the bridge
+
+
+class TokenIssuer:
+    """Mints a run's token once its sandbox's address is known; revokes it when the run ends."""
+
+    def __init__(self, ring: KeyRing, verifier: Verifier | None = None) -> None:
+        self.ring, self.verifier = ring, verifier
+
+    def mint(self, run: Run, request: AgentRequest, address: str, lifetime: float) -> str:
+        return tokens.mint(
+            self.ring,
+            user=request.user,
+            app=request.app,
+            session=request.session or run.id,
+            run=run.id,
+            connections=request.connections,
+            address=address,
+            lifetime=lifetime,
+        )
+
+    def revoke(self, run: Run) -> None:
+        if self.verifier is not None:
+            self.verifier.revoke_run(run.id)  # this process's bridge, at once; others poll
 
 
 class Hooks(Protocol):
@@ -86,10 +115,14 @@ class Executor:
         releases: ReleaseService,
         sandboxes: Callable[[], Sandboxes],
         *,
+        tokens: TokenIssuer | None = None,
+        bridge: Callable[[], object] | None = None,
         attrs: Immutability | None = None,
         hooks: Hooks | None = None,
         max_attempts: int = 3,
     ) -> None:
+        self.tokens = tokens or TokenIssuer(KeyRing())
+        self.ensure_bridge = bridge
         self.settings = settings
         self.store = store
         self.envs = envs
@@ -133,15 +166,38 @@ class Executor:
             if on_event is not None:
                 on_event(event)
 
-        emit("run.started", environment=env.name, snapshot=digest, trigger=request.trigger,
-             runner=release.version)  # fmt: skip
-        deadline = time.monotonic() + (request.timeout or self.settings.sandbox_timeout)
-        outcome, attempts = self._attempts(run, release, deadline, emit)
+        emit(
+            "run.started",
+            environment=env.name,
+            snapshot=digest,
+            trigger=request.trigger,
+            runner=release.version,
+        )
+        if self.ensure_bridge is not None:
+            self.ensure_bridge()  # the sandbox's only way out must be open before it boots
+        started = time.monotonic()
+        deadline = started + (request.timeout or self.settings.sandbox_timeout)
+        try:
+            outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
+        finally:
+            self.tokens.revoke(run)
 
         folded = None
         if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
             folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
         emit("run.finished", status=str(outcome.status), attempts=attempts)
+        self.store.bridge.add_usage(
+            [
+                {
+                    "at": datetime.now(UTC),
+                    "run": run.id,
+                    "user": request.user,
+                    "connection": None,
+                    "kind": "sandbox_seconds",
+                    "quantity": round(time.monotonic() - started, 3),
+                }
+            ]
+        )
         return self.store.runs.update(
             run.id,
             status=str(outcome.status),
@@ -155,20 +211,30 @@ class Executor:
         )
 
     def _attempts(
-        self, run: Run, release: Release, deadline: float, emit: Callable[..., None]
+        self,
+        run: Run,
+        request: AgentRequest,
+        release: Release,
+        deadline: float,
+        emit: Callable[..., None],
+        notify: Callable[[RunEvent], None] | None,
     ) -> tuple[_Outcome, int]:
         attempt = 0
         while True:
             attempt += 1
             try:
-                return self._attempt(run, release, attempt, deadline, emit), attempt
+                outcome = self._attempt(run, request, release, attempt, deadline, emit, notify)
+                return outcome, attempt
             except (RunnerInvalid, CommandNotFound, ProtocolError) as exc:
                 return _Outcome(RunStatus.FAILED, error_code=exc.code, error=exc.detail), attempt
             except SandboxError as exc:
                 emit("attempt.failed", attempt=attempt, code=exc.code, detail=exc.detail)
                 if time.monotonic() >= deadline:
-                    return _Outcome(RunStatus.TIMED_OUT, error_code="timed_out",
-                                    error="the run's deadline passed"), attempt  # fmt: skip
+                    return _Outcome(
+                        RunStatus.TIMED_OUT,
+                        error_code="timed_out",
+                        error="the run's deadline passed",
+                    ), attempt
                 if attempt >= self.max_attempts:
                     return _Outcome(
                         RunStatus.FAILED,
@@ -178,30 +244,37 @@ class Executor:
             except OSError as exc:  # a swap step's file operation on the host (chattr, rename)
                 emit("attempt.failed", attempt=attempt, code="swap_io", detail=str(exc))
                 if attempt >= self.max_attempts:
-                    return _Outcome(RunStatus.FAILED, error_code="runner_swap_failed",
-                                    error=str(exc)), attempt  # fmt: skip
+                    return _Outcome(
+                        RunStatus.FAILED, error_code="runner_swap_failed", error=str(exc)
+                    ), attempt
 
     def _attempt(
         self,
         run: Run,
+        request: AgentRequest,
         release: Release,
         attempt: int,
         deadline: float,
         emit: Callable[..., None],
+        notify: Callable[[RunEvent], None] | None,
     ) -> _Outcome:
         image = self.envs.images.load(run.snapshot)
         sandboxes = self.sandboxes()
-        request = SandboxRequest(
+        boot = SandboxRequest(
             layers=tuple(self.envs.images.unpacked(image)),
             argv=(),
             env=process_env(image),
             label=run.environment,
         )
-        with agent_session(sandboxes, request) as session:
-            emit("sandbox.booted", attempt=attempt, sandbox=session.started.record.sandbox_id,
-                 address=session.started.address)  # fmt: skip
+        with agent_session(sandboxes, boot) as session:
+            emit(
+                "sandbox.booted",
+                attempt=attempt,
+                sandbox=session.started.record.sandbox_id,
+                address=session.started.address,
+            )
             try:
-                ready, logs = session.expect(
+                _, logs = session.expect(
                     ("boot.ready",), min(deadline, time.monotonic() + BOOT_TIMEOUT_S)
                 )
             except SessionEnded:
@@ -219,18 +292,30 @@ class Executor:
                         self.hooks.on_step(attempt, name, session)
 
                 hotswap.swap(
-                    session, release, self.releases.data(release),
-                    self.releases.requires(release), step, self.attrs,
-                )  # fmt: skip
-            session.send({"op": "run", "spec": self._spec(run)})
+                    session,
+                    release,
+                    self.releases.data(release),
+                    self.releases.requires(release),
+                    step,
+                    self.attrs,
+                )
+            lifetime = max(1.0, deadline - time.monotonic()) + 30
+            token = self.tokens.mint(run, request, session.started.address, lifetime)
+            cursor = self._last_seq(run)
+            session.send({"op": "run", "spec": self._spec(run, request, token, attempt)})
             try:
-                final = self._follow(session, attempt, deadline, emit)
+                final = self._follow(run, session, attempt, cursor, deadline, emit, notify)
             except SessionTimeout:
-                return _Outcome(RunStatus.TIMED_OUT, error_code="timed_out",
-                                error="the run's deadline passed", swapped=swapped)  # fmt: skip
+                return _Outcome(
+                    RunStatus.TIMED_OUT,
+                    error_code="timed_out",
+                    error="the run's deadline passed",
+                    swapped=swapped,
+                )
         if final["type"] == "result":
-            return _Outcome(RunStatus.SUCCEEDED, result=final.get("output"), swapped=swapped,
-                            replaced=present)  # fmt: skip
+            return _Outcome(
+                RunStatus.SUCCEEDED, result=final.get("output"), swapped=swapped, replaced=present
+            )
         return _Outcome(
             RunStatus.FAILED,
             error_code=str(final.get("code", "agent_error")),
@@ -239,21 +324,52 @@ class Executor:
         )
 
     def _follow(
-        self, session: AgentSession, attempt: int, deadline: float, emit: Callable[..., None]
+        self,
+        run: Run,
+        session: AgentSession,
+        attempt: int,
+        cursor: int,
+        deadline: float,
+        emit: Callable[..., None],
+        notify: Callable[[RunEvent], None] | None,
     ) -> dict[str, Any]:
-        """Record events until the result or error, then the rest of the sandbox's output."""
-        final = None
-        while final is None:
-            event = session.next(deadline)  # SessionEnded here: the sandbox died mid-run
-            self._forward([event], attempt, emit)
-            if event.get("type") in ("result", "error"):
-                final = event
-        try:
-            while True:
-                self._forward([session.next(time.monotonic() + 5)], attempt, emit)
-        except (SessionEnded, SessionTimeout):
-            pass
-        return final
+        """Tail the run's event log (the runner writes it through the bridge) until this
+        attempt's result or error, forwarding the sandbox's raw output meanwhile."""
+        final: dict[str, Any] | None = None
+        exited_at: float | None = None
+        while True:
+            for event in self.store.runs.events(run.id, after=cursor):
+                cursor = event.seq
+                data = json.loads(event.data)
+                if notify is not None and event.kind in SANDBOX_EVENTS:
+                    notify(event)
+                if event.kind in ("result", "error") and data.get("attempt") == attempt:
+                    final = {"type": event.kind, **data}
+            if final is not None:
+                return final
+            self._drain_output(session, attempt, emit)
+            now = time.monotonic()
+            if session.started.process.poll() is not None:
+                exited_at = exited_at or now
+                if now - exited_at > 1.0:  # the bridge's last batch has had its time
+                    raise SessionEnded("the sandbox ended without reporting a result")
+            if now >= deadline:
+                raise SessionTimeout("the run's deadline passed")
+            time.sleep(0.01)
+
+    def _drain_output(self, session: AgentSession, attempt: int, emit: Callable[..., None]) -> None:
+        """What the sandbox wrote outside the runner (before it started, or if it crashed)."""
+        while True:
+            try:
+                event = session.next(time.monotonic())
+            except (SessionTimeout, SessionEnded):
+                return
+            if event.get("type") == "log":
+                emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
+
+    def _last_seq(self, run: Run) -> int:
+        events = self.store.runs.events(run.id)
+        return events[-1].seq if events else 0
 
     @staticmethod
     def _forward(events: list[dict[str, Any]], attempt: int, emit: Callable[..., None]) -> None:
@@ -262,7 +378,7 @@ class Executor:
             kind = str(event.get("type", ""))
             emit(kind if kind in SANDBOX_EVENTS else "sandbox.unknown", attempt=attempt, **data)
 
-    def _spec(self, run: Run) -> dict[str, Any]:
+    def _spec(self, run: Run, request: AgentRequest, token: str, attempt: int) -> dict[str, Any]:
         net = self.settings.network
         return {
             "run_id": run.id,
@@ -271,6 +387,9 @@ class Executor:
             "input": json.loads(run.input),
             "workdir": WORKDIR,
             "bridge": f"http://{net.gateway}:{net.bridge_port}",
+            "token": token,
+            "attempt": attempt,
+            "user": request.user,
         }
 
     def _fold_in(

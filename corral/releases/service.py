@@ -18,7 +18,7 @@ import corral.runner
 from corral.releases import bundle
 from corral.snapshots import digests
 from corral.snapshots.layout import Layout
-from corral.store import Release, Store
+from corral.store import Release, ReleaseNotFound, Store
 
 MEDIA_TYPE = "application/vnd.corral.runner.release.v1.tar"
 BUNDLED = Path(corral.runner.__file__).parent
@@ -30,6 +30,7 @@ class ReleaseService:
     def __init__(self, store: Store, layout: Layout) -> None:
         self.store = store
         self.layout = layout
+        self._bundled_known = False
 
     def publish(self, source: Path, version: str | None = None, origin: str = "") -> Release:
         """Bundle the runner package at ``source``, store it, and make it current."""
@@ -48,10 +49,18 @@ class ReleaseService:
         )
 
     def current(self) -> Release:
-        """The current release; the one bundled with Corral if none was ever published."""
+        """The current release. The first time a Corral version meets a store, the release
+        bundled with it is published (so upgrading Corral ships its runner); after that,
+        whatever was published or activated last wins, rollbacks included."""
+        if not self._bundled_known:
+            made = bundle.build(BUNDLED)
+            try:
+                self.store.releases.get(digests.of_bytes(made.data))
+            except ReleaseNotFound:
+                self.publish(BUNDLED, origin=f"bundled with corral {corral.__version__}")
+            self._bundled_known = True
         release = self.store.releases.current()
-        if release is None:
-            release = self.publish(BUNDLED, origin=f"bundled with corral {corral.__version__}")
+        assert release is not None  # the bundled one, at least
         return release
 
     def activate(self, ref: str) -> Release:

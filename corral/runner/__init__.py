@@ -12,7 +12,9 @@ Rules that keep it portable and safe:
 * Inside a sandbox it is the package ``corral_runner``; every import within it is relative.
 * Its run spec (entrypoint, input, bridge address, run token) arrives on a descriptor, never
   in environment variables that user code would inherit.
+* Everything it reports (logs, progress, metrics, the result) leaves through the bridge, with
+  the run token: the sandbox has no other way out.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 REQUIRES_PYTHON = (3, 8)

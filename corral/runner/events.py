@@ -1,44 +1,87 @@
-"""The event channel: one JSON object per line, written to a descriptor the host reads.
+"""The event channel: run events go to the bridge, the sandbox's one way out.
 
-Every event has ``type`` and ``at`` (seconds since the epoch); the host treats all of it as
-untrusted input. Lines are capped so that no single event can exhaust the host's reader;
-an over-long log message is cut and says so.
+Events are JSON objects with ``type`` and ``at``; they are batched and POSTed to
+``<bridge>/_corral/events`` with the run token, from a background thread, every
+``FLUSH_S`` or as soon as a batch fills. ``close()`` sends what is left and waits for it: the
+result and error events are always delivered before the runner exits. The host treats all of
+it as untrusted input.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
-from typing import Any
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List
 
-MAX_LINE = 256 * 1024  # bytes; the host refuses longer lines
+FLUSH_S = 0.05
+BATCH = 200
 _MAX_MESSAGE = 64 * 1024
 
 
 class Channel:
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, bridge: str, token: str, attempt: int = 0) -> None:
+        self._url = bridge.rstrip("/") + "/_corral/events"
+        self._token = token
+        self._attempt = attempt
+        self._pending: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self.failures = 0
+        self._thread = threading.Thread(target=self._loop, name="corral-events", daemon=True)
+        self._thread.start()
 
     def emit(self, kind: str, **data: Any) -> None:
-        event = {"type": kind, "at": round(time.time(), 6)}
+        event: Dict[str, Any] = {
+            "type": kind,
+            "at": round(time.time(), 6),
+            "attempt": self._attempt,
+        }
         event.update(data)
-        line = json.dumps(event, default=repr, separators=(",", ":")).encode() + b"\n"
-        if len(line) > MAX_LINE:
-            line = (
-                json.dumps(
-                    {"type": kind, "at": event["at"], "truncated": True, "bytes": len(line)}
-                ).encode()
-                + b"\n"
-            )
         with self._lock:
-            view = memoryview(line)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            self._pending.append(event)
+            full = len(self._pending) >= BATCH
+        if full:
+            self._wake.set()
+
+    def close(self) -> None:
+        """Deliver everything emitted so far, then stop."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self._send_pending()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(FLUSH_S)
+            self._wake.clear()
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        while batch:
+            chunk, batch = batch[:BATCH], batch[BATCH:]
+            body = json.dumps({"events": chunk}, default=repr).encode()
+            request = urllib.request.Request(
+                self._url,
+                data=body,
+                method="POST",
+                headers={"authorization": "Bearer " + self._token,
+                         "content-type": "application/json"},
+            )  # fmt: skip
+            for attempt in range(3):
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        response.read()
+                    break
+                except (urllib.error.URLError, OSError):
+                    self.failures += 1
+                    time.sleep(0.05 * (attempt + 1))
 
 
 class LogStream(io.TextIOBase):

@@ -1,6 +1,7 @@
 """Run one agent: load the entrypoint, call it with the input, report the result.
 
-``run(spec, events_fd)`` is what the sandbox bootstrap calls. The spec names the entrypoint
+``run(spec)`` is what the sandbox bootstrap calls (``PROTOCOL`` 2: events go to the
+bridge). The spec names the entrypoint
 as ``file.py:function`` (relative to the working directory) or ``package.module:function``.
 The function receives the decoded input; one that takes a second parameter also receives
 the run's context. Exit status: 0 with a ``result`` event, 1 with an ``error`` event.
@@ -15,12 +16,15 @@ import json
 import os
 import platform
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from . import REQUIRES_PYTHON, __version__, sdk
 from .events import Channel, LogStream
+
+PROTOCOL = 2  # the bootstrap calls run(spec); protocol 1 passed an event descriptor as well
 
 
 class AgentError(Exception):
@@ -29,8 +33,8 @@ class AgentError(Exception):
         self.code = code
 
 
-def run(spec: dict[str, Any], events_fd: int) -> int:
-    channel = Channel(events_fd)
+def run(spec: dict[str, Any]) -> int:
+    channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)))
     channel.emit(
         "runner.started",
         version=__version__,
@@ -41,8 +45,10 @@ def run(spec: dict[str, Any], events_fd: int) -> int:
         "run_id": spec.get("run_id"),
         "environment": spec.get("environment"),
         "entrypoint": spec.get("entrypoint"),
+        "user": spec.get("user"),
     }
-    sdk._bind(channel, context)
+    sdk._bind(channel, context, str(spec["bridge"]), str(spec["token"]))
+    capture = _Capture(channel)
     stdout, stderr = sys.stdout, sys.stderr
     sys.stdout = LogStream(channel, "stdout")
     sys.stderr = LogStream(channel, "stderr")
@@ -51,8 +57,10 @@ def run(spec: dict[str, Any], events_fd: int) -> int:
         try:
             json.dumps(output)
         except (TypeError, ValueError) as exc:
-            raise AgentError("result_not_json", f"the agent returned {type(output).__name__}, "
-                             f"which is not JSON: {exc}") from None  # fmt: skip
+            raise AgentError(
+                "result_not_json",
+                f"the agent returned {type(output).__name__}, which is not JSON: {exc}",
+            ) from None
         _flush()
         channel.emit("result", output=output)
         return 0
@@ -71,6 +79,33 @@ def run(spec: dict[str, Any], events_fd: int) -> int:
         return 1
     finally:
         sys.stdout, sys.stderr = stdout, stderr
+        capture.close()
+        channel.close()
+
+
+class _Capture:
+    """Descriptors 1 and 2 (what subprocesses and C code write) turned into log events."""
+
+    def __init__(self, channel: Channel) -> None:
+        read, write = os.pipe()
+        self._saved = [os.dup(1), os.dup(2)]
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self._stream = LogStream(channel, "output")
+        self._thread = threading.Thread(target=self._pump, args=(read,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, fd: int) -> None:
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            for chunk in iter(lambda: pipe.read(65536), b""):
+                self._stream.write(chunk.decode("utf-8", "replace"))
+        self._stream.flush()
+
+    def close(self) -> None:
+        os.dup2(self._saved[0], 1)  # the pipe's last writers are gone: the pump sees EOF
+        os.dup2(self._saved[1], 2)
+        self._thread.join(timeout=5)
 
 
 def _flush() -> None:

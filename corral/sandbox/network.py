@@ -12,8 +12,9 @@ The only module that runs ``ip`` and ``nft``. The design (docs/design/sandbox-ne
 * One static ``inet corral`` table holds every rule. It names interfaces by prefix, so booting a
   sandbox adds no rule and tearing one down removes none: no rule can outlive its sandbox.
   A run may reach the bridge port on the gateway and nothing else; nothing but a sandbox
-  interface may reach the bridge port at all (not the host's loopback, not another namespace). An edit session may also
-  reach the host's DNS resolvers and ports 80/443 outside private ranges (package registries).
+  interface may reach the bridge port at all (not the host's loopback, not another
+  namespace). An edit session may also reach the host's DNS resolvers and ports 80/443
+  outside private ranges (package registries).
   A source address that does not route back through the interface it came from is dropped.
 """
 

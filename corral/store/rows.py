@@ -9,7 +9,7 @@ is built, and a bad value raises ``InvalidInput`` naming the value and the rule 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from corral.errors import InvalidInput
@@ -151,3 +151,45 @@ class RunEvent:
     at: datetime
     kind: str
     data: str  # JSON object
+
+
+@dataclass(frozen=True)
+class CredentialRow:
+    """One row of ``credentials``: a sealed credential, or what is left of a revoked one.
+
+    The byte columns are ciphertext and wrapped keys, safe to hold but useless to show, so
+    they stay out of ``repr``. On a revoked row every sealed column is None.
+    """
+
+    user: str
+    connection: str
+    kind: str
+    key_id: str | None
+    dek_nonce: bytes | None = field(repr=False)
+    wrapped_dek: bytes | None = field(repr=False)
+    nonce: bytes | None = field(repr=False)
+    ciphertext: bytes | None = field(repr=False)
+    created_at: datetime
+    updated_at: datetime
+    revoked_at: datetime | None = None
+
+
+CONNECTION_RULE = NAME_RULE  # github, slack, openai, anthropic, or a custom name
+USER_RULE = (
+    "1-128 characters from a-z, 0-9, '_', '.', '@', '+', '-', starting with a letter or digit"
+)
+_USER_RE = re.compile(r"[a-z0-9][a-z0-9_.@+-]{0,127}")
+
+
+def check_user(user: str) -> str:
+    """Return ``user`` if it is a valid credential owner (an email address fits), else raise."""
+    if not isinstance(user, str) or _USER_RE.fullmatch(user) is None:
+        raise InvalidInput(f"invalid user {user!r}: must be {USER_RULE}")
+    return user
+
+
+def check_connection(connection: str) -> str:
+    """Return ``connection`` if it is a valid connection name, else raise ``InvalidInput``."""
+    if not isinstance(connection, str) or _NAME_RE.fullmatch(connection) is None:
+        raise InvalidInput(f"invalid connection name {connection!r}: must be {CONNECTION_RULE}")
+    return connection

@@ -20,8 +20,11 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -139,4 +142,88 @@ run_events = Table(
     Column("at", UTCDateTime, nullable=False),
     Column("kind", Text, nullable=False),
     Column("data", Text, nullable=False),  # JSON object
+)
+
+# Sealed credentials (see corral/vault/sealed.py): the secret fields exist here only as
+# AES-256-GCM ciphertext under a per-record data key, itself wrapped under a master key that
+# is never stored in the database. Revoking nulls every sealed column, so a revoked row
+# keeps its metadata and nothing that could be decrypted.
+CREDENTIAL_KINDS = ("bearer", "api_key", "basic", "oauth2")
+SEALED_COLUMNS = ("key_id", "dek_nonce", "wrapped_dek", "nonce", "ciphertext")
+SEALED_UNLESS_REVOKED = (
+    "(revoked_at IS NULL AND "
+    + " AND ".join(f"{c} IS NOT NULL" for c in SEALED_COLUMNS)
+    + ") OR (revoked_at IS NOT NULL AND "
+    + " AND ".join(f"{c} IS NULL" for c in SEALED_COLUMNS)
+    + ")"
+)
+KIND_KNOWN = "kind IN (" + ", ".join(f"'{k}'" for k in CREDENTIAL_KINDS) + ")"
+
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("user", Text, primary_key=True),  # "user" is reserved in SQL: SQLAlchemy quotes it
+    Column("connection", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("key_id", Text, nullable=True),  # the master key that wraps the data key
+    Column("dek_nonce", LargeBinary, nullable=True),
+    Column("wrapped_dek", LargeBinary, nullable=True),
+    Column("nonce", LargeBinary, nullable=True),
+    Column("ciphertext", LargeBinary, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    CheckConstraint(KIND_KNOWN, name="kind_known"),
+    CheckConstraint(SEALED_UNLESS_REVOKED, name="sealed_unless_revoked"),
+    # Rotation looks for records under an old key, and retiring a key counts them.
+    Index("ix_credentials_key_id", "key_id"),
+)
+
+bridge_calls = Table(
+    "bridge_calls",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("run", Text, nullable=True),
+    Column("connection", Text, nullable=True),
+    Column("method", Text, nullable=False),
+    Column("path", Text, nullable=False),  # as the sandbox sent it, without the query
+    Column("status", Integer, nullable=False),
+    Column("bytes_in", BigInteger, nullable=False),
+    Column("bytes_out", BigInteger, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("peer", Text, nullable=False),
+)
+
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("run", Text, nullable=False),
+    Column("user", Text, nullable=False),
+    Column("connection", Text, nullable=True),
+    Column("kind", Text, nullable=False),  # model_tokens | bridge_call | sandbox_seconds
+    Column("input_tokens", BigInteger, nullable=False),
+    Column("output_tokens", BigInteger, nullable=False),
+    Column("quantity", Float, nullable=False),
+)
+
+connections = Table(
+    "connections",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("base_url", Text, nullable=False),
+    Column("auth", Text, nullable=False),
+    Column("meter", Text, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", Text, primary_key=True),
+    Column("sealed_private_key", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )

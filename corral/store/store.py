@@ -30,6 +30,7 @@ from corral.errors import (
     InvalidInput,
     SnapshotNotFound,
 )
+from corral.store.bridge import BridgeRecords
 from corral.store.credentials import Credentials
 from corral.store.engine import (
     is_unique_violation,
@@ -39,7 +40,6 @@ from corral.store.engine import (
     shown,
     transaction,
 )
-from corral.store.bridge import BridgeRecords
 from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
 from corral.store.schema import environments, snapshots

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from corral.releases.service import BUNDLED
+from corral.runner import __version__ as BUNDLED_VERSION
 from tests.integration.conftest import need_sandboxes
 from tests.integration.test_environments import _wheel
 
@@ -83,7 +84,10 @@ def test_errors_are_clear_and_exit_non_zero(corral_cli: Any) -> None:
 
 def test_run_an_agent_and_publish_a_runner(corral_cli: Any, tmp_path: Path) -> None:
     corral_cli("env", "create", "analyst")
-    agent = "def main(input):\n    print('charting', input['ticker'])\n    return {'ticker': input['ticker'], 'close': 109.0}\n"
+    agent = (
+        "def main(input):\n    print('charting', input['ticker'])\n"
+        "    return {'ticker': input['ticker'], 'close': 109.0}\n"
+    )
     corral_cli(
         "env", "exec", "analyst", "--", "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{agent}EOF"
     )
@@ -94,7 +98,7 @@ def test_run_an_agent_and_publish_a_runner(corral_cli: Any, tmp_path: Path) -> N
     assert "swap.locked" in streamed.stderr and "| charting ACME" in streamed.stderr
 
     listed = json.loads(corral_cli("runner", "list", "--json").stdout)
-    assert [r["version"] for r in listed] == ["1.0.0"] and listed[0]["current"]
+    assert [r["version"] for r in listed] == [BUNDLED_VERSION] and listed[0]["current"]
 
     source = tmp_path / "runner"
     shutil.copytree(BUNDLED, source, ignore=shutil.ignore_patterns("__pycache__"))
@@ -112,11 +116,11 @@ def test_run_an_agent_and_publish_a_runner(corral_cli: Any, tmp_path: Path) -> N
     assert done["result"] == {"ticker": "ACME", "close": 109.0}
     assert any(e["kind"] == "fold_in.done" for e in done["events"])
 
-    corral_cli("runner", "use", "1.0.0")
+    corral_cli("runner", "use", BUNDLED_VERSION)
     rolled = json.loads(
         corral_cli("run", "analyst", "agent.py:main", "--input", '{"ticker": "X"}', "--json").stdout
     )
-    assert (rolled["runner_version"], rolled["swapped"]) == ("1.0.0", True)
+    assert (rolled["runner_version"], rolled["swapped"]) == (BUNDLED_VERSION, True)
 
     bad = corral_cli("run", "analyst", "agent.py:main", "--input", "{not json", ok=False)
     assert bad.returncode == 2 and "--input is not JSON" in bad.stderr

@@ -157,7 +157,7 @@ def test_a_run_cannot_fill_the_host_disk(corral: Corral, env: str) -> None:
     )
     capped = Corral(small)
     try:
-        code, out, err = run(
+        _, out, err = run(
             capped,
             env,
             "sh",

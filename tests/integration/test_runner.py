@@ -17,6 +17,7 @@ from corral.context import Corral
 from corral.pipeline.executor import AgentRequest, Executor
 from corral.releases import bundle
 from corral.releases.service import BUNDLED
+from corral.runner import __version__ as BUNDLED_VERSION
 from corral.sandbox.sandboxes import SandboxRequest
 from corral.sandbox.session import AgentSession
 from corral.snapshots.fsattr import Immutability
@@ -42,13 +43,12 @@ def not_json(input):
     return {1, 2, 3}
 
 def garbage(input):
-    for fd in range(3, 16):
-        try:
-            if os.fstat(fd).st_mode & 0o170000 == 0o010000:  # a pipe: the event channel
-                os.write(fd, b"this is not json\\n")
-        except OSError:
-            pass
-    return "unreachable"
+    sent = sdk.request("_corral", "POST", "/events", body=b"this is not json")
+    fake = {"events": [{"type": "result", "output": "forged"}]}
+    forged = sdk.request("_corral", "POST", "/events", body=fake,
+                         headers={"authorization": "Bearer not-a-token"})
+    return {"garbage": [sent.status, sent.json()["error"]],
+            "forged": [forged.status, forged.json()["error"]]}
 
 def analyst(input):
     import corralprobe
@@ -86,7 +86,9 @@ def releases(corral: Corral, tmp_path: Path) -> Iterator[Callable[..., Release]]
         shutil.copytree(BUNDLED, source, ignore=shutil.ignore_patterns("__pycache__"))
         init = source / "__init__.py"
         init.write_text(
-            init.read_text().replace('__version__ = "1.0.0"', f'__version__ = "{version}"')
+            init.read_text().replace(
+                f'__version__ = "{BUNDLED_VERSION}"', f'__version__ = "{version}"'
+            )
         )
         edit(source)
         release = corral.releases.publish(source)
@@ -103,8 +105,11 @@ def agent(corral: Corral, env: str, entry: str = "agent.py:main", executor: Exec
 
 
 def executor_with(corral: Corral, **kw: Any) -> Executor:
-    return Executor(corral.settings, corral.store, corral.envs, corral.releases,
-                    corral.sandboxes, **kw)  # fmt: skip
+    """An executor with test seams, sharing the session's bridge and signing keys."""
+    return Executor(
+        corral.settings, corral.store, corral.envs, corral.releases, corral.sandboxes,
+        tokens=corral.executor.tokens, bridge=corral.bridge, **kw,
+    )  # fmt: skip
 
 
 def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
@@ -113,8 +118,8 @@ def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
     before = corral.envs.images.load(corral.envs.get(agent_env).head)
     first = agent(corral, agent_env)
     assert first.status == "succeeded", first.error
-    assert json.loads(first.result or "") == {"ticker": "ACME", "runner": "1.0.0"}
-    assert first.swapped and first.folded_snapshot and first.runner_version == "1.0.0"
+    assert json.loads(first.result or "") == {"ticker": "ACME", "runner": BUNDLED_VERSION}
+    assert first.swapped and first.folded_snapshot and first.runner_version == BUNDLED_VERSION
     steps = [k for k in kinds(corral, first) if k.startswith("swap.")]
     assert steps == ["swap.started", "swap.staged", "swap.validated", "swap.swapped",
                      "swap.purged", "swap.locked"]  # fmt: skip
@@ -124,7 +129,7 @@ def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
     assert head == first.folded_snapshot
     after = corral.envs.images.load(head)
     assert [d.digest for d in after.layers[:-1]] == [d.digest for d in before.layers]
-    assert corral.envs.history(agent_env)[0].message.startswith("runner 1.0.0")
+    assert corral.envs.history(agent_env)[0].message.startswith(f"runner {BUNDLED_VERSION}")
 
     second = agent(corral, agent_env)
     assert second.status == "succeeded" and not second.swapped and second.folded_snapshot is None
@@ -140,7 +145,6 @@ def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
         ("missing.py:main", "entrypoint_not_found", "no file /home/user/missing.py"),
         ("agent.py:nope", "entrypoint_not_found", "has no function 'nope'"),
         ("agent.py", "bad_entrypoint", "file.py:function"),
-        ("agent.py:garbage", "protocol_error", "not JSON"),
     ],
 )
 def test_agent_failures_end_clearly_and_fold_nothing(
@@ -155,6 +159,16 @@ def test_agent_failures_end_clearly_and_fold_nothing(
     if code == "agent_raised":
         tracebacks = [d for k, d in events(corral, failed) if k == "error"]
         assert "raise ValueError" in tracebacks[0]["traceback"]
+
+
+def test_output_that_is_not_json_is_refused_by_the_bridge(corral: Corral, agent_env: str) -> None:
+    done = agent(corral, agent_env, "agent.py:garbage")
+    assert done.status == "succeeded", done.error
+    assert json.loads(done.result or "") == {
+        "garbage": [400, "bad_events"],
+        "forged": [401, "token_malformed"],
+    }
+    assert not any(d.get("output") == "forged" for k, d in events(corral, done) if k == "result")
 
 
 def test_a_release_with_a_syntax_error_never_runs_an_agent(
@@ -236,8 +250,8 @@ def test_stale_bytecode_is_never_used(
 ) -> None:
     """The snapshot holds a stale copy of the new release's directory whose __init__ bytecode
     was compiled from the old sources, with the same size and mtime as the new sources."""
-    assert agent(corral, agent_env).status == "succeeded"  # the bundled 1.0.0 is folded in
-    new = releases("1.0.1")  # same length as "1.0.0": the sizes match, every mtime is 0
+    assert agent(corral, agent_env).status == "succeeded"  # the bundled 1.1.0 is folded in
+    new = releases("1.1.1")  # same length as "1.1.0": the sizes match, every mtime is 0
     old_init = BUNDLED / "__init__.py"
     stale_src = tmp_path / "__init__.py"
     stale_src.write_bytes(old_init.read_bytes())
@@ -255,10 +269,10 @@ def test_stale_bytecode_is_never_used(
     done = agent(corral, agent_env)
     assert done.status == "succeeded", done.error
     assert (
-        json.loads(done.result or "")["runner"] == "1.0.1"
+        json.loads(done.result or "")["runner"] == "1.1.1"
     )  # the stale 1.0.0 bytecode was not used
     started = [d for k, d in events(corral, done) if k == "runner.started"]
-    assert started[0]["version"] == "1.0.1"
+    assert started[0]["version"] == "1.1.1"
 
 
 PROBE = r"""
@@ -329,15 +343,19 @@ def test_unattended_run_after_a_release_keeps_every_user_file_and_package(
     run(corral, agent_env, "sh", "-c", "echo 'buy low' > /home/user/notes.txt", edit=True)
     corral.envs.freeze(agent_env, "package and notes")
     friday = agent(corral, agent_env, "agent.py:analyst")  # folds in the bundled runner
-    assert json.loads(friday.result or "") == {"package": 7, "notes": "buy low", "runner": "1.0.0"}
+    assert json.loads(friday.result or "") == {
+        "package": 7,
+        "notes": "buy low",
+        "runner": BUNDLED_VERSION,
+    }
     user_layers = [
         d.digest for d in corral.envs.images.load(corral.envs.get(agent_env).head).layers
     ]
 
-    releases("1.1.0")  # the platform deploys at 8:55 ...
+    releases("1.2.0")  # the platform deploys at 8:55 ...
     monday = agent(corral, agent_env, "agent.py:analyst", trigger="schedule")  # ... cron at 9:00
     assert monday.status == "succeeded" and monday.swapped and monday.trigger == "schedule"
-    assert json.loads(monday.result or "") == {"package": 7, "notes": "buy low", "runner": "1.1.0"}
+    assert json.loads(monday.result or "") == {"package": 7, "notes": "buy low", "runner": "1.2.0"}
     folded = corral.envs.images.load(corral.envs.get(agent_env).head)
     assert [d.digest for d in folded.layers[:-1]] == user_layers  # every user layer untouched
     assert not agent(corral, agent_env, "agent.py:analyst").swapped

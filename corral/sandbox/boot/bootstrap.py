@@ -18,7 +18,8 @@ stdout joins stderr. Then it says hello and obeys, in order:
     Compile every ``.py`` under ``P`` and import the package from there under a throwaway
     name; answer ``boot.validated`` or ``boot.invalid`` with the reason. Nothing is written.
 ``{"op": "run", "spec": {...}}``
-    Import the runner from ``/opt/corral/runner`` and hand it the spec; exit with its status.
+    Import the runner from ``/opt/corral/runner``, close the event channel (from then on the
+    bridge is the sandbox's only way out) and hand the runner the spec; exit with its status.
 """
 
 import json
@@ -67,10 +68,13 @@ def main():
         elif op == "run":
             control.close()
             sys.path.insert(0, RUNNER_HOME)
-            from corral_runner.main import run  # the freshly swapped runner
+            import corral_runner.main as runner  # the freshly swapped runner
 
             sys.stdout.flush()
-            os._exit(run(command["spec"], events))
+            if getattr(runner, "PROTOCOL", 1) >= 2:
+                os.close(events)  # from here on the bridge is the only way out
+                os._exit(runner.run(command["spec"]))
+            os._exit(runner.run(command["spec"], events))
         else:
             emit("boot.invalid", error="unknown op %r" % (op,))
     os._exit(3)  # the host closed the control channel without a run: nothing ran

@@ -1,0 +1,122 @@
+"""The bridge's view of the store and the vault (``gate.Backend``), and OAuth 2 refresh.
+
+Every method here may block on the database or the network; the gate calls them from worker
+threads, never on the event loop. The only outbound HTTP this module makes is the refresh-token
+grant to a credential's own token URL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+from corral.bridge.connections import Connection
+from corral.bridge.gate import Credential
+from corral.errors import CorralError, CredentialNotFound, CredentialRevoked
+from corral.store import Store
+from corral.vault.vault import Vault
+
+_SECRET_NAMES = ("token", "key", "password", "access_token", "refresh_token", "client_secret")
+
+
+class RefreshFailed(CorralError):
+    code = "refresh_failed"
+
+
+class StoreBackend:
+    def __init__(self, store: Store, vault: Vault) -> None:
+        self.store = store
+        self.vault = vault
+
+    def run_is_live(self, run: str) -> bool:
+        return self.store.bridge.run_is_live(run)
+
+    def ended_since(self, since: datetime) -> tuple[list[str], datetime]:
+        return self.store.bridge.ended_since(since)
+
+    def connection(self, name: str) -> Connection | None:
+        row = self.store.bridge.connection(name)
+        if row is None:
+            return None
+        return Connection(row["name"], row["base_url"], row["auth"], row["meter"])
+
+    def credential(self, user: str, connection: str) -> Credential | None:
+        try:
+            found = self.vault.resolve(user, connection)
+        except (CredentialNotFound, CredentialRevoked):
+            return None  # the gate refuses the call, naming the connection
+        # Any other vault error (a tampered record, an unknown master key) is the host's
+        # problem, not the caller's: it propagates and the call fails with a 500.
+        fields: dict[str, str] = {}
+        for name in (
+            "token",
+            "key",
+            "username",
+            "password",
+            "access_token",
+            "refresh_token",
+            "token_url",
+            "client_id",
+            "client_secret",
+        ):
+            value = getattr(found, name, None)
+            if value is not None:
+                fields[name] = value.reveal() if name in _SECRET_NAMES else str(value)
+        expires = float(found.expires_at) if found.expires_at is not None else None
+        return Credential(found.kind, fields, expires)
+
+    def refresh(self, user: str, connection: str, credential: Credential) -> Credential:
+        """The refresh-token grant (RFC 6749 section 6); the vault keeps the new tokens."""
+        fields = credential.fields
+        body = urllib.parse.urlencode(
+            {
+                "grant_type": "refresh_token",
+                "refresh_token": fields.get("refresh_token", ""),
+                "client_id": fields.get("client_id", ""),
+                "client_secret": fields.get("client_secret", ""),
+            }
+        ).encode()
+        request = urllib.request.Request(
+            fields.get("token_url", ""),
+            data=body,
+            method="POST",
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "accept": "application/json",
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                answer = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise RefreshFailed(f"the token endpoint refused the refresh: {exc}") from None
+        access = answer.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise RefreshFailed("the token endpoint answered without an access_token")
+        expires_in = answer.get("expires_in")
+        expires_at = int(time.time() + float(expires_in)) if expires_in else None
+        rotated = (
+            answer.get("refresh_token") if isinstance(answer.get("refresh_token"), str) else None
+        )
+        self.vault.update_oauth(user, connection, access, expires_at, rotated)
+        updated = dict(fields, access_token=access)
+        if rotated:
+            updated["refresh_token"] = rotated
+        return Credential(credential.kind, updated, float(expires_at) if expires_at else None)
+
+    def write_calls(self, calls: list[dict[str, Any]]) -> None:
+        self.store.bridge.add_calls(calls)
+
+    def write_usage(self, usage: list[dict[str, Any]]) -> None:
+        self.store.bridge.add_usage(usage)
+
+    def write_events(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
+        now = datetime.now(UTC)
+        self.store.runs.append_events(
+            [(run, now, kind, json.dumps(data, default=repr)) for run, kind, data in events]
+        )

@@ -1,0 +1,24 @@
+"""The vault: users' credentials for their connections, sealed at rest, opened host-side.
+
+``keys.py`` owns the master keys (``CORRAL_MASTER_KEY`` or the key file), ``sealed.py`` the
+envelope encryption, ``kinds.py`` what each kind of credential holds, and ``vault.py`` the
+``Vault`` that ties them to the store's ``credentials`` table. Nothing in this package may
+run inside a sandbox, and nothing it returns outside ``Vault.resolve`` holds a secret.
+"""
+
+from corral.vault.keys import KeyRing, MasterKeys, key_id
+from corral.vault.kinds import KINDS, Credential, CredentialInfo, Kind
+from corral.vault.vault import KeyStatus, Rotation, Vault
+
+__all__ = [
+    "KINDS",
+    "Credential",
+    "CredentialInfo",
+    "KeyRing",
+    "KeyStatus",
+    "Kind",
+    "MasterKeys",
+    "Rotation",
+    "Vault",
+    "key_id",
+]
