@@ -24,3 +24,4 @@ bench: deps
 	$(PY) bench/boot.py
 	$(PY) bench/freeze.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/bridge.py

@@ -25,6 +25,9 @@ from corral.errors import ConfigError
 DEFAULT_DATA_DIR = "/var/lib/corral"
 DEFAULT_RUN_DIR = "/run/corral"
 DEFAULT_BASE_IMAGE = "/var/cache/corral/base/bookworm.tar"
+# Bridge ports sandboxes may reach on the gateway: one per Corral instance (data directory) on
+# a host, so that instances never answer for each other's runs.
+BRIDGE_PORTS = range(8790, 8890)
 MASTER_KEY_BYTES = 32  # AES-256
 
 
@@ -88,7 +91,7 @@ class NetworkSettings:
     """The host-side sandbox subnet. Machine-wide: every Corral on a host must agree."""
 
     subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.213.0.0/16")
-    bridge_port: int = 8790
+    bridge_port: int = 8790  # this instance's bridge; one of BRIDGE_PORTS
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -146,7 +149,13 @@ class Settings:
             raise ConfigError(f"CORRAL_SANDBOX_SUBNET is not an IPv4 network: {exc}") from exc
         if subnet.prefixlen > 24:
             raise ConfigError("CORRAL_SANDBOX_SUBNET must be a /24 or larger")
-        network = NetworkSettings(subnet=subnet, bridge_port=_int(env, "CORRAL_BRIDGE_PORT", 8790))
+        bridge_port = _int(env, "CORRAL_BRIDGE_PORT", 8790)
+        if bridge_port not in BRIDGE_PORTS:
+            raise ConfigError(
+                f"CORRAL_BRIDGE_PORT must be in {BRIDGE_PORTS.start}-{BRIDGE_PORTS.stop - 1} "
+                f"(the range the sandbox network opens), got {bridge_port}"
+            )
+        network = NetworkSettings(subnet=subnet, bridge_port=bridge_port)
         return cls(
             data_dir=data_dir,
             run_dir=run_dir,

@@ -17,6 +17,8 @@ for ticker, closes in PRICES.items():
     png = io.BytesIO()
     fig.savefig(png, format="png")
     change = (closes[-1] - closes[0]) / closes[0] * 100
-    print(f"{ticker}: {len(closes)} closes, mean {statistics.mean(closes):.2f}, "
-          f"change {change:+.1f}%, chart {len(png.getvalue())} bytes of PNG "
-          f"(matplotlib {matplotlib.__version__})")
+    print(
+        f"{ticker}: {len(closes)} closes, mean {statistics.mean(closes):.2f}, "
+        f"change {change:+.1f}%, chart {len(png.getvalue())} bytes of PNG "
+        f"(matplotlib {matplotlib.__version__})"
+    )

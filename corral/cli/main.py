@@ -46,10 +46,11 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from corral.cli import env, run, sandbox, secret, serve
+    from corral.cli import bridge, env, run, sandbox, secret, serve
 
     env.register(cli)
     run.register(cli)
+    bridge.register(cli)
     sandbox.register(cli)
     secret.register(cli)
     serve.register(cli)

@@ -22,6 +22,9 @@ from corral.store import Release, Run, RunEvent
 @click.option("--input", "input_", default="null", help="The agent's input, as JSON.")
 @click.option("--timeout", type=float, help="Seconds for the whole run.")
 @click.option("--snapshot", help="Boot this snapshot of the history, not the head.")
+@click.option("--user", default="local", show_default=True, help="Whose credentials it uses.")
+@click.option("--connection", "connections", multiple=True,
+              help="A connection the run's token may use (repeat for more).")  # fmt: skip
 @json_option
 @click.pass_obj
 @handled
@@ -32,6 +35,8 @@ def run(
     input_: str,
     timeout: float | None,
     snapshot: str | None,
+    user: str,
+    connections: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Run ENTRYPOINT (file.py:function) of environment ENV through the runner."""
@@ -39,7 +44,8 @@ def run(
         value = json.loads(input_)
     except ValueError as exc:
         raise InvalidInput(f"--input is not JSON: {exc}") from exc
-    request = AgentRequest(env, entrypoint, value, timeout=timeout, snapshot=snapshot)
+    request = AgentRequest(env, entrypoint, value, timeout=timeout, snapshot=snapshot, user=user,
+                           connections=connections)  # fmt: skip
     finished = corral.executor.run(request, on_event=None if as_json else _show)
     emit(as_json, run_json(finished, corral.store.runs.events(finished.id)),
          lambda: _summary(finished))  # fmt: skip

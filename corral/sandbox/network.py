@@ -11,8 +11,8 @@ The only module that runs ``ip`` and ``nft``. The design (docs/design/sandbox-ne
   ever enslaved to it.
 * One static ``inet corral`` table holds every rule. It names interfaces by prefix, so booting a
   sandbox adds no rule and tearing one down removes none: no rule can outlive its sandbox.
-  A run may reach the bridge port on the gateway and nothing else; nothing but a sandbox
-  interface may reach the bridge port at all (not the host's loopback, not another
+  A run may reach the bridge ports on the gateway and nothing else; nothing but a sandbox
+  interface may reach a bridge port at all (not the host's loopback, not another
   namespace). An edit session may also reach the host's DNS resolvers and ports 80/443
   outside private ranges (package registries).
   A source address that does not route back through the interface it came from is dropped.
@@ -26,7 +26,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.config import NetworkSettings
+from corral.config import BRIDGE_PORTS, NetworkSettings
 from corral.errors import NetworkError
 
 TABLE = "corral"
@@ -94,6 +94,7 @@ class Network:
         s = self.settings
         resolvers = ", ".join(str(r) for r in host_resolvers()) or "127.0.0.1"
         denied = ", ".join([*_PRIVATE, *host_networks(), str(s.subnet)])
+        ports = f"{BRIDGE_PORTS.start}-{BRIDGE_PORTS.stop - 1}"
         return f"""
 table inet {TABLE}
 delete table inet {TABLE}
@@ -102,13 +103,13 @@ table inet {TABLE} {{
         type filter hook input priority filter - 10; policy accept;
         iifname "cr*" jump from_sandbox
         iifname "ce*" jump from_sandbox
-        ip daddr {s.gateway} tcp dport {s.bridge_port} counter drop
+        ip daddr {s.gateway} tcp dport {ports} counter drop
     }}
     chain from_sandbox {{
         meta nfproto ipv6 counter drop
         fib saddr . iif oif missing counter drop
         ct state established,related accept
-        ip daddr {s.gateway} tcp dport {s.bridge_port} accept
+        ip daddr {s.gateway} tcp dport {ports} accept
         counter drop
     }}
     chain forward {{

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,12 @@ pytestmark = [pytest.mark.root, pytest.mark.runc]
 @pytest.fixture
 def corral_cli(tmp_path: Path) -> Any:
     need_sandboxes()
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data")}
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path / "data"),
+        # Its own bridge: another Corral (this test session's) may hold the default port.
+        "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80)),
+    }
 
     def cli(
         *args: str, stdin: Any = subprocess.DEVNULL, ok: bool = True

@@ -34,7 +34,10 @@ def need_sandboxes() -> None:
 def corral(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corral]:
     need_sandboxes()
     data = tmp_path_factory.mktemp("corral-data")
-    settings = Settings.from_env({**os.environ, "CORRAL_DATA_DIR": str(data)})
+    port = os.environ.get("CORRAL_BRIDGE_PORT") or str(8800 + secrets.randbelow(80))
+    settings = Settings.from_env(
+        {**os.environ, "CORRAL_DATA_DIR": str(data), "CORRAL_BRIDGE_PORT": port}
+    )
     if not settings.base_image.is_file():
         require("runc", f"the base image {settings.base_image}: run scripts/build-base-image.sh")
     c = Corral(settings)
