@@ -12,11 +12,13 @@ from corral.context import Corral
 @click.option("--port", default=8700, show_default=True, type=int)
 @click.pass_obj
 def serve(corral: Corral, host: str, port: int) -> None:
-    """Serve the HTTP API; the OpenAPI document is at /openapi.json."""
+    """Serve the HTTP API (OpenAPI document at /openapi.json) and the sandbox bridge."""
     import uvicorn
 
     from corral.api.app import create_app
 
+    if corral.bridge() is None:
+        click.echo("corral: another Corral process serves the bridge on this host", err=True)
     uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
 
 
