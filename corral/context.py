@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
+from corral.billing.ledger import Ledger
 from corral.bridge.backend import StoreBackend
 from corral.bridge.gate import BridgeGate, Sink
 from corral.bridge.keys import StoredKeyRing
@@ -14,6 +16,8 @@ from corral.bridge.tokens import Verifier
 from corral.config import Settings
 from corral.envs.service import Environments
 from corral.pipeline.executor import Executor, TokenIssuer
+from corral.pipeline.service import Pipeline
+from corral.pipeline.worker import Worker
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Store
@@ -29,6 +33,7 @@ class Corral:
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
     _bridge_elsewhere: bool = field(default=False, init=False)
+    _workers: list[Worker] = field(default_factory=list, init=False)
     # Guards the first sandboxes() call: the HTTP API calls it from many threads at once.
     _sandboxes_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -102,7 +107,25 @@ class Corral:
             bridge=self.bridge,
         )
 
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.store)
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.store, self.executor, self.ledger)
+
+    def start_workers(self, count: int = 2, **options: Any) -> list[Worker]:
+        """Worker threads in this process, leasing runs from the shared queue."""
+        self.bridge()
+        workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
+        self._workers.extend(workers)
+        return workers
+
     def close(self) -> None:
+        for worker in self._workers:
+            worker.stop()
+        self._workers.clear()
         if self._bridge is not None:
             self._bridge.stop()
             self._bridge = None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,18 @@ class AgentRequest:
     app: str = ""
     session: str = ""
     connections: tuple[str, ...] = ()  # what the run's token may reach through the bridge
+
+
+class Stopped(Exception):
+    """The run was stopped from outside: cancelled, or its budget is spent."""
+
+    def __init__(self, status: RunStatus, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+# Asked every 100 ms while an agent runs: None to go on, or why the run must stop now.
+Stop = Callable[[], Stopped | None]
 
 
 class TokenIssuer:
@@ -122,6 +135,7 @@ class Executor:
         max_attempts: int = 3,
     ) -> None:
         self.tokens = tokens or TokenIssuer(KeyRing())
+        self._local = threading.local()  # per worker thread: the running run's stop check
         self.ensure_bridge = bridge
         self.settings = settings
         self.store = store
@@ -133,6 +147,12 @@ class Executor:
         self.max_attempts = max_attempts
 
     def run(self, request: AgentRequest, on_event: Callable[[RunEvent], None] | None = None) -> Run:
+        """Record a run and execute it here and now (``corral run``)."""
+        return self.execute(self.prepare(request), request, on_event)
+
+    def prepare(self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING,
+                **fields: Any) -> Run:  # fmt: skip
+        """Check ``request`` and record its run; the pipeline records runs ``queued``."""
         env = self.envs.get(request.environment)
         digest = env.head
         if request.snapshot:
@@ -141,22 +161,41 @@ class Executor:
             encoded_input = json.dumps(request.input)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the input is not JSON: {exc}") from exc
-        release = self.releases.current()
         now = datetime.now(UTC)
-        run = self.store.runs.create(
+        return self.store.runs.create(
             Run(
-                id=f"run-{secrets.token_hex(8)}",
+                id=fields.pop("id", None) or f"run-{secrets.token_hex(8)}",
                 environment=env.name,
                 snapshot=digest,
                 entrypoint=request.entrypoint,
                 input=encoded_input,
                 trigger=request.trigger,
-                status=RunStatus.RUNNING,
+                status=status,
                 created_at=now,
-                started_at=now,
-                runner_version=release.version,
-                runner_digest=release.digest,
+                started_at=now if status is RunStatus.RUNNING else None,
+                user=request.user,
+                **fields,
             )
+        )
+
+    def execute(
+        self,
+        run: Run,
+        request: AgentRequest,
+        on_event: Callable[[RunEvent], None] | None = None,
+        stop: Stop | None = None,
+    ) -> Run:
+        """Run a recorded run to its end: attempts, events, fold-in, usage, the final record."""
+        env = self.envs.get(run.environment)
+        digest = run.snapshot
+        release = self.releases.current()
+        run = self.store.runs.update(
+            run.id,
+            lease_owner=run.lease_owner,
+            status=str(RunStatus.RUNNING),
+            started_at=run.started_at or datetime.now(UTC),
+            runner_version=release.version,
+            runner_digest=release.digest,
         )
 
         def emit(kind: str, **data: Any) -> None:
@@ -170,7 +209,7 @@ class Executor:
             "run.started",
             environment=env.name,
             snapshot=digest,
-            trigger=request.trigger,
+            trigger=run.trigger,
             runner=release.version,
         )
         if self.ensure_bridge is not None:
@@ -178,6 +217,7 @@ class Executor:
         started = time.monotonic()
         deadline = started + (request.timeout or self.settings.sandbox_timeout)
         try:
+            self._local.stop = stop
             outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
         finally:
             self.tokens.revoke(run)
@@ -200,6 +240,7 @@ class Executor:
         )
         return self.store.runs.update(
             run.id,
+            lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run
             status=str(outcome.status),
             result=None if outcome.result is None else json.dumps(outcome.result),
             error_code=outcome.error_code,
@@ -305,6 +346,12 @@ class Executor:
             session.send({"op": "run", "spec": self._spec(run, request, token, attempt)})
             try:
                 final = self._follow(run, session, attempt, cursor, deadline, emit, notify)
+            except Stopped as stopped:
+                sandboxes.kill(session.started)
+                emit("run.stopped", attempt=attempt, code=stopped.code, reason=stopped.reason)
+                return _Outcome(
+                    stopped.status, error_code=stopped.code, error=stopped.reason, swapped=swapped
+                )
             except SessionTimeout:
                 return _Outcome(
                     RunStatus.TIMED_OUT,
@@ -337,7 +384,14 @@ class Executor:
         attempt's result or error, forwarding the sandbox's raw output meanwhile."""
         final: dict[str, Any] | None = None
         exited_at: float | None = None
+        checked = 0.0
         while True:
+            stop = getattr(self._local, "stop", None)
+            if stop is not None and time.monotonic() - checked > 0.1:
+                checked = time.monotonic()
+                stopped = stop()
+                if stopped is not None:
+                    raise stopped
             for event in self.store.runs.events(run.id, after=cursor):
                 cursor = event.seq
                 data = json.loads(event.data)

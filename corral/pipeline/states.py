@@ -2,10 +2,15 @@
 
 ```mermaid
 stateDiagram-v2
-    [*] --> running: admitted
+    [*] --> queued: admitted (execute_agent)
+    [*] --> running: corral run (no queue)
+    queued --> running: a worker leases it
+    queued --> cancelled: cancelled before it started
+    running --> queued: its worker died (lease expired): retried with backoff
     running --> succeeded: result
-    running --> failed: agent error, invalid runner, attempts exhausted
+    running --> failed: agent error, invalid runner, attempts exhausted, budget spent
     running --> timed_out: deadline passed
+    running --> cancelled: cancelled
 ```
 """
 
@@ -15,21 +20,33 @@ from enum import StrEnum
 
 
 class RunStatus(StrEnum):
+    QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self is not RunStatus.RUNNING
+        return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
 
 
 TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.RUNNING: frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT}),
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.RUNNING: frozenset(
+        {
+            RunStatus.QUEUED,
+            RunStatus.SUCCEEDED,
+            RunStatus.FAILED,
+            RunStatus.TIMED_OUT,
+            RunStatus.CANCELLED,
+        }
+    ),  # fmt: skip
     RunStatus.SUCCEEDED: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.TIMED_OUT: frozenset(),
+    RunStatus.CANCELLED: frozenset(),
 }
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Engine, Row
 from sqlalchemy.exc import IntegrityError
 
-from corral.errors import NotFound
+from corral.errors import Conflict, NotFound
 from corral.store.engine import is_unique_violation, transaction
 from corral.store.rows import Release, Run, RunEvent
 from corral.store.schema import run_events, runner_releases, runs
@@ -27,6 +27,13 @@ class RunNotFound(NotFound):
 
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no run with id {run_id!r}")
+
+
+class LeaseLost(Conflict):
+    code = "lease_lost"
+
+    def __init__(self, run_id: str, worker: str) -> None:
+        super().__init__(f"worker {worker} no longer holds the lease on {run_id}")
 
 
 class ReleaseNotFound(NotFound):
@@ -101,13 +108,23 @@ class Runs:
             conn.execute(insert(runs).values(dataclasses.asdict(run)))
         return run
 
-    def update(self, run_id: str, **fields: Any) -> Run:
+    def update(self, run_id: str, *, lease_owner: str | None = None, **fields: Any) -> Run:
+        """Change a run's record. With ``lease_owner``, only while that worker holds the run's
+        lease (a worker that lost its lease must not overwrite its successor's record):
+        ``LeaseLost`` otherwise."""
         unknown = set(fields) - {c.name for c in runs.columns}
         if unknown:
             raise ValueError(f"runs has no columns {sorted(unknown)}")
+        where = [runs.c.id == run_id]
+        if lease_owner is not None:
+            where.append(runs.c.lease_owner == lease_owner)
         with transaction(self._engine, write=True) as conn:
-            done = conn.execute(update(runs).where(runs.c.id == run_id).values(**fields))
+            done = conn.execute(update(runs).where(*where).values(**fields))
             if done.rowcount == 0:
+                if lease_owner is not None and conn.scalar(
+                    select(runs.c.id).where(runs.c.id == run_id)
+                ):
+                    raise LeaseLost(run_id, lease_owner)
                 raise RunNotFound(run_id)
         return self.get(run_id)
 

@@ -142,6 +142,17 @@ class Run:
     attempts: int = 0
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    user: str = "local"
+    app: str | None = None
+    app_version: int | None = None
+    parent_run: str | None = None
+    depth: int = 0
+    options: str | None = None  # JSON: timeout, connections, budget... as admitted
+    lease_owner: str | None = None
+    lease_expires: datetime | None = None
+    available_at: datetime | None = None
+    deliveries: int = 0  # how many times a worker has taken it
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.sql import false
 from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names, so migrations can refer to them on every engine.
@@ -132,6 +133,18 @@ runs = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
+    Column("user", Text, nullable=False, server_default="local"),
+    Column("app", Text, nullable=True),
+    Column("app_version", Integer, nullable=True),
+    Column("parent_run", Text, nullable=True),
+    Column("depth", Integer, nullable=False, server_default="0"),
+    Column("options", Text, nullable=True),
+    Column("lease_owner", Text, nullable=True),
+    Column("lease_expires", UTCDateTime, nullable=True),
+    Column("available_at", UTCDateTime, nullable=True),
+    Column("deliveries", Integer, nullable=False, server_default="0"),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Index("ix_runs_queue", "status", "available_at"),
 )
 
 run_events = Table(
@@ -226,4 +239,48 @@ signing_keys = Table(
     Column("kid", Text, primary_key=True),
     Column("sealed_private_key", LargeBinary, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+apps = Table(
+    "apps",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("version", Integer, nullable=False),  # the current version
+    Column("spec", Text, nullable=False),  # JSON AppSpec of the current version
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+app_versions = Table(
+    "app_versions",
+    metadata,
+    Column("app", Text, ForeignKey("apps.name", ondelete="CASCADE"), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("user", Text, primary_key=True),
+    Column("app", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("request_hash", Text, nullable=False),
+    Column("run_id", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user", Text, nullable=False),
+    Column("run", Text, nullable=True),
+    Column("app", Text, nullable=True),
+    Column("source", Text, nullable=False, unique=True),  # what it is for: at most once each
+    Column("kind", Text, nullable=False),  # grant | deduction
+    Column("credits", Float, nullable=False),  # positive for a grant, negative for a deduction
+    Column("detail", Text, nullable=True),
+    Column("at", UTCDateTime, nullable=False),
 )

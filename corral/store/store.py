@@ -40,6 +40,7 @@ from corral.store.engine import (
     shown,
     transaction,
 )
+from corral.store.pipeline import PipelineRecords
 from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
 from corral.store.schema import environments, snapshots
@@ -54,6 +55,7 @@ class Store:
         self.releases = Releases(engine)
         self.runs = Runs(engine)
         self.bridge = BridgeRecords(engine)
+        self.pipeline = PipelineRecords(engine)
         self.credentials = Credentials(engine)
 
     @classmethod

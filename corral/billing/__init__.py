@@ -1,0 +1,1 @@
+"""The credit ledger: grants, and deductions for what runs used."""

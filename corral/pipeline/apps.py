@@ -1,0 +1,108 @@
+"""Apps: a frozen environment, an entrypoint and its settings. Every change is a new version.
+
+A run records the app version it ran, so what ran is always known even after the app moved on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import jsonschema
+
+from corral.errors import InvalidInput
+from corral.store import Store
+from corral.store.rows import check_name
+
+POLICIES = ("allow", "enqueue", "reject", "cancel_previous")
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    environment: str
+    entrypoint: str  # "agent.py:main"
+    timeout: float = 600.0  # seconds a run may take
+    budget_per_run: float | None = None  # credits; a run that spends it is stopped
+    budget_total: float | None = None  # credits across all the app's runs
+    concurrency: str = "allow"  # allow | enqueue | reject | cancel_previous, per user
+    max_concurrent: int = 0  # 0: no maximum
+    connections: tuple[str, ...] = ()  # what its runs' tokens may reach
+    input_schema: dict[str, Any] | None = None  # JSON Schema for the input
+    webhook_url: str | None = None  # POSTed, HMAC-signed, when a run ends
+    webhook_secret: str | None = None
+    callable_by_agents: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name(self.environment)
+        if ":" not in self.entrypoint:
+            raise InvalidInput(
+                f"entrypoint {self.entrypoint!r} is not of the form file.py:function"
+            )
+        if self.timeout <= 0:
+            raise InvalidInput("timeout must be positive")
+        if self.concurrency not in POLICIES:
+            raise InvalidInput(f"concurrency must be one of {', '.join(POLICIES)}")
+        if self.max_concurrent < 0:
+            raise InvalidInput("max_concurrent must be 0 (no maximum) or more")
+        for budget in (self.budget_per_run, self.budget_total):
+            if budget is not None and budget < 0:
+                raise InvalidInput("a budget cannot be negative")
+        if self.input_schema is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(self.input_schema)
+            except jsonschema.SchemaError as exc:
+                raise InvalidInput(f"input_schema is not a JSON Schema: {exc.message}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["connections"] = list(self.connections)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> AppSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise InvalidInput(f"unknown app settings: {', '.join(sorted(unknown))}")
+        values = dict(raw)
+        values["connections"] = tuple(values.get("connections", ()))
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise InvalidInput(f"app settings are incomplete: {exc}") from None
+
+    def check_input(self, value: Any) -> None:
+        if self.input_schema is None:
+            return
+        try:
+            jsonschema.validate(value, self.input_schema)
+        except jsonschema.ValidationError as exc:
+            where = "/".join(str(p) for p in exc.absolute_path) or "(the input)"
+            raise InvalidInput(f"input fails the app's schema at {where}: {exc.message}") from None
+
+
+class Apps:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def create(self, name: str, spec: AppSpec) -> tuple[int, AppSpec]:
+        check_name(name)
+        self.store.get_environment(spec.environment)
+        return self.store.pipeline.create_app(name, spec.to_json()), spec
+
+    def update(self, name: str, **changes: Any) -> tuple[int, AppSpec]:
+        _, current = self.get(name)
+        raw = current.to_json()
+        raw.update(changes)
+        spec = AppSpec.from_json(raw)
+        self.store.get_environment(spec.environment)
+        return self.store.pipeline.update_app(name, spec.to_json()), spec
+
+    def get(self, name: str, version: int | None = None) -> tuple[int, AppSpec]:
+        found, raw = self.store.pipeline.app(name, version)
+        return found, AppSpec.from_json(raw)
+
+    def all(self) -> list[tuple[str, int, AppSpec]]:
+        return [(n, v, AppSpec.from_json(raw)) for n, v, raw in self.store.pipeline.apps()]

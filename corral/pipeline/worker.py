@@ -1,0 +1,157 @@
+"""Workers: lease queued runs from the store, execute them, bill them, announce them.
+
+Any number of workers, in any number of processes on any number of hosts sharing the store,
+take runs from one queue. A worker holds a run by a lease it renews every third of the lease
+time; if it dies, the lease runs out and another worker puts the run back in the queue, after
+a backoff long enough that a worker which merely stalled has noticed the loss of its lease and
+killed its sandbox. A run is therefore never executed twice at the same time, and a worker's
+death costs the run one more delivery, up to ``MAX_DELIVERIES``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from corral.pipeline.executor import Stopped
+from corral.pipeline.service import Pipeline, Trigger
+from corral.pipeline.states import RunStatus
+from corral.sandbox.sandboxes import Sandboxes
+from corral.store import Run
+
+log = logging.getLogger("corral.worker")
+MAX_DELIVERIES = 5
+
+# Called with every finished run: webhooks, metrics, traces hang off this.
+OnFinished = Callable[[Run], None]
+
+
+class Worker:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sandboxes: Callable[[], Sandboxes],
+        *,
+        name: str | None = None,
+        lease: float = 10.0,
+        poll: float = 0.05,
+        on_finished: list[OnFinished] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = pipeline.store
+        self.sandboxes = sandboxes
+        self.name = name or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.lease = lease
+        self.poll = poll
+        self.on_finished = on_finished or []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Worker:
+        self._thread = threading.Thread(target=self.run_forever, name=f"worker-{self.name}",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self.pipeline.work_available:
+            self.pipeline.work_available.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def run_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self.run_once():
+                    with self.pipeline.work_available:
+                        self.pipeline.work_available.wait(self.poll)
+            except Exception:  # a supervisor: record, pause, carry on
+                log.exception("worker %s: an iteration failed", self.name)
+                time.sleep(self.poll)
+
+    def run_once(self) -> bool:
+        """Requeue runs whose worker died, then take and execute one run. True if it did."""
+        self.requeue_expired()
+        run = self.store.pipeline.claim(self.name, self.lease)
+        if run is None:
+            return False
+        self.execute(run)
+        return True
+
+    def requeue_expired(self) -> None:
+        for run in self.store.pipeline.expired():
+            if run.deliveries >= MAX_DELIVERIES:
+                self.store.runs.update(
+                    run.id, status=str(RunStatus.FAILED), error_code="worker_lost",
+                    error=f"{run.deliveries} workers lost this run", finished_at=datetime.now(UTC),
+                )  # fmt: skip
+                continue
+            # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
+            backoff = self.lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
+            if self.store.pipeline.requeue(run, backoff):
+                log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)
+
+    def execute(self, run: Run) -> None:
+        assert run.app is not None and run.app_version is not None
+        _, spec = self.pipeline.apps.get(run.app, run.app_version)
+        if spec.concurrency == "enqueue" and spec.max_concurrent:
+            if self.store.pipeline.running_count(run.user, run.app) > spec.max_concurrent:
+                self.store.pipeline.release(run.id, self.name, delay=0.2)
+                return
+        if run.deliveries > 1:
+            self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
+        request = self.pipeline.request(run.app, spec, json.loads(run.input),
+                                        Trigger(run.trigger), run.user)  # fmt: skip
+        lost = threading.Event()
+        beating = threading.Event()
+
+        def heartbeat() -> None:
+            while not beating.wait(self.lease / 3):
+                if not self.store.pipeline.heartbeat(run.id, self.name, self.lease):
+                    lost.set()
+                    return
+
+        pulse = threading.Thread(target=heartbeat, daemon=True)
+        pulse.start()
+        checked = [0.0]
+
+        def stop() -> Stopped | None:
+            if lost.is_set():
+                return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
+            if time.monotonic() - checked[0] < 0.5:
+                return None
+            checked[0] = time.monotonic()
+            current = self.store.runs.get(run.id)
+            if current.cancel_requested:
+                return Stopped(RunStatus.CANCELLED, "cancelled", "the run was cancelled")
+            if spec.budget_per_run is not None:
+                cost = self.pipeline.ledger.cost(run.id)
+                if cost >= spec.budget_per_run:
+                    return Stopped(RunStatus.FAILED, "budget_exhausted",
+                                   f"the run spent {cost:.4f} of its {spec.budget_per_run} "
+                                   "credits; its token was revoked and its sandbox torn down")  # fmt: skip
+            return None
+
+        try:
+            finished = self.pipeline.executor.execute(run, request, stop=stop)
+        except Exception:
+            log.exception("run %s failed in worker %s", run.id, self.name)
+            finished = self.store.runs.get(run.id)
+        finally:
+            beating.set()
+            pulse.join(timeout=5)
+        if finished.lease_owner != self.name or not RunStatus(finished.status).terminal:
+            return  # another worker owns it now
+        self.pipeline.ledger.bill(run.id, run.user, run.app)
+        for hook in self.on_finished:
+            try:
+                hook(finished)
+            except Exception:  # one failing hook must not keep the others from running
+                log.exception("run %s: a completion hook failed", run.id)
