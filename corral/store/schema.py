@@ -284,3 +284,59 @@ ledger = Table(
     Column("detail", Text, nullable=True),
     Column("at", UTCDateTime, nullable=False),
 )
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("app", Text, nullable=False),
+    Column("cron", Text, nullable=False),  # standard five-field cron expression
+    Column("timezone", Text, nullable=False),  # IANA name, e.g. Europe/Paris
+    Column("input", Text, nullable=False),  # JSON
+    Column("user", Text, nullable=False),
+    Column("misfire", Text, nullable=False),  # skip | run_once
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("next_fire", UTCDateTime, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+schedule_ticks = Table(
+    "schedule_ticks",
+    metadata,
+    Column("schedule_id", Text, ForeignKey("schedules.id", ondelete="CASCADE"), primary_key=True),
+    Column("fire_time", UTCDateTime, primary_key=True),  # unique per schedule: one run a tick
+    Column("run_id", Text, nullable=True),  # None for a tick skipped after downtime
+    Column("outcome", Text, nullable=False),  # enqueued | skipped_misfire | refused
+    Column("scheduler", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Text, nullable=False, unique=True),  # one delivery per finished run
+    Column("url", Text, nullable=False),
+    Column("body", Text, nullable=False),  # JSON, exactly the bytes signed and sent
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt", UTCDateTime, nullable=False),
+    Column("status", Text, nullable=False),  # pending | delivered | failed
+    Column("last_error", Text, nullable=True),
+    Column("lease_owner", Text, nullable=True),
+    Column("lease_expires", UTCDateTime, nullable=True),
+    Column("delivered_at", UTCDateTime, nullable=True),
+)
+
+spans = Table(
+    "spans",
+    metadata,
+    Column("span_id", Text, primary_key=True),
+    Column("trace_id", Text, nullable=False, index=True),
+    Column("parent_id", Text, nullable=True),
+    Column("run_id", Text, nullable=True, index=True),
+    Column("name", Text, nullable=False),
+    Column("start", UTCDateTime, nullable=False),
+    Column("end", UTCDateTime, nullable=False),
+    Column("attributes", Text, nullable=False),  # JSON
+    Column("status", Text, nullable=False),
+)
