@@ -15,6 +15,8 @@ from corral.bridge.server import Bridge, BridgeUnavailable
 from corral.bridge.tokens import Verifier
 from corral.config import Settings
 from corral.envs.service import Environments
+from corral.observability.metrics import Metrics
+from corral.observability.traces import Tracing
 from corral.pipeline.executor import Executor, TokenIssuer
 from corral.pipeline.service import Pipeline
 from corral.pipeline.worker import Worker
@@ -113,11 +115,23 @@ class Corral:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.store, self.executor, self.ledger)
+        pipeline = Pipeline(self.store, self.executor, self.ledger)
+        pipeline.on_admitted.append(self.metrics.admitted_run)
+        return pipeline
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return Metrics(self.store)
+
+    @cached_property
+    def tracing(self) -> Tracing:
+        return Tracing(self.store)
 
     def start_workers(self, count: int = 2, **options: Any) -> list[Worker]:
         """Worker threads in this process, leasing runs from the shared queue."""
         self.bridge()
+        hooks = [self.metrics.finished_run, self.tracing.finished_run]
+        options.setdefault("on_finished", hooks)
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         return workers

@@ -46,7 +46,7 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from corral.cli import bridge, env, run, sandbox, secret, serve
+    from corral.cli import bridge, env, run, sandbox, secret, serve, worker
 
     env.register(cli)
     run.register(cli)
@@ -54,4 +54,5 @@ def main() -> None:
     sandbox.register(cli)
     secret.register(cli)
     serve.register(cli)
+    worker.register(cli)
     cli()

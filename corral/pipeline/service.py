@@ -18,8 +18,9 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from corral.billing.ledger import BudgetExhausted, Ledger
@@ -65,6 +66,7 @@ class Pipeline:
         self.ledger = ledger
         self.apps = Apps(store)
         self.work_available = threading.Condition()
+        self.on_admitted: list[Callable[[Run], None]] = []  # metrics hang off this
 
     def execute_agent(
         self,
@@ -77,6 +79,7 @@ class Pipeline:
         wait: bool = False,
         wait_timeout: float | None = None,
     ) -> Run:
+        began = time.perf_counter()
         version, spec = self.apps.get(app)
         spec.check_input(input)
         parent = self.store.runs.get(trigger.parent_run) if trigger.parent_run else None
@@ -125,6 +128,13 @@ class Pipeline:
                 }
             ),  # fmt: skip
         )
+        self.store.runs.append_event(
+            run.id, datetime.now(UTC), "run.admitted",
+            json.dumps({"trigger": trigger.kind, "app_version": version,
+                        "seconds": round(time.perf_counter() - began, 6)}),
+        )  # fmt: skip
+        for hook in self.on_admitted:
+            hook(run)
         with self.work_available:
             self.work_available.notify_all()
         return self.wait(run.id, wait_timeout) if wait else run

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
@@ -140,7 +141,8 @@ class Worker:
             return None
 
         try:
-            finished = self.pipeline.executor.execute(run, request, stop=stop)
+            with run_context(run.id):
+                finished = self.pipeline.executor.execute(run, request, stop=stop)
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
             finished = self.store.runs.get(run.id)
