@@ -87,7 +87,10 @@ class Worker:
         return True
 
     def requeue_expired(self) -> None:
-        for run in self.store.pipeline.expired():
+        expired = self.store.pipeline.expired()
+        if expired:
+            self.sandboxes().reap()  # the dead workers' sandboxes on this host die first
+        for run in expired:
             if run.deliveries >= MAX_DELIVERIES:
                 self.store.runs.update(
                     run.id, status=str(RunStatus.FAILED), error_code="worker_lost",
@@ -99,6 +102,30 @@ class Worker:
             if self.store.pipeline.requeue(run, backoff):
                 log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)
 
+    def resume_from_log(self, run: Run) -> bool:
+        """A redelivered run whose agent already reported its outcome (its worker died after
+        the runner's last event reached the log) is finished from the log, not run again."""
+        final = next((e for e in reversed(self.store.runs.events(run.id))
+                      if e.kind in ("result", "error")), None)  # fmt: skip
+        if final is None:
+            return False
+        data = json.loads(final.data)
+        ok = final.kind == "result"
+        finished = self.store.runs.update(
+            run.id,
+            lease_owner=self.name,
+            status=str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED),
+            result=json.dumps(data.get("output")) if ok else None,
+            error_code=None if ok else str(data.get("code", "agent_error")),
+            error=None if ok else str(data.get("message", "")),
+            finished_at=datetime.now(UTC),
+        )
+        self.store.runs.append_event(run.id, datetime.now(UTC), "run.resumed", json.dumps(
+            {"worker": self.name, "from_seq": final.seq, "status": finished.status}))  # fmt: skip
+        self.pipeline.executor.tokens.revoke(run)
+        self._finish(finished)
+        return True
+
     def execute(self, run: Run) -> None:
         assert run.app is not None and run.app_version is not None
         _, spec = self.pipeline.apps.get(run.app, run.app_version)
@@ -108,6 +135,8 @@ class Worker:
                 return
         if run.deliveries > 1:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
+            if self.resume_from_log(run):
+                return
         request = self.pipeline.request(run.app, spec, json.loads(run.input),
                                         Trigger(run.trigger), run.user)  # fmt: skip
         lost = threading.Event()
@@ -151,9 +180,12 @@ class Worker:
             pulse.join(timeout=5)
         if finished.lease_owner != self.name or not RunStatus(finished.status).terminal:
             return  # another worker owns it now
-        self.pipeline.ledger.bill(run.id, run.user, run.app)
+        self._finish(finished)
+
+    def _finish(self, finished: Run) -> None:
+        self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
         for hook in self.on_finished:
             try:
                 hook(finished)
             except Exception:  # one failing hook must not keep the others from running
-                log.exception("run %s: a completion hook failed", run.id)
+                log.exception("run %s: a completion hook failed", finished.id)

@@ -15,6 +15,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -157,7 +159,7 @@ class PipelineRecords:
             conn.execute(
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.lease_owner == worker)
-                .values(status="queued", lease_owner=None, lease_expires=None,
+                .values(status="queued", lease_owner=None, lease_expires=None, started_at=None,
                         deliveries=runs.c.deliveries - 1,
                         available_at=datetime.now(UTC) + timedelta(seconds=delay))
             )  # fmt: skip
@@ -250,16 +252,13 @@ class PipelineRecords:
     def post(self, entries: list[dict[str, Any]]) -> int:
         """Append entries; one whose ``source`` is already in the ledger is skipped (exactly
         once per usage event, however often billing runs). Returns how many were new."""
-        new = 0
-        for entry in entries:
-            try:
-                with transaction(self._engine, write=True) as conn:
-                    conn.execute(insert(ledger).values(**entry))
-                new += 1
-            except IntegrityError as exc:
-                if not is_unique_violation(exc):
-                    raise
-        return new
+        if not entries:
+            return 0
+        dialect = self._engine.dialect.name
+        upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = upsert(ledger).on_conflict_do_nothing(index_elements=["source"])
+        with transaction(self._engine, write=True) as conn:
+            return int(conn.execute(statement, entries).rowcount or 0)
 
     def balance(self, user: str) -> float:
         with transaction(self._engine) as conn:
