@@ -24,4 +24,5 @@ bench: deps
 	$(PY) bench/boot.py
 	$(PY) bench/freeze.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/pipeline.py
 	$(PY) bench/bridge.py

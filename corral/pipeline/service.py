@@ -66,6 +66,7 @@ class Pipeline:
         self.ledger = ledger
         self.apps = Apps(store)
         self.work_available = threading.Condition()
+        self.run_finished = threading.Condition()
         self.on_admitted: list[Callable[[Run], None]] = []  # metrics hang off this
 
     def execute_agent(
@@ -161,7 +162,9 @@ class Pipeline:
                 return run
             if deadline is not None and time.monotonic() >= deadline:
                 return run
-            time.sleep(0.02)
+            # Woken at once by a worker of this process; another process's: the next poll.
+            with self.run_finished:
+                self.run_finished.wait(0.25)
 
     def cancel(self, run_id: str) -> Run:
         self.store.runs.get(run_id)  # RunNotFound for an unknown id

@@ -183,6 +183,8 @@ class Worker:
         self._finish(finished)
 
     def _finish(self, finished: Run) -> None:
+        with self.pipeline.run_finished:
+            self.pipeline.run_finished.notify_all()
         self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
         for hook in self.on_finished:
             try:
