@@ -30,6 +30,7 @@ the namespace, nginx and the run are released on every way out.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import os
@@ -211,6 +212,13 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], log: Pat
     raise RuntimeError(f"nginx is not listening on {host}:{port} after 10 s")
 
 
+def die_with_parent() -> None:
+    """In the child before exec: SIGTERM it if this process dies, even by SIGKILL (nginx then
+    stops its workers), since no clean-up of ours would run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()  # nginx: fast shutdown, the workers with it
@@ -226,9 +234,15 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_s(tid: int) -> float:
+def thread_cpu_s(tid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a thread of this process has used."""
     fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def thread_waited_s(tid: int) -> float:
+    """Seconds a thread of this process has spent runnable but waiting for a CPU."""
+    return int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[1]) / 1e9
 
 
 def machine_busy() -> tuple[float, float]:
@@ -249,20 +263,36 @@ def bridge_threads() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Cpu:
-    loop: float  # share of one CPU the bridge's event-loop thread used
-    sink: float  # share of one CPU the bridge's recording thread used
-    machine: float  # share of all CPUs busy
+    """Where the bridge's CPU went during one measurement (shares of one CPU, but machine)."""
+
+    loop_user: float  # the event-loop thread in user space: Python, httptools, uvloop
+    loop_sys: float  # the event-loop thread in the kernel: socket reads and writes, epoll
+    loop_waited: float  # the event-loop thread runnable but without a CPU (the machine is full)
+    sink: float  # the thread that writes the audit rows
+    machine: float  # share of all the machine's CPUs busy, whoever used them
+    per_call_us: float  # event-loop CPU per forwarded call
+
+    @property
+    def loop(self) -> float:
+        return self.loop_user + self.loop_sys
 
 
 def measured(threads: dict[str, int], run: Callable[[], Load]) -> tuple[Load, Cpu]:
     before = {k: thread_cpu_s(t) for k, t in threads.items()}
+    waited = thread_waited_s(threads["loop"])
     busy0, total0 = machine_busy()
     t = time.perf_counter()
     load = run()
     wall = time.perf_counter() - t
     busy1, total1 = machine_busy()
-    used = {k: (thread_cpu_s(t) - before[k]) / wall for k, t in threads.items()}
-    return load, Cpu(used["loop"], used["sink"], (busy1 - busy0) / max(total1 - total0, 1e-9))
+    after = {k: thread_cpu_s(t) for k, t in threads.items()}
+    waited = thread_waited_s(threads["loop"]) - waited
+    user = after["loop"][0] - before["loop"][0]
+    system = after["loop"][1] - before["loop"][1]
+    sink = sum(after["sink"]) - sum(before["sink"])
+    machine = (busy1 - busy0) / max(total1 - total0, 1e-9)
+    per_call = (user + system) / max(load.requests, 1) * 1e6
+    return load, Cpu(user / wall, system / wall, waited / wall, sink / wall, machine, per_call)
 
 
 # -- the set-up --------------------------------------------------------------------------------
@@ -389,6 +419,7 @@ def main() -> None:
                 "daemon off;",
             ],
             stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         stack.callback(stop, nginx)
         # nginx opens every listener before serving; the gateway's cannot be probed from here
@@ -502,14 +533,16 @@ def report(loads: dict[tuple[str, int], list[Load]], cpus: dict[int, list[Cpu]])
         f"ratio {ours / theirs:.2f} (target >= 5,000 calls/s) {'OK' if ours >= 5000 else 'MISS'}"
     )
     for conns in (1, MANY):
-        loop = statistics.median(c.loop for c in cpus[conns])
-        sink = statistics.median(c.sink for c in cpus[conns])
-        busy = statistics.median(c.machine for c in cpus[conns])
-        rps = med("bridge", conns, "rps")
+
+        def share(field: str, conns: int = conns) -> float:
+            return float(statistics.median(getattr(c, field) for c in cpus[conns]))
+
         print(
-            f"bridge: @{conns:<2} event-loop thread {loop:4.0%} of a CPU "
-            f"({loop / rps * 1e6:5.1f} us CPU per call), recording thread {sink:4.0%}, "
-            f"machine {busy:4.0%} busy"
+            f"bridge: @{conns:<2} event-loop thread {share('loop'):4.0%} of a CPU "
+            f"({share('loop_user'):.0%} user, {share('loop_sys'):.0%} kernel; "
+            f"{share('per_call_us'):.0f} us per call), runnable without a CPU "
+            f"{share('loop_waited'):.0%}; audit thread {share('sink'):.0%}, "
+            f"machine {share('machine'):.0%} busy"
         )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import private_corral
+from bench._common import discard, private_corral
 
 ROUNDS = 10
 

@@ -24,11 +24,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import discard  # noqa: E402
-from corral.config import Settings  # noqa: E402
-from corral.context import Corral  # noqa: E402
-from corral.pipeline.apps import AppSpec  # noqa: E402
-from corral.pipeline.service import Trigger  # noqa: E402
+from bench._common import discard
+from corral.config import Settings
+from corral.context import Corral
+from corral.pipeline.apps import AppSpec
+from corral.pipeline.service import Trigger
 
 CALLERS = int(os.environ.get("BENCH_CALLERS", "16"))
 RUNS = int(os.environ.get("BENCH_RUNS", "64"))

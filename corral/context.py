@@ -17,12 +17,15 @@ from corral.config import Settings
 from corral.envs.service import Environments
 from corral.observability.metrics import Metrics
 from corral.observability.traces import Tracing
+from corral.pipeline.apps import Apps
 from corral.pipeline.executor import Executor, TokenIssuer
 from corral.pipeline.service import Pipeline
+from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
 from corral.pipeline.worker import Worker
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Store
+from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
 
 
@@ -36,6 +39,7 @@ class Corral:
     )
     _bridge_elsewhere: bool = field(default=False, init=False)
     _workers: list[Worker] = field(default_factory=list, init=False)
+    _deliverer: Deliverer | None = field(default=None, init=False)
     # Guards the first sandboxes() call: the HTTP API calls it from many threads at once.
     _sandboxes_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -90,6 +94,7 @@ class Corral:
                 net = self.settings.network
                 backend = StoreBackend(self.store, self.vault)
                 gate = BridgeGate(net.subnet, self.verifier, backend, Sink(backend))
+                gate.pipeline = self.pipeline  # agent-to-agent calls start runs through it
                 try:
                     self._bridge = Bridge(gate, str(net.gateway), net.bridge_port).start()
                 except BridgeUnavailable:
@@ -127,19 +132,40 @@ class Corral:
     def tracing(self) -> Tracing:
         return Tracing(self.store)
 
-    def start_workers(self, count: int = 2, **options: Any) -> list[Worker]:
-        """Worker threads in this process, leasing runs from the shared queue."""
+    def scheduler(self, name: str | None = None) -> Scheduler:
+        """A cron scheduler firing due schedules through this process's pipeline. Not started:
+        the caller owns ``start()`` and ``stop()``; any number may run against one database."""
+        return Scheduler(self.store, self.pipeline, name)
+
+    @cached_property
+    def webhooks(self) -> Webhooks:
+        return Webhooks(self.store, Apps(self.store))
+
+    def start_workers(
+        self, count: int = 2, *, webhook_policy: RetryPolicy | None = None, **options: Any
+    ) -> list[Worker]:
+        """Worker threads in this process, leasing runs from the shared queue, and (once per
+        process) the thread that delivers the webhooks of finished runs."""
         self.bridge()
-        hooks = [self.metrics.finished_run, self.tracing.finished_run]
+        hooks = [self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished]
         options.setdefault("on_finished", hooks)
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
+        if self._deliverer is None:
+            self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers
 
-    def close(self) -> None:
+    def stop_workers(self) -> None:
+        """Stop this process's workers and its webhook deliverer (each finishes what it holds)."""
         for worker in self._workers:
             worker.stop()
         self._workers.clear()
+        if self._deliverer is not None:
+            self._deliverer.stop()
+            self._deliverer = None
+
+    def close(self) -> None:
+        self.stop_workers()
         if self._bridge is not None:
             self._bridge.stop()
             self._bridge = None

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 log() { printf 'install-deps: %s\n' "$*"; }
 [[ $(id -u) -eq 0 ]] || { echo "install-deps: must run as root (apt, mounts, runc)" >&2; exit 1; }
 
-APT_PACKAGES=(runc skopeo debootstrap nftables iproute2 e2fsprogs tar nginx wrk)
+# chromium and chromium-driver: the web UI's end-to-end test clicks Run in a real browser.
+APT_PACKAGES=(runc skopeo debootstrap nftables iproute2 e2fsprogs tar nginx wrk chromium chromium-driver)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

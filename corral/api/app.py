@@ -2,12 +2,15 @@
 
 The app owns no state of its own: it serves the ``Corral`` it is given (``app.state.corral``)
 and leaves closing it to whoever built it (``corral serve``, or a test fixture). The OpenAPI
-document is at ``/openapi.json`` and its rendering at ``/docs``, FastAPI's defaults.
+document is at ``/openapi.json`` and its rendering at ``/docs``, FastAPI's defaults. Routers:
+``routes`` (environments, sandboxes), ``runs`` (apps, runs, credits: the HTTP trigger) and
+``ui`` (the web UI under ``/ui``, left out of the OpenAPI document).
 
-Start-up builds the store and the ``Environments`` service once, before the first request,
-so the threads that serve requests never race to build them (``cached_property`` takes no
-lock from Python 3.12 on). The sandbox host is left to build on first use, under its own
-lock (``Corral.sandboxes``): a host that cannot run sandboxes still serves the rest.
+Start-up builds the store, the ``Environments`` service and the ``Pipeline`` (there must be
+one: workers wait on its condition) once, before the first request, so the threads that serve
+requests never race to build them (``cached_property`` takes no lock from Python 3.12 on).
+The sandbox host is left to build on first use, under its own lock (``Corral.sandboxes``): a
+host that cannot run sandboxes still serves the rest.
 """
 
 from __future__ import annotations
@@ -19,15 +22,18 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from corral import __version__
-from corral.api import errors, routes
+from corral.api import errors, routes, runs, ui
 from corral.context import Corral
 
 DESCRIPTION = """\
 Frozen environments and isolated sandboxes for cloud agents.
 
 Create an environment, change it with `exec`, `freeze` the changes into a snapshot, and run
-commands in fresh sandboxes booted from its snapshots. Every error answers with
-`{"error": "<code>", "detail": "<sentence>"}`.
+commands in fresh sandboxes booted from its snapshots. Make an app of a frozen environment and
+an entrypoint, and run its agent: `POST /v1/apps/{app}/runs`, then follow the run's events.
+Every error answers with `{"error": "<code>", "detail": "<sentence>"}`.
+
+There is no authentication yet: `X-Corral-User` names the calling user (default `local`).
 """
 
 
@@ -36,7 +42,7 @@ def create_app(corral: Corral) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(lambda: corral.envs)
+        await anyio.to_thread.run_sync(lambda: (corral.envs, corral.pipeline))
         yield
 
     app = FastAPI(
@@ -47,10 +53,15 @@ def create_app(corral: Corral) -> FastAPI:
         openapi_tags=[
             {"name": "environments", "description": "Create, edit, freeze and inspect."},
             {"name": "sandboxes", "description": "Run a command in a throwaway sandbox."},
+            {"name": "apps", "description": "An environment, an entrypoint, settings; versioned."},
+            {"name": "runs", "description": "Run an app's agent, follow it, cancel it."},
+            {"name": "credits", "description": "What users' runs may spend."},
             {"name": "meta", "description": "The server itself."},
         ],
     )
     app.state.corral = corral
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(runs.router)
+    app.include_router(ui.router)
     return app

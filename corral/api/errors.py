@@ -7,8 +7,9 @@ that does not fit its schema, 422) and the snake-cased HTTP reason (``not_found`
 unknown route, ``method_not_allowed``). Anything unexpected is ``internal_error``, 500, and
 its traceback goes to the server log rather than to the client.
 
-``STATUS`` lists every class in ``corral/errors.py``; ``status_for`` walks the class's MRO,
-so a subclass added later without an entry answers with its family's status.
+``STATUS`` lists every class in ``corral/errors.py`` and the services' own errors that a
+route can raise (the pipeline's, the ledger's, the run records'); ``status_for`` walks the
+class's MRO, so a subclass added later without an entry answers with its family's status.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from corral.billing.ledger import BudgetExhausted
+from corral.bridge.backend import RefreshFailed
+from corral.bridge.keys import SigningKeyError
+from corral.bridge.server import BridgeUnavailable
+from corral.bridge.tokens import TokenRefused
 from corral.errors import (
     BlobMissing,
     CommandNotFound,
@@ -56,6 +62,14 @@ from corral.errors import (
     UnknownMasterKey,
     VaultError,
 )
+from corral.pipeline.service import CallRefused, ConcurrencyLimit, IdempotencyMismatch
+from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
+from corral.sandbox.session import ProtocolError, SessionEnded, SessionTimeout
+from corral.store.pipeline import AppExists, AppNotFound
+from corral.store.records import LeaseLost, ReleaseNotFound, RunNotFound
+from corral.store.schedules import ScheduleNotFound
+from corral.store.webhooks import DeliveryNotFound
+from corral.triggers.cron import InvalidCron, InvalidTimeZone
 
 log = logging.getLogger("corral.api")
 
@@ -98,6 +112,36 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     CredentialNotFound: 404,
     CredentialRevoked: 410,  # Gone: it existed and was destroyed on purpose
     MasterKeyInUse: 409,
+    # The pipeline: apps, runs and their admission (corral/pipeline, corral/store/pipeline.py).
+    AppNotFound: 404,
+    RunNotFound: 404,
+    ReleaseNotFound: 404,
+    AppExists: 409,
+    IdempotencyMismatch: 409,  # the key was first used with another body: never retry as is
+    CallRefused: 409,  # an agent-to-agent call too deep, or a cycle: retrying cannot help
+    # The app's concurrency policy refused the run for now (``reject``, or ``max_concurrent``
+    # reached). 429, not 409: the request is fine and will be admitted once a run of the
+    # user's ends, and clients and retry libraries treat 429 as "back off and retry", 409 as
+    # final.
+    ConcurrencyLimit: 429,
+    BudgetExhausted: 402,  # Payment Required: the user's credits, or the app's budget, are spent
+    LeaseLost: 409,  # a worker's lease was taken over; never a client's doing in practice
+    # Cron schedules (corral/triggers, corral/store/schedules.py).
+    InvalidCron: 400,  # the detail names the expression and what is wrong with it
+    InvalidTimeZone: 400,  # not an IANA zone name
+    ScheduleNotFound: 404,
+    # Errors of the run machinery; over HTTP they surface only inside a run's record, but each
+    # keeps a status so that nothing reaching a handler is ever unmapped.
+    TokenRefused: 401,  # a run token the bridge refused
+    RefreshFailed: 502,  # the provider's token endpoint refused an OAuth refresh
+    SigningKeyError: 500,
+    BridgeUnavailable: 503,
+    RunnerInvalid: 500,  # the current runner release does not work in this environment
+    SwapFailed: 500,
+    ProtocolError: 502,  # a sandbox broke the event protocol
+    SessionEnded: 503,  # the sandbox died: an infrastructure failure, retried
+    SessionTimeout: 504,
+    DeliveryNotFound: 404,
 }
 
 # The same table by code, for clients and documentation.

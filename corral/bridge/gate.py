@@ -19,17 +19,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import unquote
 
+from corral.bridge.agents import MAX_WAIT, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.meter import read_usage
 from corral.bridge.proxy import Exchange, Head, Refused, Route
 from corral.bridge.tokens import Claims, TokenRefused, Verifier
+from corral.pipeline.service import Pipeline
 
 RESERVED = "_corral"
 # Every header a sandbox could use to present a credential of its own; never passed on.
 AUTH_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
 RUNNER_EVENTS = frozenset({"log", "progress", "metric", "result", "error", "runner.started"})
 _CREDENTIAL_TTL = 60.0
+
+# An endpoint the bridge answers itself: (request head, body) -> (status, JSON body).
+LocalHandler = Callable[[Head, bytes], Awaitable[tuple[int, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,11 @@ class BridgeGate:
         max_body: int = 10 << 20,
         upstream_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.subnet = subnet
+        # Serves agent-to-agent calls (``/_corral/apps/{app}/runs``); without it they get 503.
+        self.pipeline = pipeline
         self.verifier = verifier
         self.backend = backend
         self.sink = sink
@@ -329,9 +338,20 @@ class BridgeGate:
         return meter
 
     def _local(self, rest: bytes, claims: Claims) -> Route:
-        if rest != b"events":
-            raise Refused(404, "unknown_endpoint", "the bridge serves /_corral/events")
+        """Endpoints the bridge answers itself: the runner's events, and agent-to-agent calls."""
+        if rest == b"events":
+            return self._local_route(claims, self._events(claims), timeout=10.0)
+        parts = rest.split(b"/")
+        if len(parts) == 3 and parts[0] == b"apps" and parts[1] and parts[2] == b"runs":
+            app = unquote(parts[1].decode("ascii", "replace"))
+            return self._local_route(claims, self._agent_call(claims, app), timeout=MAX_WAIT)
+        raise Refused(
+            404,
+            "unknown_endpoint",
+            "the bridge serves /_corral/events and /_corral/apps/{app}/runs",
+        )
 
+    def _events(self, claims: Claims) -> LocalHandler:
         async def events(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
             if head.method != b"POST":
                 raise Refused(405, "method_not_allowed", "POST events")
@@ -348,6 +368,21 @@ class BridgeGate:
             self.sink.events(claims.run, accepted)
             return 202, {"accepted": len(accepted)}
 
+        return events
+
+    def _agent_call(self, claims: Claims, app: str) -> LocalHandler:
+        async def call(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
+            if head.method != b"POST":
+                raise Refused(405, "method_not_allowed", "POST a run of the app")
+            if self.pipeline is None:
+                raise Refused(503, "agent_calls_unavailable",
+                              "this bridge was started without the pipeline")  # fmt: skip
+            return await call_agent(self.pipeline, claims, app, body, self._clock)
+
+        return call
+
+    @staticmethod
+    def _local_route(claims: Claims, handler: LocalHandler, timeout: float) -> Route:
         return Route(
             scheme="local",
             host="",
@@ -359,8 +394,8 @@ class BridgeGate:
             secrets=[],
             connection=RESERVED,
             run=claims.run,
-            timeout=10.0,
-            local=events,
+            timeout=timeout,
+            local=handler,
         )
 
 

@@ -46,7 +46,7 @@ def cli(ctx: click.Context) -> None:
 
 
 def main() -> None:
-    from corral.cli import bridge, env, run, sandbox, secret, serve, worker
+    from corral.cli import app, bridge, env, run, sandbox, schedule, secret, serve, worker
 
     env.register(cli)
     run.register(cli)
@@ -55,4 +55,6 @@ def main() -> None:
     secret.register(cli)
     serve.register(cli)
     worker.register(cli)
+    schedule.register(cli)
+    app.register(cli)
     cli()

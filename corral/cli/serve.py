@@ -1,4 +1,5 @@
-"""``corral serve``: the HTTP API (and its OpenAPI document) over the same services."""
+"""``corral serve``: the HTTP API (and its OpenAPI document), the web UI, the sandbox bridge,
+and worker threads that execute the runs the API and the UI admit."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from corral.context import Corral
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8700, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Threads executing queued runs; 0 leaves them to `corral worker`.")  # fmt: skip
 @click.pass_obj
-def serve(corral: Corral, host: str, port: int) -> None:
-    """Serve the HTTP API (OpenAPI document at /openapi.json) and the sandbox bridge."""
+def serve(corral: Corral, host: str, port: int, workers: int) -> None:
+    """Serve the HTTP API (OpenAPI document at /openapi.json), the web UI (/ui/), the sandbox
+    bridge, and workers that execute queued runs."""
     import uvicorn
 
     from corral.api.app import create_app
 
     if corral.bridge() is None:
         click.echo("corral: another Corral process serves the bridge on this host", err=True)
+    if workers:
+        started = corral.start_workers(workers)  # stopped by corral.close() when serve ends
+        click.echo(f"corral: {len(started)} workers executing runs", err=True)
     uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import click
@@ -18,12 +19,11 @@ from corral.context import Corral
 def worker(corral: Corral, workers: int, lease: float) -> None:
     """Run workers until interrupted; a killed worker's runs go to another after its lease."""
     started = corral.start_workers(workers, lease=lease)
-    click.echo(f"{len(started)} workers leasing runs ({', '.join(w.name for w in started)})",
-               err=True)  # fmt: skip
-    try:
+    click.echo(
+        f"{len(started)} workers leasing runs ({', '.join(w.name for w in started)})", err=True
+    )
+    with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
 
 
 def register(cli: click.Group) -> None:

@@ -34,17 +34,19 @@ class StoreSpanExporter(SpanExporter):
             ctx = span.get_span_context()
             assert ctx is not None and span.start_time is not None and span.end_time is not None
             attributes = dict(span.attributes or {})
-            rows.append({
-                "span_id": format(ctx.span_id, "016x"),
-                "trace_id": format(ctx.trace_id, "032x"),
-                "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
-                "run_id": str(attributes.get("corral.run_id", "")) or None,
-                "name": span.name,
-                "start": _from_ns(span.start_time),
-                "end": _from_ns(span.end_time),
-                "attributes": json.dumps(attributes, default=str),
-                "status": span.status.status_code.name.lower(),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "span_id": format(ctx.span_id, "016x"),
+                    "trace_id": format(ctx.trace_id, "032x"),
+                    "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+                    "run_id": str(attributes.get("corral.run_id", "")) or None,
+                    "name": span.name,
+                    "start": _from_ns(span.start_time),
+                    "end": _from_ns(span.end_time),
+                    "attributes": json.dumps(attributes, default=str),
+                    "status": span.status.status_code.name.lower(),
+                }
+            )
         with transaction(self.store._engine, write=True) as conn:
             conn.execute(insert(spans), rows)
         return SpanExportResult.SUCCESS
@@ -63,15 +65,23 @@ class Tracing:
     def finished_run(self, run: Run) -> None:
         events = self.store.runs.events(run.id)
         end = run.finished_at or (events[-1].at if events else run.created_at)
-        common = {"corral.run_id": run.id, "corral.app": run.app or "",
-                  "corral.trigger": run.trigger, "corral.user": run.user}  # fmt: skip
-        root = self.tracer.start_span("run", start_time=_ns(run.created_at),
-                                      attributes={**common, "corral.status": run.status})  # fmt: skip
+        common = {
+            "corral.run_id": run.id,
+            "corral.app": run.app or "",
+            "corral.trigger": run.trigger,
+            "corral.user": run.user,
+        }
+        root = self.tracer.start_span(
+            "run",
+            start_time=_ns(run.created_at),
+            attributes={**common, "corral.status": run.status},
+        )
         parent = trace.set_span_in_context(root)
 
         def child(name: str, start: datetime, stop: datetime, **attrs: str | int) -> None:
-            span = self.tracer.start_span(name, context=parent, start_time=_ns(start),
-                                          attributes={**common, **attrs})  # fmt: skip
+            span = self.tracer.start_span(
+                name, context=parent, start_time=_ns(start), attributes={**common, **attrs}
+            )
             span.end(end_time=_ns(max(start, stop)))
 
         admitted = next((e for e in events if e.kind == "run.admitted"), None)
@@ -101,10 +111,17 @@ class Tracing:
                 continue
             stop = call["at"]
             begin = stop - timedelta(milliseconds=float(call["latency_ms"]))
-            child("bridge.call", begin, stop, **{
-                "http.method": call["method"], "http.route": call["path"],
-                "http.status_code": int(call["status"]), "corral.connection": call["connection"] or "",
-            })  # fmt: skip
+            child(
+                "bridge.call",
+                begin,
+                stop,
+                **{
+                    "http.method": call["method"],
+                    "http.route": call["path"],
+                    "http.status_code": int(call["status"]),
+                    "corral.connection": call["connection"] or "",
+                },
+            )
         root.end(end_time=_ns(max(end, run.created_at)))
 
     def spans(self, run_id: str) -> list[dict[str, object]]:

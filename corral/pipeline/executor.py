@@ -184,6 +184,7 @@ class Executor:
         request: AgentRequest,
         on_event: Callable[[RunEvent], None] | None = None,
         stop: Stop | None = None,
+        bill: Callable[[Run], object] | None = None,
     ) -> Run:
         """Run a recorded run to its end: attempts, events, fold-in, usage, the final record."""
         env = self.envs.get(run.environment)
@@ -238,6 +239,8 @@ class Executor:
                 }
             ]
         )
+        if bill is not None:
+            bill(run)  # before the run reads as finished: a waiter never sees it unbilled
         return self.store.runs.update(
             run.id,
             lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run

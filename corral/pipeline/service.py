@@ -29,9 +29,11 @@ from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.executor import AgentRequest, Executor
 from corral.pipeline.states import RunStatus
 from corral.store import Run, Store
+from corral.store.rows import check_user
 
 TRIGGERS = ("ui", "schedule", "http", "agent", "cli")
 IDEMPOTENCY_TTL = timedelta(hours=24)
+_PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 MAX_DEPTH = 5
 
 
@@ -81,7 +83,13 @@ class Pipeline:
         wait_timeout: float | None = None,
     ) -> Run:
         began = time.perf_counter()
+        check_user(user)
         version, spec = self.apps.get(app)
+        digest = _request_hash(app, input)
+        if idempotency_key:  # a replay returns the original run, whatever has changed since
+            bound = self.store.pipeline.bound_run(user, app, idempotency_key, IDEMPOTENCY_TTL)
+            if bound is not None:
+                return self._replay(bound, digest, idempotency_key, wait, wait_timeout)
         spec.check_input(input)
         parent = self.store.runs.get(trigger.parent_run) if trigger.parent_run else None
         depth = self._guard(app, parent)
@@ -96,27 +104,13 @@ class Pipeline:
             raise BudgetExhausted(
                 f"app {app!r} has spent its budget of {spec.budget_total} credits"
             )
-
-        run_id = f"run-{secrets.token_hex(8)}"
-        if idempotency_key:
-            digest = _request_hash(app, input)
-            bound_hash, bound_run = self.store.pipeline.remember_key(
-                user, app, idempotency_key, digest, run_id, IDEMPOTENCY_TTL
-            )
-            if bound_run != run_id:
-                if bound_hash != digest:
-                    raise IdempotencyMismatch(
-                        f"idempotency key {idempotency_key!r} was used with a different request"
-                    )
-                existing = self.store.runs.get(bound_run)
-                return self.wait(existing.id, wait_timeout) if wait else existing
-
         self._apply_policy(app, spec, user)
+
         request = self.request(app, spec, input, trigger, user)
         run = self.executor.prepare(
             request,
             RunStatus.QUEUED,
-            id=run_id,
+            id=f"run-{secrets.token_hex(8)}",
             app=app,
             app_version=version,
             parent_run=parent.id if parent else None,
@@ -127,13 +121,32 @@ class Pipeline:
                     "connections": list(spec.connections),
                     "budget_per_run": spec.budget_per_run,
                 }
-            ),  # fmt: skip
+            ),
+            # Parked until its idempotency key is bound: a twin request must not run too.
+            available_at=_PARKED if idempotency_key else None,
         )
+        if idempotency_key:
+            bound_hash, bound_run = self.store.pipeline.bind_key(
+                user, app, idempotency_key, digest, run.id, IDEMPOTENCY_TTL
+            )
+            if bound_run != run.id:  # a concurrent twin won the key
+                self.store.pipeline.discard_parked(run.id)
+                return self._replay(
+                    (bound_hash, bound_run), digest, idempotency_key, wait, wait_timeout
+                )
+            self.store.pipeline.release_parked(run.id)
         self.store.runs.append_event(
-            run.id, datetime.now(UTC), "run.admitted",
-            json.dumps({"trigger": trigger.kind, "app_version": version,
-                        "seconds": round(time.perf_counter() - began, 6)}),
-        )  # fmt: skip
+            run.id,
+            datetime.now(UTC),
+            "run.admitted",
+            json.dumps(
+                {
+                    "trigger": trigger.kind,
+                    "app_version": version,
+                    "seconds": round(time.perf_counter() - began, 6),
+                }
+            ),
+        )
         for hook in self.on_admitted:
             hook(run)
         with self.work_available:
@@ -152,6 +165,14 @@ class Pipeline:
             app=app,
             connections=spec.connections,
         )
+
+    def _replay(
+        self, bound: tuple[str, str], digest: str, key: str, wait: bool, wait_timeout: float | None
+    ) -> Run:
+        bound_hash, bound_run = bound
+        if bound_hash != digest:
+            raise IdempotencyMismatch(f"idempotency key {key!r} was used with a different request")
+        return self.wait(bound_run, wait_timeout) if wait else self.store.runs.get(bound_run)
 
     def wait(self, run_id: str, timeout: float | None = None) -> Run:
         """Block until the run ends (or ``timeout`` passes); returns its latest record."""

@@ -42,7 +42,7 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
             RunStatus.TIMED_OUT,
             RunStatus.CANCELLED,
         }
-    ),  # fmt: skip
+    ),
     RunStatus.SUCCEEDED: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.TIMED_OUT: frozenset(),

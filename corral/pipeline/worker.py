@@ -55,8 +55,9 @@ class Worker:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Worker:
-        self._thread = threading.Thread(target=self.run_forever, name=f"worker-{self.name}",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self.run_forever, name=f"worker-{self.name}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -93,9 +94,12 @@ class Worker:
         for run in expired:
             if run.deliveries >= MAX_DELIVERIES:
                 self.store.runs.update(
-                    run.id, status=str(RunStatus.FAILED), error_code="worker_lost",
-                    error=f"{run.deliveries} workers lost this run", finished_at=datetime.now(UTC),
-                )  # fmt: skip
+                    run.id,
+                    status=str(RunStatus.FAILED),
+                    error_code="worker_lost",
+                    error=f"{run.deliveries} workers lost this run",
+                    finished_at=datetime.now(UTC),
+                )
                 continue
             # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
             backoff = self.lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
@@ -105,8 +109,10 @@ class Worker:
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
         the runner's last event reached the log) is finished from the log, not run again."""
-        final = next((e for e in reversed(self.store.runs.events(run.id))
-                      if e.kind in ("result", "error")), None)  # fmt: skip
+        final = next(
+            (e for e in reversed(self.store.runs.events(run.id)) if e.kind in ("result", "error")),
+            None,
+        )
         if final is None:
             return False
         data = json.loads(final.data)
@@ -120,8 +126,12 @@ class Worker:
             error=None if ok else str(data.get("message", "")),
             finished_at=datetime.now(UTC),
         )
-        self.store.runs.append_event(run.id, datetime.now(UTC), "run.resumed", json.dumps(
-            {"worker": self.name, "from_seq": final.seq, "status": finished.status}))  # fmt: skip
+        self.store.runs.append_event(
+            run.id,
+            datetime.now(UTC),
+            "run.resumed",
+            json.dumps({"worker": self.name, "from_seq": final.seq, "status": finished.status}),
+        )
         self.pipeline.executor.tokens.revoke(run)
         self._finish(finished)
         return True
@@ -129,16 +139,17 @@ class Worker:
     def execute(self, run: Run) -> None:
         assert run.app is not None and run.app_version is not None
         _, spec = self.pipeline.apps.get(run.app, run.app_version)
-        if spec.concurrency == "enqueue" and spec.max_concurrent:
-            if self.store.pipeline.running_count(run.user, run.app) > spec.max_concurrent:
-                self.store.pipeline.release(run.id, self.name, delay=0.2)
-                return
+        limited = spec.concurrency == "enqueue" and spec.max_concurrent
+        if limited and self.store.pipeline.running_count(run.user, run.app) > spec.max_concurrent:
+            self.store.pipeline.release(run.id, self.name, delay=0.2)
+            return
         if run.deliveries > 1:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
                 return
-        request = self.pipeline.request(run.app, spec, json.loads(run.input),
-                                        Trigger(run.trigger), run.user)  # fmt: skip
+        request = self.pipeline.request(
+            run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
+        )
         lost = threading.Event()
         beating = threading.Event()
 
@@ -164,14 +175,22 @@ class Worker:
             if spec.budget_per_run is not None:
                 cost = self.pipeline.ledger.cost(run.id)
                 if cost >= spec.budget_per_run:
-                    return Stopped(RunStatus.FAILED, "budget_exhausted",
-                                   f"the run spent {cost:.4f} of its {spec.budget_per_run} "
-                                   "credits; its token was revoked and its sandbox torn down")  # fmt: skip
+                    return Stopped(
+                        RunStatus.FAILED,
+                        "budget_exhausted",
+                        f"the run spent {cost:.4f} of its {spec.budget_per_run} "
+                        "credits; its token was revoked and its sandbox torn down",
+                    )
             return None
 
         try:
             with run_context(run.id):
-                finished = self.pipeline.executor.execute(run, request, stop=stop)
+                finished = self.pipeline.executor.execute(
+                    run,
+                    request,
+                    stop=stop,
+                    bill=lambda r: self.pipeline.ledger.bill(r.id, r.user, r.app),
+                )
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
             finished = self.store.runs.get(run.id)
@@ -183,9 +202,10 @@ class Worker:
         self._finish(finished)
 
     def _finish(self, finished: Run) -> None:
+        # Billed once before it finished; again now for the bridge's last batch (idempotent).
+        self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
         with self.pipeline.run_finished:
             self.pipeline.run_finished.notify_all()
-        self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
         for hook in self.on_finished:
             try:
                 hook(finished)

@@ -6,6 +6,7 @@
     sdk.context()["run_id"]
     prices = sdk.request("market", "GET", "/v1/prices/ACME").json()
     OpenAI(base_url=sdk.bridge_url("openai") + "/v1", api_key=sdk.token())
+    summary = sdk.call_agent("summarise", {"text": text})["result"]
 
 Everything here goes through the bridge. The only secret-like thing in it is the run token,
 which works only from this sandbox, only for this run's connections, only until it ends.
@@ -13,10 +14,12 @@ which works only from this sandbox, only for this run's connections, only until 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.error
 import urllib.request
 from typing import Any, Mapping
+from urllib.parse import quote
 
 from .events import Channel
 
@@ -108,3 +111,49 @@ def request(
             return Response(response.status, dict(response.headers.items()), response.read())
     except urllib.error.HTTPError as error:
         return Response(error.code, dict(error.headers.items()), error.read())
+
+
+class AgentCallRefused(Exception):
+    """The bridge refused to start the run: ``status`` and ``code`` say why.
+
+    404 ``app_not_found``, 403 ``agent_call_forbidden`` (the app is not callable by agents),
+    409 ``agent_call_refused`` (too deep, or a cycle: ``detail`` names the chain), 429
+    ``concurrency_limit``, 402 ``budget_exhausted``, 400 ``invalid_input`` (the input fails
+    the app's schema), 401 for a token that is not this run's.
+    """
+
+    def __init__(self, app: str, status: int, code: str, detail: str) -> None:
+        super().__init__(f"calling agent {app!r} was refused ({status} {code}): {detail}")
+        self.app, self.status, self.code, self.detail = app, status, code, detail
+
+
+def call_agent(
+    app: str, input: Any = None, wait: bool = True, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Run the app ``app`` with ``input``, as this run's user, and return the run as JSON.
+
+    With ``wait`` (the default) it returns once the run has ended or ``timeout`` seconds have
+    passed; look at ``status`` (``succeeded``, ``failed``, ... or still ``queued``/``running``),
+    then ``result`` or ``error_code`` and ``error``. Without ``wait`` it returns at once, the run
+    queued. A run the bridge will not start raises ``AgentCallRefused``.
+    """
+    if not _bridge:
+        raise RuntimeError("corral_runner.sdk is only usable inside a Corral run")
+    sent: dict[str, Any] = {"input": input, "wait": bool(wait), "timeout": float(timeout)}
+    path = "/apps/" + quote(app, safe="") + "/runs"
+    # The bridge answers when the run ends; give it time past the wait to say so.
+    answer = request("_corral", "POST", path, body=sent, timeout=float(timeout) + 30.0)
+    decoded: Any = None
+    with contextlib.suppress(ValueError):
+        decoded = answer.json()
+    if not answer.ok:
+        shown = decoded if isinstance(decoded, dict) else {}
+        raise AgentCallRefused(
+            app,
+            answer.status,
+            str(shown.get("error", "http_" + str(answer.status))),
+            str(shown.get("detail", answer.body[:200].decode("utf-8", "replace"))),
+        )
+    if not isinstance(decoded, dict):
+        raise AgentCallRefused(app, answer.status, "bad_answer", "the bridge did not answer JSON")
+    return decoded

@@ -56,16 +56,16 @@ class PipelineRecords:
     def create_app(self, name: str, spec: dict[str, Any]) -> int:
         now = datetime.now(UTC)
         body = json.dumps(spec, sort_keys=True)
-        try:
-            with transaction(self._engine, write=True) as conn:
+        with transaction(self._engine, write=True) as conn:
+            try:  # inside the transaction: it turns database errors into StoreError on the way out
                 conn.execute(insert(apps).values(name=name, version=1, spec=body,
                                                  created_at=now, updated_at=now))  # fmt: skip
-                conn.execute(insert(app_versions).values(app=name, version=1, spec=body,
-                                                         created_at=now))  # fmt: skip
-        except IntegrityError as exc:
-            if is_unique_violation(exc):
-                raise AppExists(name) from exc
-            raise
+            except IntegrityError as exc:
+                if is_unique_violation(exc):
+                    raise AppExists(name) from exc
+                raise
+            conn.execute(insert(app_versions).values(app=name, version=1, spec=body,
+                                                     created_at=now))  # fmt: skip
         return 1
 
     def update_app(self, name: str, spec: dict[str, Any]) -> int:
@@ -230,22 +230,48 @@ class PipelineRecords:
 
     # -- idempotency -------------------------------------------------------------------------
 
-    def remember_key(self, user: str, app: str, key: str, request_hash: str, run_id: str,
-                     ttl: timedelta) -> tuple[str, str]:  # fmt: skip
-        """Bind ``key`` to ``run_id``; if it is already bound (and fresh), the earlier binding."""
+    def bound_run(self, user: str, app: str, key: str, ttl: timedelta) -> tuple[str, str] | None:
+        """(request hash, run id) bound to ``key`` within ``ttl``, or None."""
+        with transaction(self._engine) as conn:
+            row = conn.execute(select(idempotency_keys).where(
+                idempotency_keys.c.user == user, idempotency_keys.c.app == app,
+                idempotency_keys.c.key == key)).first()  # fmt: skip
+        if row is None or row.created_at <= datetime.now(UTC) - ttl:
+            return None
+        return row.request_hash, row.run_id
+
+    def bind_key(self, user: str, app: str, key: str, request_hash: str, run_id: str,
+                 ttl: timedelta) -> tuple[str, str]:  # fmt: skip
+        """Bind ``key`` to ``run_id`` unless a fresh binding exists; returns the binding that
+        holds (ours, or the one a concurrent request made first)."""
         now = datetime.now(UTC)
         where = and_(idempotency_keys.c.user == user, idempotency_keys.c.app == app,
                      idempotency_keys.c.key == key)  # fmt: skip
         with transaction(self._engine, write=True) as conn:
-            row = conn.execute(select(idempotency_keys).where(where)).first()
-            if row is not None and row.created_at > now - ttl:
-                return row.request_hash, row.run_id
-            if row is not None:
-                conn.execute(delete(idempotency_keys).where(where))
-            conn.execute(insert(idempotency_keys).values(
-                user=user, app=app, key=key, request_hash=request_hash, run_id=run_id,
-                created_at=now))  # fmt: skip
-        return request_hash, run_id
+            conn.execute(
+                delete(idempotency_keys).where(where, idempotency_keys.c.created_at <= now - ttl)
+            )
+            dialect = self._engine.dialect.name
+            upsert = pg_insert if dialect == "postgresql" else sqlite_insert
+            conn.execute(
+                upsert(idempotency_keys)
+                .values(user=user, app=app, key=key, request_hash=request_hash, run_id=run_id,
+                        created_at=now)
+                .on_conflict_do_nothing(index_elements=["user", "app", "key"])
+            )  # fmt: skip
+            row = conn.execute(select(idempotency_keys).where(where)).one()
+        return row.request_hash, row.run_id
+
+    def release_parked(self, run_id: str) -> None:
+        """A run admitted parked (not yet claimable) becomes claimable now."""
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "queued")
+                         .values(available_at=datetime.now(UTC)))  # fmt: skip
+
+    def discard_parked(self, run_id: str) -> None:
+        """Remove a parked run that lost its idempotency key to a concurrent twin."""
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(delete(runs).where(runs.c.id == run_id, runs.c.status == "queued"))
 
     # -- the ledger --------------------------------------------------------------------------
 
@@ -256,9 +282,14 @@ class PipelineRecords:
             return 0
         dialect = self._engine.dialect.name
         upsert = pg_insert if dialect == "postgresql" else sqlite_insert
-        statement = upsert(ledger).on_conflict_do_nothing(index_elements=["source"])
+        new = 0
         with transaction(self._engine, write=True) as conn:
-            return int(conn.execute(statement, entries).rowcount or 0)
+            for entry in entries:  # RETURNING, not rowcount: psycopg reports -1 for batches
+                statement = (upsert(ledger).values(**entry)
+                             .on_conflict_do_nothing(index_elements=["source"])
+                             .returning(ledger.c.id))  # fmt: skip
+                new += len(conn.execute(statement).all())
+        return new
 
     def balance(self, user: str) -> float:
         with transaction(self._engine) as conn:

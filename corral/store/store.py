@@ -43,7 +43,9 @@ from corral.store.engine import (
 from corral.store.pipeline import PipelineRecords
 from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
+from corral.store.schedules import Schedules
 from corral.store.schema import environments, snapshots
+from corral.store.webhooks import WebhookRecords
 
 
 class Store:
@@ -57,6 +59,8 @@ class Store:
         self.bridge = BridgeRecords(engine)
         self.pipeline = PipelineRecords(engine)
         self.credentials = Credentials(engine)
+        self.schedules = Schedules(engine)
+        self.webhooks = WebhookRecords(engine)
 
     @classmethod
     def open(cls, url: str) -> Store:

@@ -49,11 +49,24 @@ def call(app: FastAPI, method: str, path: str, body: Any = None) -> httpx.Respon
 
 
 def _error_classes() -> list[type[CorralError]]:
-    return [
-        cls
-        for _, cls in inspect.getmembers(corral_errors, inspect.isclass)
-        if issubclass(cls, CorralError)
-    ]
+    """Every CorralError subclass defined anywhere in the corral package."""
+    import importlib
+    import pkgutil
+
+    import corral
+
+    skip = ("runner", "boot", "migrations", "__main__", "corral.cli")
+    for module in pkgutil.walk_packages(corral.__path__, "corral."):
+        if not any(part in module.name for part in skip):
+            importlib.import_module(module.name)
+
+    def below(cls: type[CorralError]) -> list[type[CorralError]]:
+        return [c for sub in cls.__subclasses__() for c in (sub, *below(sub))]
+
+    found = {c for c in [CorralError, *below(CorralError)] if c.__module__.startswith("corral")}
+    assert {c for _, c in inspect.getmembers(corral_errors, inspect.isclass)
+            if issubclass(c, CorralError)} <= found  # fmt: skip
+    return sorted(found, key=lambda c: (c.__module__, c.__name__))
 
 
 def test_every_error_class_has_its_own_row() -> None:

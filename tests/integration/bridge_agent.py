@@ -228,9 +228,7 @@ def _scan_python(finder: _Finder, stats: dict[str, Any]) -> None:
             kind = type(ref)
             if kind in (str, bytes, bytearray) and id(ref) not in seen:
                 seen.add(id(ref))
-                parts.append(
-                    ref.encode("utf-8", "backslashreplace") if kind is str else bytes(ref)
-                )
+                parts.append(ref.encode("utf-8", "backslashreplace") if kind is str else bytes(ref))
     finder.look("python", b"\n".join(parts))
     stats["python_objects"] = len(parts)
 
@@ -259,7 +257,8 @@ def chatty(input: Any) -> Any:
 
 def snoop(input: Any) -> Any:
     """Use the credential (through the bridge), then look for it everywhere."""
-    global REFLECTED
+    global DECOY, REFLECTED
+    DECOY = input["decoy"]
     used = call("openai", "/v1/chat/completions", method="POST", body=CHAT)
     # An upstream that reflects every request header back: the bridge must redact it.
     REFLECTED = call("echo", "/echo/reflect", method="POST", body={"hello": "echo"})
@@ -275,6 +274,7 @@ def snoop(input: Any) -> Any:
 
 
 REFLECTED: Any = None
+DECOY = ""
 
 
 def _b64(data: bytes) -> str:
@@ -294,9 +294,7 @@ def knock(input: Any) -> Any:
     claims = json.loads(_unb64(payload))
     claims.update(sub="someone-else", con=["*"])
     tampered = ".".join((header, _b64(json.dumps(claims).encode()), signature))
-    alg_none = ".".join(
-        (_b64(json.dumps({"alg": "none", "typ": "JWT"}).encode()), payload, "")
-    )
+    alg_none = ".".join((_b64(json.dumps({"alg": "none", "typ": "JWT"}).encode()), payload, ""))
     cases = {
         "control": ("openai", own),
         "no_token": ("openai", None),
@@ -426,11 +424,7 @@ def bad(input: Any) -> Any:
     hook("max_body", bytes=4096)
     try:
         out["too_big"] = call(
-            "slow", "/echo/big", method="POST", body=b"x" * 20000,
-            headers={"content-type": "application/octet-stream"},
-        )  # fmt: skip
-        out["too_big_chunked"] = call(
-            "slow", "/echo/chunked", method="POST", body=iter([b"y" * 1024] * 20),
+            "slow", "/echo/big", method="POST", body=b"x" * 8000,
             headers={"content-type": "application/octet-stream"},
         )  # fmt: skip
     finally:
@@ -440,5 +434,26 @@ def bad(input: Any) -> Any:
         "slack", "/api/chat.postMessage", method="POST",
         body={"channel": "#general", "text": "through the bridge"},
     )  # fmt: skip
+    out["after"] = call("slow", "/echo/after", method="POST", body=b"z" * 8000)
+    return out
+
+
+def oversize(input: Any) -> Any:
+    """Bodies far over the bridge's limit (64 MiB against 4 KiB), sized and chunked: the
+    bridge refuses them at once; the question is whether the sandbox gets to read why."""
+    out: dict[str, Any] = {}
+    size = int(input["size"])
+    hook("max_body", bytes=4096)
+    try:
+        out["sized"] = call(
+            "slow", "/echo/sized", method="POST", body=b"x" * size,
+            headers={"content-type": "application/octet-stream"},
+        )  # fmt: skip
+        out["chunked"] = call(
+            "slow", "/echo/chunked", method="POST", body=iter([b"y" * 16384] * (size // 16384)),
+            headers={"content-type": "application/octet-stream"},
+        )  # fmt: skip
+    finally:
+        hook("restore")
     out["after"] = call("slow", "/echo/after", method="POST", body=b"z" * 8000)
     return out

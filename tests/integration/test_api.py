@@ -309,6 +309,14 @@ ROUTES = {
     "/v1/envs/{name}/history": {"get"},
     "/v1/envs/{name}/verify": {"post"},
     "/v1/sandboxes": {"post"},
+    "/v1/apps": {"get", "post"},
+    "/v1/apps/{app}": {"get", "patch"},
+    "/v1/apps/{app}/versions": {"get"},
+    "/v1/apps/{app}/runs": {"get", "post"},
+    "/v1/runs/{run_id}": {"get"},
+    "/v1/runs/{run_id}/events": {"get"},
+    "/v1/runs/{run_id}/cancel": {"post"},
+    "/v1/users/{user}/credits": {"get", "post"},
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -187,5 +188,5 @@ def test_concurrency_policies(corral: Corral, agents_env: str, workers: list[Wor
         (f.status, f.error_code, f.error, f.deliveries) for f in finished
     ]
     spans = sorted((f.started_at, f.finished_at) for f in finished)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # never overlapped
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never overlapped
     assert corral.pipeline.wait(first.id, 30).status == "succeeded"

@@ -287,7 +287,10 @@ def attempt(name, fn):
 attempt("write", lambda: open(R, "a").write("pwned"))
 attempt("unlink", lambda: os.unlink(R))
 attempt("rename_dir", lambda: os.rename("/opt/corral/releases", "/opt/corral/gone"))
-attempt("relink", lambda: (os.symlink("/tmp", "/opt/corral/evil"), os.rename("/opt/corral/evil", "/opt/corral/runner")))
+def relink():
+    os.symlink("/tmp", "/opt/corral/evil")
+    os.rename("/opt/corral/evil", "/opt/corral/runner")
+attempt("relink", relink)
 attempt("chmod", lambda: os.chmod(R, 0o777))
 attempt("chown", lambda: os.chown(R, os.getuid(), os.getgid()))
 attempt("create", lambda: open("/opt/corral/runner/corral_runner/evil.py", "w"))

@@ -1,0 +1,130 @@
+"""Agent-to-agent calls: ``POST /_corral/apps/{app}/runs`` on the bridge.
+
+A running agent starts a run of another app with its own run token, and nothing else: the
+callee runs as the caller's user (its cost is that user's), is linked to the calling run
+(``parent_run``, ``depth``), and passes through the same admission as any other trigger
+(``Pipeline.execute_agent``: schema, credits, budgets, concurrency, the depth and cycle
+guard). Apps that set ``callable_by_agents=False`` are refused.
+
+Body: ``{"input": <JSON>, "wait": <bool, default false>, "timeout": <seconds>}``. The answer
+is the run as JSON: 200 once it has ended, 202 while it is still queued or running (no
+``wait``, or ``timeout`` passed first). A wait never outlives the caller's token.
+
+Admission runs off the event loop (it reads and writes the store); the wait does not hold a
+thread: it polls the run's record from the loop, backing off, so any number of agents can
+wait on callees without starving the pool the bridge's other lookups run on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from corral.billing.ledger import BudgetExhausted
+from corral.bridge.proxy import Refused
+from corral.bridge.tokens import Claims
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.pipeline.service import ConcurrencyLimit, Pipeline, Trigger
+from corral.pipeline.states import RunStatus
+from corral.store import Run
+
+log = logging.getLogger("corral.bridge")
+
+DEFAULT_WAIT = 600.0  # seconds, when the body names no timeout
+MAX_WAIT = 3600.0
+_POLL_FIRST, _POLL_MAX = 0.05, 0.5
+
+# Admission errors by family, most specific first (both of the first two are Conflicts); the
+# same statuses as the HTTP API's table, without importing the API into the bridge.
+_STATUS: tuple[tuple[type[CorralError], int], ...] = (
+    (BudgetExhausted, 402),
+    (ConcurrencyLimit, 429),  # admitted once one of the user's runs of the app ends
+    (NotFound, 404),  # app_not_found
+    (InvalidInput, 400),  # the input fails the app's schema
+    (Conflict, 409),  # agent_call_refused: too deep, or a cycle
+)
+
+
+async def call_agent(
+    pipeline: Pipeline,
+    claims: Claims,
+    app: str,
+    body: bytes,
+    clock: Callable[[], float] = time.time,
+) -> tuple[int, dict[str, Any]]:
+    """Start (and with ``wait``, await) a run of ``app`` on behalf of the run ``claims`` name."""
+    input, wait, timeout = _parse(body)
+    loop = asyncio.get_running_loop()
+    try:
+        run = await loop.run_in_executor(None, _admit, pipeline, claims, app, input)
+    except CorralError as exc:
+        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        if status >= 500:
+            log.error("run %s calling app %r: %s", claims.run, app, exc.detail, exc_info=exc)
+        raise Refused(status, exc.code, exc.detail) from None
+    if wait:
+        # Never past the caller's own token: it could not read the answer anyway.
+        patience = min(timeout, max(0.0, claims.expires - clock()))
+        run = await _until_ended(pipeline, run, loop.time() + patience)
+    return (200 if RunStatus(run.status).terminal else 202), describe(run)
+
+
+def describe(run: Run) -> dict[str, Any]:
+    """What the calling agent is told about a run."""
+    return {
+        "id": run.id,
+        "app": run.app,
+        "app_version": run.app_version,
+        "status": run.status,
+        "result": None if run.result is None else json.loads(run.result),
+        "error_code": run.error_code,
+        "error": run.error,
+        "trigger": run.trigger,
+        "parent_run": run.parent_run,
+        "depth": run.depth,
+        "created_at": run.created_at.isoformat(),
+        "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
+    }
+
+
+def _parse(body: bytes) -> tuple[Any, bool, float]:
+    try:
+        request = json.loads(body) if body.strip() else {}
+    except ValueError:
+        request = None
+    if not isinstance(request, dict):
+        raise Refused(400, "bad_request", 'the body must be {"input": ..., "wait": ..., '
+                      '"timeout": ...}')  # fmt: skip
+    wait = request.get("wait", False)
+    timeout = request.get("timeout", DEFAULT_WAIT)
+    if not isinstance(wait, bool):
+        raise Refused(400, "bad_request", "wait must be true or false")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise Refused(400, "bad_request", "timeout must be a positive number of seconds")
+    return request.get("input"), wait, min(float(timeout), MAX_WAIT)
+
+
+def _admit(pipeline: Pipeline, claims: Claims, app: str, input: Any) -> Run:
+    _, spec = pipeline.apps.get(app)  # AppNotFound: 404
+    if not spec.callable_by_agents:
+        raise Refused(403, "agent_call_forbidden", f"app {app!r} may not be called by agents")
+    return pipeline.execute_agent(
+        app, input, Trigger("agent", parent_run=claims.run), user=claims.user, wait=False
+    )
+
+
+async def _until_ended(pipeline: Pipeline, run: Run, deadline: float) -> Run:
+    loop = asyncio.get_running_loop()
+    pause = _POLL_FIRST
+    while not RunStatus(run.status).terminal:
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 1.5, _POLL_MAX)
+        run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+    return run
