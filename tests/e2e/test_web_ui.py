@@ -28,7 +28,6 @@ from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.worker import Worker
 from tests.conftest import require
-from tests.integration import conftest as sandboxes
 from tests.integration.test_http_trigger import GREET_SCHEMA, agent_environment, serving
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -45,8 +44,6 @@ FLAGS = (
     "--no-first-run",
     "--window-size=1200,1100",
 )
-# The session's Corral on real sandboxes (tests/integration/conftest.py), visible here too.
-corral = sandboxes.corral
 
 # Untrusted input that the page must show as text, never run: the agent echoes it back.
 HOSTILE = "<img src=x onerror=alert(1)><script>alert(2)</script>"
