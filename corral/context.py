@@ -151,6 +151,9 @@ class Corral:
         options.setdefault("on_finished", hooks)
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
+        if self._deliverer is not None and webhook_policy is not None:
+            self._deliverer.stop()  # a new policy: replace the running deliverer
+            self._deliverer = None
         if self._deliverer is None:
             self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers

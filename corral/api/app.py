@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from corral import __version__
 from corral.api import errors, routes, runs, ui
@@ -64,4 +65,11 @@ def create_app(corral: Corral) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(runs.router)
     app.include_router(ui.router)
+
+    @app.get("/metrics", tags=["meta"], include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics: runs by status and trigger, durations, boot and swap times,
+        bridge calls, credits charged, the queue's depth."""
+        return Response(corral.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     return app

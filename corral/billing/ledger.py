@@ -51,8 +51,7 @@ class Ledger:
         total = 0.0
         for usage in self.store.bridge.usage(run):
             total += self._price(usage)
-        calls = [c for c in self.store.bridge.calls(run) if c["connection"] != "_corral"]
-        return total + len(calls) * self.prices.bridge_call
+        return total + len(self._billable_calls(run)) * self.prices.bridge_call
 
     def bill(self, run: str, user: str, app: str | None) -> float:
         """Post a deduction for every usage event of ``run`` not yet billed; returns credits."""
@@ -65,8 +64,7 @@ class Ledger:
                 "detail": json.dumps({"usage": usage["kind"], "connection": usage["connection"]}),
                 "at": now,
             })  # fmt: skip
-        calls = [c for c in self.store.bridge.calls(run) if c["connection"] != "_corral"]
-        for call in calls:
+        for call in self._billable_calls(run):
             entries.append({
                 "user": user, "run": run, "app": app, "source": f"call:{call['id']}",
                 "kind": "deduction", "credits": -self.prices.bridge_call,
@@ -75,6 +73,11 @@ class Ledger:
             })  # fmt: skip
         self.store.pipeline.post(entries)
         return self.store.pipeline.spent(run=run)
+
+    def _billable_calls(self, run: str) -> list[dict[str, object]]:
+        """Calls the bridge forwarded for the run; its own endpoints and refusals are free."""
+        return [c for c in self.store.bridge.calls(run)
+                if c["connection"] not in ("_corral", None) and not c["error"]]  # fmt: skip
 
     def _price(self, usage: dict[str, object]) -> float:
         kind = usage["kind"]

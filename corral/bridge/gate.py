@@ -98,12 +98,13 @@ class Sink:
             calls, self._calls = self._calls, []
             usage, self._usage = self._usage, []
             events, self._events = self._events, []
-        if events:
-            self._backend.write_events(events)
+        # Usage and calls first: once a run's result is visible, what it used is recorded.
         if usage:
             self._backend.write_usage(usage)
         if calls:
             self._backend.write_calls(calls)
+        if events:
+            self._backend.write_events(events)
 
     def close(self) -> None:
         self._stop = True
@@ -164,6 +165,7 @@ class BridgeGate:
         name = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
         rest = parts[2] if len(parts) > 2 else b""
         claims = await self._claims(head, peer)
+        head.run, head.connection = claims.run, name
         if name == RESERVED:
             return self._local(rest, claims)
         connection = await self._connection(name)
@@ -239,8 +241,8 @@ class BridgeGate:
         self.sink.call(
             {
                 "at": datetime.now(UTC),
-                "run": route.run if route else None,
-                "connection": route.connection if route else None,
+                "run": route.run if route else exchange.head.run,
+                "connection": route.connection if route else exchange.head.connection,
                 "method": exchange.head.method.decode("latin-1"),
                 "path": path,  # as the sandbox sent it: never with a query-string credential
                 "status": exchange.status,

@@ -51,7 +51,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 MAX_HEAD = 64 * 1024
-MAX_REPLAY = 64 * 1024  # a request this small is kept, so it can be retried after a refresh
+MAX_REPLAY = 64 * 1024
+# After answering a request whose body was not read (a refusal), keep reading and discarding
+# for this long, or this much, before closing: closing a socket with unread input sends a
+# reset, and the client would lose the answer (RFC 9112 section 9.6).
+LINGER_S = 3.0
+LINGER_BYTES = 64 << 20  # a request this small is kept, so it can be retried after a refresh
 HIGH_WATER = 256 * 1024
 
 
@@ -70,6 +75,8 @@ class Head:
     headers: list[tuple[bytes, bytes]]
     keep_alive: bool
     content_length: int | None
+    run: str | None = None  # known once the token checks out: refused calls are still its own
+    connection: str | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -164,6 +171,7 @@ class ClientProtocol(asyncio.Protocol):
         self._writable.set()
         self._upstream: UpstreamProtocol | None = None
         self._complete = False  # the current request has been read to its end
+        self._lingering = -1  # bytes discarded while lingering; -1 when not lingering
         self._body_paused = False  # reading paused because the body queue filled up
 
     # -- transport callbacks -----------------------------------------------------------------
@@ -180,6 +188,11 @@ class ClientProtocol(asyncio.Protocol):
         _no_delay(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES and self.transport is not None:
+                self.transport.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -300,12 +313,25 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if not self._complete:
+            self._linger(transport)  # an unread body must not be parsed as the next request
+            return
         broken = exchange.error in ("upstream_reset", "timeout_mid")
-        if not exchange.head.keep_alive or broken or not self._complete:
-            transport.close()  # an unread body would be parsed as the next request
+        if not exchange.head.keep_alive or broken:
+            transport.close()
             return
         self._body = None
         transport.resume_reading()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Half-close after the answer, discard what still arrives, close on EOF or later."""
+        self._lingering = 0
+        self._body = None
+        with contextlib.suppress(OSError, RuntimeError):
+            if transport.can_write_eof():
+                transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def _reusable(self, exchange: Exchange) -> bool:
         return exchange.head.keep_alive and self._complete

@@ -13,8 +13,14 @@ from corral.context import Corral
 @click.option("--port", default=8700, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
               help="Threads executing queued runs; 0 leaves them to `corral worker`.")  # fmt: skip
+@click.option(
+    "--schedules/--no-schedules",
+    default=True,
+    show_default=True,
+    help="Fire cron schedules from this process (any number of schedulers may run).",
+)
 @click.pass_obj
-def serve(corral: Corral, host: str, port: int, workers: int) -> None:
+def serve(corral: Corral, host: str, port: int, workers: int, schedules: bool) -> None:
     """Serve the HTTP API (OpenAPI document at /openapi.json), the web UI (/ui/), the sandbox
     bridge, and workers that execute queued runs."""
     import uvicorn
@@ -26,7 +32,12 @@ def serve(corral: Corral, host: str, port: int, workers: int) -> None:
     if workers:
         started = corral.start_workers(workers)  # stopped by corral.close() when serve ends
         click.echo(f"corral: {len(started)} workers executing runs", err=True)
-    uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
+    scheduler = corral.scheduler().start() if schedules else None
+    try:
+        uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
+    finally:
+        if scheduler is not None:
+            scheduler.stop()
 
 
 def register(cli: click.Group) -> None:

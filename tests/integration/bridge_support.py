@@ -153,11 +153,46 @@ def knock(host: str, port: int, source: str = "", timeout: float = 1.5,
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+@contextmanager
+def syn_counters(
+    gateway: str, port: int, interfaces: list[str]
+) -> Iterator[Callable[[], dict[str, int]]]:
+    """Count the SYNs to the bridge port arriving on each of ``interfaces``, in a table of our
+    own that runs before Corral's and only counts (Corral's counters reset whenever any Corral
+    process reinstalls its table, as it does when the host's addresses change)."""
+    table = f"corral_bridge_test_{secrets.token_hex(3)}"
+    rules = "\n".join(
+        f'iifname "{name}" ip daddr {gateway} tcp dport {port} tcp flags & (syn | ack) == syn '
+        f'counter comment "{name}"'
+        for name in interfaces
+    )
+    ruleset = (
+        f"table inet {table} {{\n chain input {{\n"
+        f"  type filter hook input priority filter - 20; policy accept;\n{rules}\n }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True, capture_output=True)
+
+    def read() -> dict[str, int]:
+        listing = subprocess.run(
+            ["nft", "list", "table", "inet", table], check=True, capture_output=True, text=True
+        ).stdout
+        return {
+            m.group(2): int(m.group(1))
+            for m in re.finditer(r'counter packets (\d+) bytes \d+ comment "([^"]+)"', listing)
+        }
+
+    try:
+        yield read
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
 @dataclass(frozen=True)
 class Outside:
     """A host in a network namespace of its own, linked to this host by a veth pair."""
 
     netns: str
+    host_if: str  # this host's end of the link: no sandbox's (not cr*/ce*)
     address: str  # the namespace's address: outside the sandbox subnet
     near: str  # this host's address on the link
 
@@ -184,7 +219,7 @@ def outside_host(gateway: str) -> Iterator[Outside]:
     try:
         for argv in steps:
             subprocess.run(argv, check=True, capture_output=True, timeout=30)
-        yield Outside(netns, address, near)
+        yield Outside(netns, host_if, address, near)
     finally:
         subprocess.run(["ip", "link", "delete", host_if], capture_output=True, timeout=30)
         subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)

@@ -291,11 +291,6 @@ def test_refusals(client: httpx.Client, agent_env: str, greet: str, user: str) -
     error_of(start(client, greet, user, {"input": {}, "surprise": 1}), 422, "invalid_request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store/pipeline.py create_app catches IntegrityError outside its transaction, "
-    "which has already turned it into StoreError: a taken name is a 500, not AppExists",
-)
 def test_a_taken_app_name_is_a_conflict(client: httpx.Client, agent_env: str, greet: str) -> None:
     same = {"name": greet, "environment": agent_env, "entrypoint": "agent.py:greet"}
     error_of(client.post("/v1/apps", json=same), 409, "app_exists")
@@ -345,12 +340,6 @@ def test_a_concurrency_refusal_is_429(client: httpx.Client, agent_env: str, user
     until(client, first["id"], TERMINAL, 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="execute_agent binds the idempotency key before the concurrency policy and "
-    "executor.prepare: a refused request leaves the key bound to a run never recorded, so "
-    "retrying it with the same key is a 404 run_not_found for 24 h",
-)
 def test_a_refused_request_can_be_retried_with_its_key(
     client: httpx.Client, agent_env: str, user: str
 ) -> None:
@@ -421,3 +410,14 @@ def test_openapi_lists_the_routes(client: httpx.Client) -> None:
     events = paths["/v1/runs/{run_id}/events"]["get"]["responses"]["200"]["content"]
     assert "text/event-stream" in events
     assert not [p for p in paths if p.startswith("/ui")]
+
+
+def test_metrics_are_served_for_prometheus(client: httpx.Client, corral: Corral) -> None:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for family in ("corral_runs_total", "corral_run_duration_seconds", "corral_queue_depth",
+                   "corral_sandbox_boot_seconds", "corral_runner_swap_seconds",
+                   "corral_bridge_calls_total", "corral_runs_admitted_total"):  # fmt: skip
+        assert family in text, family

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from corral.config import BRIDGE_PORTS
 from corral.context import Corral
 from corral.sandbox.spec import MASKED_PATHS, READONLY_PATHS
 from tests.integration.probes import (
@@ -162,12 +163,29 @@ report({
 """
 
 
+def spare_bridge_port(corral: Corral) -> int:
+    """A port of the sandbox network's bridge range that no bridge holds right now: these tests
+    listen on it themselves (the session's real bridge may hold its own port)."""
+    import socket
+
+    for port in BRIDGE_PORTS:
+        if port == corral.settings.network.bridge_port:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((gateway(corral), port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port in the bridge range")
+
+
 @pytest.mark.parametrize("kind", ["run", "edit"])
 def test_host_services_are_unreachable_but_the_bridge_port_is(
     corral: Corral, env: str, kind: str
 ) -> None:
     gw = gateway(corral)
-    bridge_port = corral.settings.network.bridge_port
+    bridge_port = spare_bridge_port(corral)
     _, host_addr = host_ipv4()
     abstract = f"corral-isolation-{secrets.token_hex(4)}"
     with (
@@ -715,7 +733,7 @@ report({
 
 def test_a_sandbox_cannot_take_another_address(corral: Corral, env: str) -> None:
     gw = gateway(corral)
-    bridge_port = corral.settings.network.bridge_port
+    bridge_port = spare_bridge_port(corral)
     victim = Background(corral, env, HOLDER, gw)
     try:
         victim_address = victim.report()["address"]
