@@ -544,6 +544,12 @@ def report(loads: dict[tuple[str, int], list[Load]], cpus: dict[int, list[Cpu]])
             f"{share('loop_waited'):.0%}; audit thread {share('sink'):.0%}, "
             f"machine {share('machine'):.0%} busy"
         )
+    starved = statistics.median(c.loop_waited for c in cpus[1])
+    if starved > 0.1:  # one connection leaves CPUs to spare, unless something else runs
+        print(
+            f"note: other work shared the machine (at 1 connection the bridge waited for a CPU "
+            f"{starved:.0%} of the time); these figures are pessimistic"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import threading
@@ -56,6 +57,9 @@ class Bridge:
         return sock
 
     async def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
+        # Everything alive at start-up is long-lived: keep it out of the collector's full
+        # passes, whose pauses were most of the bridge's p99 under load (bench/bridge.py).
+        gc.freeze()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientProtocol(self.gate, self._pool), sock=sock, backlog=1024
