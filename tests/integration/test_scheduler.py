@@ -416,8 +416,14 @@ def test_the_loop_fires_on_its_clock_and_survives_a_failing_pass(node: Node) -> 
         assert isinstance(scheduler.last_error, RuntimeError)
         assert [t.outcome for t in node.store.schedules.ticks(schedule.id)] == ["claimed"]
         now[0] = T0 + timedelta(seconds=65)  # the claim is stale: the loop retakes it
-        wait_for(lambda: len(runs_of(node)) == 2)
-        assert {t.outcome for t in node.store.schedules.ticks(schedule.id)} == {"enqueued"}
+        # Admitted first, then settled: wait for both before looking.
+        wait_for(
+            lambda: (
+                len(runs_of(node)) == 2
+                and {t.outcome for t in node.store.schedules.ticks(schedule.id)} == {"enqueued"}
+            )
+        )
+        assert len(runs_of(node)) == 2
     finally:
         scheduler.stop()
     assert not scheduler.running
