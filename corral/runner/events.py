@@ -13,9 +13,10 @@ import io
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: never imported at run time, so the runner loads fast
+    from typing import Any, Dict, List
 
 FLUSH_S = 0.05
 BATCH = 200
@@ -62,6 +63,9 @@ class Channel:
             self._send_pending()
 
     def _send_pending(self) -> None:
+        import urllib.error  # here, not at the top: importing the runner stays cheap (its
+        import urllib.request  # validation during a hot swap imports every module)
+
         with self._lock:
             batch, self._pending = self._pending, []
         while batch:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import json
 import os
-import platform
 import sys
 import threading
-import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: never imported at run time, so the runner loads fast
+    from typing import Any
 
 from . import REQUIRES_PYTHON, __version__, sdk
 from .events import Channel, LogStream
@@ -34,6 +34,7 @@ class AgentError(Exception):
 
 
 def run(spec: dict[str, Any]) -> int:
+    import platform  # here, not at the top: importing the runner stays cheap for validation
     channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)))
     channel.emit(
         "runner.started",
@@ -74,7 +75,7 @@ def run(spec: dict[str, Any]) -> int:
             "error",
             code="agent_raised",
             message=f"{type(exc).__name__}: {exc}",
-            traceback=traceback.format_exc(limit=20),
+            traceback=__import__("traceback").format_exc(limit=20),
         )
         return 1
     finally:
@@ -115,6 +116,8 @@ def _flush() -> None:
 
 def _call(spec: dict[str, Any]) -> Any:
     function = load_entrypoint(str(spec.get("entrypoint", "")), str(spec.get("workdir", ".")))
+    import inspect
+
     value = spec.get("input")
     try:
         parameters = len(inspect.signature(function).parameters)

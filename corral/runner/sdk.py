@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import urllib.error
-import urllib.request
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: never imported at run time, so the runner loads fast
+    from typing import Any, Mapping
 from urllib.parse import quote
 
 from .events import Channel
@@ -96,6 +97,9 @@ def request(
     timeout: float = 60.0,
 ) -> Response:
     """Call ``path`` on ``connection`` through the bridge; the bridge attaches the credential."""
+    import urllib.error  # lazily: see events.py
+    import urllib.request
+
     data = None
     sent = {"authorization": "Bearer " + _token}
     if body is not None:
