@@ -30,14 +30,22 @@ from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 
-CALLERS = int(os.environ.get("BENCH_CALLERS", "16"))
-RUNS = int(os.environ.get("BENCH_RUNS", "64"))
+# (callers, runs): fewer callers than workers shows the pipeline's own latency; more shows it
+# under load, where queueing for a worker dominates.
+LOADS = [(2, 16), (16, 48)]
+if os.environ.get("BENCH_CALLERS"):
+    LOADS = [(int(os.environ["BENCH_CALLERS"]), int(os.environ.get("BENCH_RUNS", "64")))]
 WORKERS = int(os.environ.get("BENCH_WORKERS", "4"))
 PG = os.environ.get("CORRAL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 AGENT = "import time\ndef main(input):\n    return {'first': time.time()}\n"
 
 
 def measure(label: str, database_url: str | None) -> None:
+    for callers, runs in LOADS:
+        measure_once(label, database_url, callers, runs)
+
+
+def measure_once(label: str, database_url: str | None, callers: int, runs: int) -> None:
     import tempfile
 
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
@@ -60,7 +68,7 @@ def measure(label: str, database_url: str | None) -> None:
 
         latencies: list[float] = []
         lock = threading.Lock()
-        per_caller = RUNS // CALLERS
+        per_caller = runs // callers
 
         def caller() -> None:
             for _ in range(per_caller):
@@ -73,7 +81,7 @@ def measure(label: str, database_url: str | None) -> None:
                     latencies.append(first - sent)
 
         began = time.perf_counter()
-        threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+        threads = [threading.Thread(target=caller) for _ in range(callers)]
         for t in threads:
             t.start()
         for t in threads:
@@ -82,7 +90,7 @@ def measure(label: str, database_url: str | None) -> None:
         ordered = sorted(latencies)
         p50 = statistics.median(ordered) * 1000
         p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000
-        print(f"pipeline[{label}]: {len(ordered)} runs, {CALLERS} callers, {WORKERS} workers: "
+        print(f"pipeline[{label}]: {len(ordered)} runs, {callers} callers, {WORKERS} workers: "
               f"{len(ordered) / elapsed:5.1f} runs started/s; trigger -> first instruction "
               f"p50 {p50:6.0f} ms, p99 {p99:6.0f} ms")  # fmt: skip
     finally:
