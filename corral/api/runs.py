@@ -24,11 +24,12 @@ from fastapi.responses import StreamingResponse
 
 from corral.api import models, stream
 from corral.api.errors import documented
-from corral.api.shapes import app_json, run_json, version_json
+from corral.api.shapes import app_json, version_json
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
+from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
 from corral.store.rows import check_user
 

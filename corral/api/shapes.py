@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from corral.pipeline.apps import AppSpec
-from corral.store import Run, RunEvent
+from corral.store import RunEvent
 
 SECRET_FIELDS = ("webhook_secret",)
 
@@ -40,32 +40,6 @@ def version_json(version: int, raw_spec: dict[str, Any], created_at: datetime) -
         "version": version,
         "spec": spec_json(AppSpec.from_json(raw_spec)),
         "created_at": created_at,
-    }
-
-
-def run_json(run: Run) -> dict[str, Any]:
-    """A run's record as clients see it: ``result`` decoded, lease bookkeeping left out."""
-    return {
-        "id": run.id,
-        "app": run.app,
-        "app_version": run.app_version,
-        "environment": run.environment,
-        "snapshot": run.snapshot,
-        "trigger": run.trigger,
-        "status": run.status,
-        "user": run.user,
-        "result": None if run.result is None else json.loads(run.result),
-        "error_code": run.error_code,
-        "error": run.error,
-        "created_at": run.created_at,
-        "started_at": run.started_at,
-        "finished_at": run.finished_at,
-        "attempts": run.attempts,
-        "runner_version": run.runner_version,
-        "swapped": run.swapped,
-        "parent_run": run.parent_run,
-        "depth": run.depth,
-        "cancel_requested": run.cancel_requested,
     }
 
 

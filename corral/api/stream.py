@@ -29,8 +29,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from corral.api.shapes import event_json, run_json
+from corral.api.shapes import event_json
 from corral.errors import InvalidInput
+from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
 from corral.store import Run, RunEvent, Store
 

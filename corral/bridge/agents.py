@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from corral.billing.ledger import BudgetExhausted
@@ -29,6 +30,7 @@ from corral.bridge.proxy import Refused
 from corral.bridge.tokens import Claims
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.pipeline.service import ConcurrencyLimit, Pipeline, Trigger
+from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
 from corral.store import Run
 
@@ -74,21 +76,18 @@ async def call_agent(
 
 
 def describe(run: Run) -> dict[str, Any]:
-    """What the calling agent is told about a run."""
+    """What the calling agent is told about a run: a projection of the run's one JSON shape."""
     return {
-        "id": run.id,
-        "app": run.app,
-        "app_version": run.app_version,
-        "status": run.status,
-        "result": None if run.result is None else json.loads(run.result),
-        "error_code": run.error_code,
-        "error": run.error,
-        "trigger": run.trigger,
-        "parent_run": run.parent_run,
-        "depth": run.depth,
-        "created_at": run.created_at.isoformat(),
-        "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
+        key: value.isoformat() if isinstance(value, datetime) else value
+        for key, value in run_json(run).items()
+        if key in _SHOWN_TO_AGENTS
     }
+
+
+_SHOWN_TO_AGENTS = frozenset({
+    "id", "app", "app_version", "status", "result", "error_code", "error", "trigger",
+    "parent_run", "depth", "created_at", "finished_at",
+})  # fmt: skip
 
 
 def _parse(body: bytes) -> tuple[Any, bool, float]:

@@ -16,13 +16,14 @@ from typing import Any, TypeVar
 
 import click
 
-from corral.api.shapes import app_json, run_json, version_json
+from corral.api.shapes import app_json, version_json
 from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline.apps import POLICIES, AppSpec
 from corral.pipeline.service import Trigger
+from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
 from corral.store import Run
 from corral.store.rows import check_user

@@ -12,6 +12,7 @@ from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
+from corral.pipeline import shapes
 from corral.pipeline.executor import AgentRequest
 from corral.store import Release, Run, RunEvent
 
@@ -73,17 +74,8 @@ def _summary(run: Run) -> None:
 
 def run_json(run: Run, events: list[RunEvent]) -> dict[str, object]:
     return {
-        "id": run.id,
-        "environment": run.environment,
-        "snapshot": run.snapshot,
-        "status": run.status,
-        "result": None if run.result is None else json.loads(run.result),
-        "error_code": run.error_code,
-        "error": run.error,
-        "runner_version": run.runner_version,
-        "swapped": run.swapped,
+        **shapes.run_json(run),
         "folded_snapshot": run.folded_snapshot,
-        "attempts": run.attempts,
         "events": [{"seq": e.seq, "kind": e.kind, **json.loads(e.data)} for e in events],
     }
 

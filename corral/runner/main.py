@@ -35,6 +35,7 @@ class AgentError(Exception):
 
 def run(spec: dict[str, Any]) -> int:
     import platform  # here, not at the top: importing the runner stays cheap for validation
+
     channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)))
     channel.emit(
         "runner.started",
