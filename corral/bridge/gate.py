@@ -32,7 +32,7 @@ RESERVED = "_corral"
 # Every header a sandbox could use to present a credential of its own; never passed on.
 AUTH_HEADERS = frozenset({b"authorization", b"x-api-key", b"cookie", b"proxy-authorization"})
 RUNNER_EVENTS = frozenset({"log", "progress", "metric", "result", "error", "runner.started"})
-_CREDENTIAL_TTL = 60.0
+_CREDENTIAL_TTL = 5.0  # a revoked or rotated credential stops working within this
 
 # An endpoint the bridge answers itself: (request head, body) -> (status, JSON body).
 LocalHandler = Callable[[Head, bytes], Awaitable[tuple[int, dict[str, Any]]]]
@@ -319,9 +319,6 @@ class BridgeGate:
             ) from None
         self._credentials[(user, connection)] = (self._clock() + _CREDENTIAL_TTL, fresh)
         return fresh
-
-    def forget_credential(self, user: str, connection: str) -> None:
-        self._credentials.pop((user, connection), None)
 
     def _meter(self, claims: Claims, connection: Connection) -> Callable[[bytes, bytes], None]:
         def meter(content_type: bytes, body: bytes) -> None:

@@ -1,15 +1,14 @@
 """Running the bridge: a uvloop event loop serving the proxy on the sandbox gateway's address.
 
-``Bridge.start()`` serves from a thread of the calling process (how ``corral run``, ``corral
-serve`` and the tests use it); ``Bridge.serve_forever()`` serves in the foreground (``corral
-bridge serve``). Any number of bridge processes may serve one host: the socket is opened with
-SO_REUSEPORT, and everything they decide comes from the shared store.
+``Bridge.start()`` serves from a thread of the calling process (``corral run``, ``corral
+serve``, ``corral worker``, ``corral bridge serve`` and the tests all use it). Any number of
+bridge processes may serve one host: the socket is opened with SO_REUSEPORT, and everything
+they decide comes from the shared store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import socket
@@ -87,12 +86,6 @@ class Bridge:
             raise BridgeUnavailable("the bridge did not start listening in 10 s")
         self._poller.start()
         return self
-
-    def serve_forever(self) -> None:
-        sock = self._socket()
-        self._poller.start()
-        with contextlib.suppress(KeyboardInterrupt):
-            uvloop.run(self._serve(sock, threading.Event()))
 
     def stop(self) -> None:
         self._stopping.set()

@@ -95,14 +95,6 @@ class KeyRing:
         with self._lock:
             self._keys[key.kid] = key
 
-    def retire_older_than(self, cutoff: float) -> None:
-        """Drop keys that can no longer have signed a live token (never the newest)."""
-        with self._lock:
-            newest = max(self._keys.values(), key=lambda k: k.created, default=None)
-            self._keys = {
-                kid: k for kid, k in self._keys.items() if k.created >= cutoff or k is newest
-            }
-
 
 def mint(
     ring: KeyRing,

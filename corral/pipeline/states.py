@@ -30,26 +30,3 @@ class RunStatus(StrEnum):
     @property
     def terminal(self) -> bool:
         return self not in (RunStatus.QUEUED, RunStatus.RUNNING)
-
-
-TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
-    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
-    RunStatus.RUNNING: frozenset(
-        {
-            RunStatus.QUEUED,
-            RunStatus.SUCCEEDED,
-            RunStatus.FAILED,
-            RunStatus.TIMED_OUT,
-            RunStatus.CANCELLED,
-        }
-    ),
-    RunStatus.SUCCEEDED: frozenset(),
-    RunStatus.FAILED: frozenset(),
-    RunStatus.TIMED_OUT: frozenset(),
-    RunStatus.CANCELLED: frozenset(),
-}
-
-
-def check_transition(old: RunStatus, new: RunStatus) -> None:
-    if new not in TRANSITIONS[old]:
-        raise ValueError(f"a run cannot go from {old} to {new}")

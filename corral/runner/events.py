@@ -32,7 +32,6 @@ class Channel:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
-        self.failures = 0
         self._thread = threading.Thread(target=self._loop, name="corral-events", daemon=True)
         self._thread.start()
 
@@ -84,7 +83,6 @@ class Channel:
                         response.read()
                     break
                 except (urllib.error.URLError, OSError):
-                    self.failures += 1
                     time.sleep(0.05 * (attempt + 1))
 
 

@@ -164,13 +164,6 @@ table inet {TABLE} {{
         if (NETNS_DIR / netns).exists():
             _ip_batch([f"netns delete {netns}"], tolerate="No such file")
 
-    @staticmethod
-    def namespaces() -> list[str]:
-        try:
-            return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith("corral-"))
-        except FileNotFoundError:
-            return []
-
 
 def host_resolvers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[ipaddress.IPv4Address]:
     """The host's IPv4 nameservers that a sandbox could reach (loopback ones cannot be)."""

@@ -195,14 +195,6 @@ class Layout:
                 return Descriptor.from_json(raw)
         raise SnapshotNotFound(tag, str(self.root))
 
-    def tags(self) -> dict[str, str]:
-        out = {}
-        for raw in self.index()["manifests"]:
-            name = (raw.get("annotations") or {}).get(REF_NAME)
-            if name:
-                out[name] = str(raw["digest"])
-        return out
-
     def tag(self, tag: str, manifest: Descriptor) -> None:
         """Point ``tag`` at ``manifest`` (one atomic rewrite of index.json under a lock)."""
         with self._index_lock():
