@@ -363,6 +363,8 @@ class BridgeGate:
             for event in batch[:1000]:
                 if isinstance(event, dict) and event.get("type") in RUNNER_EVENTS:
                     data = {k: v for k, v in event.items() if k not in ("type", "at")}
+                    if isinstance(event.get("at"), (int, float)):
+                        data["sandbox_at"] = event["at"]  # when it happened, by the runner
                     accepted.append((str(event["type"]), data))
             self.sink.events(claims.run, accepted)
             return 202, {"accepted": len(accepted)}

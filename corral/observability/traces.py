@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from sqlalchemy import insert, select
 
-from corral.store import Run, Store
+from corral.store import Run, RunEvent, Store
 from corral.store.engine import transaction
 from corral.store.schema import spans
 
@@ -102,8 +102,8 @@ class Tracing:
             elif event.kind == "swap.locked":
                 begun = booted.get(-attempt - 1, event.at)
                 child("swap", begun, event.at, **{"corral.attempt": attempt})
-        started = next((e.at for e in events if e.kind == "runner.started"), None)
-        ended = next((e.at for e in reversed(events) if e.kind in ("result", "error")), None)
+        started = next((_when(e) for e in events if e.kind == "runner.started"), None)
+        ended = next((_when(e) for e in reversed(events) if e.kind in ("result", "error")), None)
         if started and ended:
             child("agent", started, ended)
         for call in self.store.bridge.calls(run.id):
@@ -130,6 +130,19 @@ class Tracing:
                 select(spans).where(spans.c.run_id == run_id).order_by(spans.c.start)
             )
             return [dict(r._mapping) for r in rows]
+
+
+def _when(event: RunEvent) -> datetime:
+    """When a runner event happened: the runner's own stamp (the sandbox shares the host's
+    clock) rather than its arrival, which batching through the bridge blurs."""
+    from datetime import UTC
+
+    stamp = json.loads(event.data).get("sandbox_at")
+    if isinstance(stamp, (int, float)):
+        happened = datetime.fromtimestamp(stamp, UTC)
+        if abs((happened - event.at).total_seconds()) < 60:  # an absurd stamp is ignored
+            return happened
+    return event.at
 
 
 def _ns(at: datetime) -> int:

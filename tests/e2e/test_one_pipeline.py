@@ -215,6 +215,9 @@ def test_every_trigger_leaves_the_same_records(
         time.sleep(0.3)
         metric_increments[trigger] = runs_total(corral, trigger, world["app"]) - before
         shapes[trigger] = shape(corral, done)
+        agent_span = next(s for s in corral.tracing.spans(done.id) if s["name"] == "agent")
+        # The agent made a bridge call: its span has a real duration (runner's own stamps).
+        assert agent_span["end"] > agent_span["start"], trigger
 
     assert metric_increments == {"ui": 1.0, "schedule": 1.0, "http": 1.0, "agent": 1.0}
     reference = shapes["http"]
