@@ -32,8 +32,8 @@ from corral.pipeline.service import Trigger
 from corral.store import Run
 from tests.conftest import require
 from tests.fakes import FakeMarketData
+from tests.hosts import serving
 from tests.integration.conftest import run
-from tests.integration.test_http_trigger import serving
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
 

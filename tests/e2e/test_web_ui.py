@@ -28,7 +28,8 @@ from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.worker import Worker
 from tests.conftest import require
-from tests.integration.test_http_trigger import GREET_SCHEMA, agent_environment, serving
+from tests.hosts import serving
+from tests.integration.test_http_trigger import GREET_SCHEMA, agent_environment
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
 

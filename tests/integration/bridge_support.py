@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes import FakeService, RecordedRequest, Response
+from tests.hosts import outside_namespace
 
 
 class Control(FakeService):
@@ -201,28 +202,9 @@ class Outside:
 def outside_host(gateway: str) -> Iterator[Outside]:
     """A namespace whose route to the sandbox gateway goes through a veth that is no sandbox's
     (not ``cr*``/``ce*``), from an address outside the sandbox subnet (TEST-NET-3)."""
-    tag = secrets.token_hex(3)
-    netns, host_if = f"brtest-{tag}", f"bt{tag}"
     near, address = "203.0.113.1", "203.0.113.77"
-    steps = [
-        ["ip", "netns", "add", netns],
-        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns],
-        ["ip", "addr", "add", f"{near}/32", "dev", host_if],
-        ["ip", "link", "set", host_if, "up"],
-        ["ip", "route", "add", f"{address}/32", "dev", host_if, "src", near],
-        ["ip", "-n", netns, "link", "set", "lo", "up"],
-        ["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "eth0"],
-        ["ip", "-n", netns, "link", "set", "eth0", "up"],
-        ["ip", "-n", netns, "route", "add", f"{near}/32", "dev", "eth0"],
-        ["ip", "-n", netns, "route", "add", f"{gateway}/32", "via", near, "dev", "eth0"],
-    ]
-    try:
-        for argv in steps:
-            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+    with outside_namespace("br", near, address) as (netns, host_if):
         yield Outside(netns, host_if, address, near)
-    finally:
-        subprocess.run(["ip", "link", "delete", host_if], capture_output=True, timeout=30)
-        subprocess.run(["ip", "netns", "delete", netns], capture_output=True, timeout=30)
 
 
 class Listener:

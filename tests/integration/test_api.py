@@ -8,8 +8,6 @@ session's ``corral``. Each test asserts the status code and the body's fields.
 from __future__ import annotations
 
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from corral.api.app import create_app
 from corral.context import Corral
+from tests.hosts import serving
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
 
@@ -30,25 +28,8 @@ TEXT = "written through the API"
 
 @pytest.fixture(scope="module")
 def base_url(corral: Corral) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(corral), log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serving(create_app(corral)) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from corral.api.app import create_app
 from corral.context import Corral
 from corral.pipeline.worker import Worker
+from tests.hosts import serving
 from tests.integration.conftest import run
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -49,28 +45,6 @@ GREET_SCHEMA = {
     "examples": [{"who": "ada", "n": 2}],
 }
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """``app`` on uvicorn in a thread, on a socket bound to a free port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during start-up"
-        assert time.monotonic() < deadline, "uvicorn did not start within 30 s"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def agent_environment(corral: Corral) -> str:

@@ -29,6 +29,7 @@ import pytest
 from corral.config import BRIDGE_PORTS
 from corral.context import Corral
 from corral.sandbox.spec import MASKED_PATHS, READONLY_PATHS
+from tests.hosts import outside_namespace
 from tests.integration.probes import (
     PRELUDE,
     Background,
@@ -390,42 +391,24 @@ class Outside:
 
 @pytest.fixture
 def outside() -> Iterator[Outside]:
-    tag = secrets.token_hex(3)
-    netns, host_if = f"isotest-{tag}", f"iso{tag}"
     near, address = "198.51.100.1", "198.51.100.7"  # the host's end, the outside host
-    setup = [
-        ["ip", "netns", "add", netns],
-        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", netns],
-        ["ip", "addr", "add", f"{near}/32", "dev", host_if],
-        ["ip", "link", "set", host_if, "up"],
-        ["ip", "route", "add", f"{address}/32", "dev", host_if, "src", near],
-        ["ip", "-n", netns, "link", "set", "lo", "up"],
-        ["ip", "-n", netns, "addr", "add", f"{address}/32", "dev", "eth0"],
-        ["ip", "-n", netns, "link", "set", "eth0", "up"],
-        ["ip", "-n", netns, "route", "add", f"{near}/32", "dev", "eth0"],
-        # Replies to anyone (a sandbox included, were it let through) go back via the host.
-        ["ip", "-n", netns, "route", "add", "default", "via", near, "dev", "eth0"],
-    ]
-    server = None
-    try:
-        for argv in setup:
-            subprocess.run(argv, check=True, capture_output=True)
+    # Replies to anyone (a sandbox included, were it let through) go back via the host.
+    with outside_namespace("iso", near, address) as (netns, _):
         server = subprocess.Popen(
             ["ip", "netns", "exec", netns, "python3", "-c", OUTSIDE_SERVER, address],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert server.stdout is not None
-        port = int(server.stdout.readline())
-        yield Outside(address, near, port, server)
-    finally:
-        if server is not None:
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline())
+            yield Outside(address, near, port, server)
+        finally:
             if server.poll() is None:
                 server.kill()
                 server.wait()
             for pipe in (server.stdin, server.stdout):
                 if pipe is not None:
                     pipe.close()
-        subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
 
 
 EGRESS = r"""
