@@ -15,6 +15,7 @@ This module owns everything engine-specific, so ``store.py`` can stay portable:
 
 from __future__ import annotations
 
+import fcntl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,7 +117,12 @@ def alembic_config() -> Config:
 def migrate(engine: Engine) -> None:
     """Upgrade the database behind ``engine`` to the newest revision; safe to race."""
     config = alembic_config()
-    with _MIGRATE_LOCK, translating(engine.url), engine.connect() as conn:
+    with (
+        _MIGRATE_LOCK,
+        _sqlite_file_lock(engine),
+        translating(engine.url),
+        engine.connect() as conn,
+    ):
         conn.execution_options(**WRITE)
         with conn.begin():
             if conn.dialect.name == "postgresql":
@@ -132,6 +138,20 @@ def migrate(engine: Engine) -> None:
                     f"cannot migrate {shown(engine.url)}: {e}. "
                     "Is the database newer than this version of Corral?"
                 ) from e
+
+
+@contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Across processes, one at a time migrates a SQLite file (PostgreSQL has its advisory
+    lock). Taken before the first connection, because that connection also switches a new
+    file to WAL, which SQLite refuses outright (no busy wait) while another process is in it."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def is_unique_violation(error: exc.IntegrityError) -> bool:
