@@ -4,20 +4,25 @@ Response shapes mirror ``corral env ... --json`` (``corral/cli/output.py`` and
 ``corral/cli/env.py``) and ``corral app ... --json`` (``corral/api/shapes.py``), field for
 field, so a client can switch between the CLI and the API.
 Names, digests and references are checked by the service, not here, so the API and the CLI
-refuse the same values with the same ``invalid_input`` error; these models check only the
-shape (types, a non-empty argv, a positive timeout) and refuse unknown fields.
+refuse the same values with the same ``invalid_input`` error; these models check the shape
+strictly: exact JSON types (``"wait": "yes"`` is not a boolean, ``"5"`` is not a number),
+finite numbers only, no unknown fields. A body that breaks them is a 422 naming the field.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from corral.billing import amounts
+from corral.errors import InvalidInput
 from corral.pipeline.apps import AppSpec
 
-_STRICT = ConfigDict(extra="forbid")
+# Every request body: JSON types exactly (no "yes" for true, no "5" for 5), finite numbers,
+# and nothing the model does not name.
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 def _argv() -> Any:
@@ -42,7 +47,9 @@ class Health(BaseModel):
 
 
 class CreateEnvironment(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
 
     name: str = Field(description="1-63 of a-z 0-9 _ . -, starting with a letter or digit")
     source: str | None = Field(
@@ -256,13 +263,48 @@ class Run(BaseModel):
 # -- credits -----------------------------------------------------------------------------
 
 
+def _exact(value: float) -> float:
+    """The ledger's own check (finite, at most 6 decimal places, within its bound), so the
+    API refuses what the ledger would, as a 422 naming the field."""
+    try:
+        amounts.to_micros(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.detail) from None
+    return value
+
+
+_CREDITS_RULE = f"at most {amounts.PLACES} decimal places and {amounts.MAX_CREDITS} in size"
+Credits = Annotated[float, AfterValidator(_exact)]
+
+
 class Grant(BaseModel):
     model_config = _STRICT
 
-    credits: float = Field(gt=0, description="credits to add to the user's balance")
-    note: str | None = Field(default=None, description="kept with the ledger entry")
+    credits: Credits = Field(
+        gt=0, le=amounts.MAX_CREDITS,
+        description=f"credits to add to the user's balance: above 0, {_CREDITS_RULE}",
+    )  # fmt: skip
+    note: str | None = Field(default=None, max_length=1000,
+                             description="kept with the ledger entry")  # fmt: skip
+
+
+class Adjustment(BaseModel):
+    """An operator's correction: the ledger is append-only, so a mistake is corrected by a
+    new entry (the negative of a mistaken grant, say), never edited away."""
+
+    model_config = _STRICT
+
+    credits: Credits = Field(
+        ge=-amounts.MAX_CREDITS, le=amounts.MAX_CREDITS,
+        description=f"credits to add (or, negative, to take away): not 0, {_CREDITS_RULE}",
+    )  # fmt: skip
+    note: str = Field(min_length=1, max_length=1000, pattern=r"\S",
+                      description="why: kept with the ledger entry")  # fmt: skip
 
 
 class Balance(BaseModel):
     user: str
-    balance: float = Field(description="grants minus what the user's runs have spent")
+    balance: float = Field(
+        description="grants and corrections minus what the user's runs have spent; exact to "
+        "the millionth of a credit"
+    )

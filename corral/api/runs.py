@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from corral.api import models, stream
 from corral.api.errors import documented
 from corral.api.shapes import app_json, version_json
+from corral.billing import amounts
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline.apps import AppSpec
@@ -237,18 +238,33 @@ def cancel_run(run_id: str, corral: Service) -> models.Run:
 # -- credits -----------------------------------------------------------------------------
 
 
+def _balance(corral: Corral, user: str) -> models.Balance:
+    return models.Balance(user=user, balance=amounts.as_number(corral.store.pipeline.balance(user)))
+
+
 @router.post(
     "/users/{user}/credits", status_code=201, tags=["credits"], responses=documented(400, 422)
 )
 def grant_credits(user: str, body: models.Grant, corral: Service) -> models.Balance:
     """Add credits to a user's balance (no authentication yet: anyone may); the new balance."""
-    check_user(user)
-    corral.ledger.grant(user, body.credits, body.note or "")
-    return models.Balance(user=user, balance=corral.ledger.balance(user))
+    corral.ledger.grant(check_user(user), body.credits, body.note or "")
+    return _balance(corral, user)
+
+
+@router.post(
+    "/users/{user}/credits/adjustments",
+    status_code=201,
+    tags=["credits"],
+    responses=documented(400, 422),
+)
+def adjust_credits(user: str, body: models.Adjustment, corral: Service) -> models.Balance:
+    """Correct a user's balance by a new entry of either sign, with a note saying why; the
+    new balance. The ledger is append-only: the mistaken entry stays, corrected."""
+    corral.ledger.adjust(check_user(user), body.credits, body.note)
+    return _balance(corral, user)
 
 
 @router.get("/users/{user}/credits", tags=["credits"], responses=documented(400))
 def credit_balance(user: str, corral: Service) -> models.Balance:
-    """A user's balance: grants minus what their runs have spent."""
-    check_user(user)
-    return models.Balance(user=user, balance=corral.ledger.balance(user))
+    """A user's balance: grants and corrections minus what their runs have spent."""
+    return _balance(corral, check_user(user))

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from corral.api.shapes import app_json, version_json
+from corral.billing import amounts
 from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
@@ -200,22 +201,37 @@ def credits_group() -> None:
     """Users' credits: what their runs may spend."""
 
 
-@credits_group.command("grant")
+# ``-5`` is read as an amount (and refused as one, by name), not as an unknown option.
+@credits_group.command("grant", context_settings={"ignore_unknown_options": True})
 @click.argument("user")
-@click.argument("credits", type=float)
+@click.argument("credits")
 @click.option("--note", default="", help="Kept with the ledger entry.")
 @json_option
 @click.pass_obj
 @handled
-def grant(corral: Corral, user: str, credits: float, note: str, as_json: bool) -> None:
-    """Add CREDITS to USER's balance."""
+def grant(corral: Corral, user: str, credits: str, note: str, as_json: bool) -> None:
+    """Add CREDITS to USER's balance: a number above 0, at most 6 decimal places."""
     check_user(user)
-    if credits <= 0:
-        raise InvalidInput("a grant must be a positive number of credits")
-    corral.ledger.grant(user, credits, note)
-    left = corral.ledger.balance(user)
-    emit(as_json, {"user": user, "balance": left},
-         lambda: click.echo(f"granted {credits:g} to {user}; balance {left:g}"))  # fmt: skip
+    micros = corral.ledger.grant(user, credits, note)
+    _balance(corral, user, as_json, f"granted {amounts.shown(micros)} to {user}; ")
+
+
+# Here ``-5`` is the point: a correction is often negative.
+@credits_group.command("adjust", context_settings={"ignore_unknown_options": True})
+@click.argument("user")
+@click.argument("credits")
+@click.option("--note", required=True, help="Why: kept with the ledger entry.")
+@json_option
+@click.pass_obj
+@handled
+def adjust(corral: Corral, user: str, credits: str, note: str, as_json: bool) -> None:
+    """Correct USER's balance by CREDITS, either sign: `adjust alice -5 --note "typo"`.
+
+    The ledger is append-only: a mistaken entry stays, and this one corrects it.
+    """
+    check_user(user)
+    micros = corral.ledger.adjust(user, credits, note)
+    _balance(corral, user, as_json, f"adjusted {user} by {amounts.shown(micros)}; ")
 
 
 @credits_group.command("balance")
@@ -224,10 +240,15 @@ def grant(corral: Corral, user: str, credits: float, note: str, as_json: bool) -
 @click.pass_obj
 @handled
 def balance(corral: Corral, user: str, as_json: bool) -> None:
-    """USER's balance: grants minus what their runs have spent."""
+    """USER's balance: grants and corrections minus what their runs have spent."""
     check_user(user)
-    left = corral.ledger.balance(user)
-    emit(as_json, {"user": user, "balance": left}, lambda: click.echo(f"{left:g}"))
+    _balance(corral, user, as_json, "")
+
+
+def _balance(corral: Corral, user: str, as_json: bool, done: str) -> None:
+    micros = corral.store.pipeline.balance(user)
+    text = f"{done}balance {amounts.shown(micros)}" if done else amounts.shown(micros)
+    emit(as_json, {"user": user, "balance": amounts.as_number(micros)}, lambda: click.echo(text))
 
 
 def register(cli: click.Group) -> None:

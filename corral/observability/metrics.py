@@ -11,6 +11,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from corral.billing.amounts import as_number
 from corral.store import Run, Store
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -60,7 +61,7 @@ class Metrics:
                 self.bridge_calls.labels(call["connection"] or "", str(call["status"])).inc()
         spent = self.store.pipeline.spent(run=run.id)
         if spent:
-            self.credits.labels(run.app or "").inc(spent)
+            self.credits.labels(run.app or "").inc(as_number(spent))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,11 +6,13 @@ A run records the app version it ran, so what ran is always known even after the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
 
+from corral.billing.amounts import to_micros
 from corral.errors import InvalidInput
 from corral.store import Store
 from corral.store.rows import check_name
@@ -40,15 +42,23 @@ class AppSpec:
             raise InvalidInput(
                 f"entrypoint {self.entrypoint!r} is not of the form file.py:function"
             )
-        if self.timeout <= 0:
-            raise InvalidInput("timeout must be positive")
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
+            raise InvalidInput(f"timeout must be a number of seconds, not {self.timeout!r}")
+        if not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise InvalidInput(f"timeout must be a finite number of seconds above 0, "
+                               f"not {self.timeout!r}")  # fmt: skip
         if self.concurrency not in POLICIES:
             raise InvalidInput(f"concurrency must be one of {', '.join(POLICIES)}")
         if self.max_concurrent < 0:
             raise InvalidInput("max_concurrent must be 0 (no maximum) or more")
-        for budget in (self.budget_per_run, self.budget_total):
-            if budget is not None and budget < 0:
-                raise InvalidInput("a budget cannot be negative")
+        for what in ("budget_per_run", "budget_total"):
+            budget = getattr(self, what)
+            if budget is not None and (isinstance(budget, bool) or
+                                       not isinstance(budget, int | float)):
+                raise InvalidInput(f"{what} must be a number of credits, not {budget!r}")
+            # Exact, finite and within the ledger's bound, like every amount of credits.
+            if budget is not None and to_micros(budget, what) < 0:
+                raise InvalidInput(f"{what} cannot be negative, not {budget!r}")
         if self.input_schema is not None:
             try:
                 jsonschema.Draft202012Validator.check_schema(self.input_schema)

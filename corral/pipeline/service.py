@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from corral.billing.amounts import to_micros
 from corral.billing.ledger import BudgetExhausted, Ledger
 from corral.errors import Conflict, InvalidInput
 from corral.pipeline.apps import Apps, AppSpec
@@ -99,7 +100,7 @@ class Pipeline:
             raise BudgetExhausted(f"user {user!r} has no credits left")
         if (
             spec.budget_total is not None
-            and self.store.pipeline.spent(app=app) >= spec.budget_total
+            and self.store.pipeline.spent(app=app) >= to_micros(spec.budget_total)
         ):
             raise BudgetExhausted(
                 f"app {app!r} has spent its budget of {spec.budget_total} credits"

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from corral.billing.amounts import credits, to_micros
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
@@ -174,11 +175,12 @@ class Worker:
                 return Stopped(RunStatus.CANCELLED, "cancelled", "the run was cancelled")
             if spec.budget_per_run is not None:
                 cost = self.pipeline.ledger.cost(run.id)
-                if cost >= spec.budget_per_run:
+                budget = credits(to_micros(spec.budget_per_run, "budget_per_run"))
+                if cost >= budget:
                     return Stopped(
                         RunStatus.FAILED,
                         "budget_exhausted",
-                        f"the run spent {cost:.4f} of its {spec.budget_per_run} "
+                        f"the run spent {cost:f} of its {budget} "
                         "credits; its token was revoked and its sandbox torn down",
                     )
             return None

@@ -17,13 +17,20 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, InvalidInput, NotFound
 from corral.store.engine import is_unique_violation, transaction
 from corral.store.rows import Run
-from corral.store.schema import app_versions, apps, idempotency_keys, ledger, runs
+from corral.store.schema import (
+    LEDGER_MAX_MICROS,
+    app_versions,
+    apps,
+    idempotency_keys,
+    ledger,
+    runs,
+)
 
 ACTIVE = ("queued", "running")
 
@@ -277,29 +284,44 @@ class PipelineRecords:
 
     def post(self, entries: list[dict[str, Any]]) -> int:
         """Append entries; one whose ``source`` is already in the ledger is skipped (exactly
-        once per usage event, however often billing runs). Returns how many were new."""
+        once per usage event, however often billing runs). Returns how many were new.
+
+        Each entry's ``micros`` must be an integer whose sign fits its ``kind`` (see
+        ``check_entry``), whoever posts it; and a credit may not lift the user's balance
+        past ``LEDGER_MAX_MICROS``, which keeps every balance exact.
+        """
         if not entries:
             return 0
+        for entry in entries:
+            check_entry(entry)
         dialect = self._engine.dialect.name
         upsert = pg_insert if dialect == "postgresql" else sqlite_insert
         new = 0
         with transaction(self._engine, write=True) as conn:
             for entry in entries:  # RETURNING, not rowcount: psycopg reports -1 for batches
+                if entry["micros"] > 0:
+                    after = _balance(conn, entry["user"]) + entry["micros"]
+                    if after > LEDGER_MAX_MICROS:
+                        raise InvalidInput(
+                            f"that would make {entry['user']!r}'s balance {after} micro-credits; "
+                            f"a balance may be at most {LEDGER_MAX_MICROS}"
+                        )
                 statement = (upsert(ledger).values(**entry)
                              .on_conflict_do_nothing(index_elements=["source"])
                              .returning(ledger.c.id))  # fmt: skip
                 new += len(conn.execute(statement).all())
         return new
 
-    def balance(self, user: str) -> float:
+    def balance(self, user: str) -> int:
+        """The user's balance in micro-credits: the exact sum of their entries."""
         with transaction(self._engine) as conn:
-            return float(conn.scalar(select(func.coalesce(func.sum(ledger.c.credits), 0.0))
-                                     .where(ledger.c.user == user)) or 0.0)  # fmt: skip
+            return _balance(conn, user)
 
     def spent(
         self, *, run: str | None = None, app: str | None = None, user: str | None = None
-    ) -> float:
-        query = select(func.coalesce(func.sum(ledger.c.credits), 0.0)).where(
+    ) -> int:
+        """Micro-credits deducted (a positive number), for a run, an app or a user."""
+        query = select(func.coalesce(func.sum(ledger.c.micros), 0)).where(
             ledger.c.kind == "deduction"
         )
         if run is not None:
@@ -309,7 +331,7 @@ class PipelineRecords:
         if user is not None:
             query = query.where(ledger.c.user == user)
         with transaction(self._engine) as conn:
-            return -float(conn.scalar(query) or 0.0)
+            return -int(conn.scalar(query) or 0)
 
     def entries(self, *, run: str | None = None, user: str | None = None) -> list[dict[str, Any]]:
         query = select(ledger).order_by(ledger.c.id)
@@ -319,3 +341,29 @@ class PipelineRecords:
             query = query.where(ledger.c.user == user)
         with transaction(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def check_entry(entry: dict[str, Any]) -> None:
+    """Refuse a ledger entry whose amount is not an integer of micro-credits fitting its kind:
+    a grant is positive, a deduction not positive, an adjustment not zero."""
+    kind, micros = entry.get("kind"), entry.get("micros")
+    if isinstance(micros, bool) or not isinstance(micros, int):
+        raise InvalidInput(f"a ledger amount is an integer of micro-credits, not {micros!r}")
+    if abs(micros) > LEDGER_MAX_MICROS:
+        raise InvalidInput(f"a ledger entry is at most {LEDGER_MAX_MICROS} micro-credits in size, "
+                           f"not {micros}")  # fmt: skip
+    fits = {
+        "grant": micros > 0,
+        "deduction": micros <= 0,
+        "adjustment": micros != 0,
+    }
+    if kind not in fits:
+        raise InvalidInput(f"unknown ledger entry kind {kind!r}; one of {', '.join(fits)}")
+    if not fits[kind]:
+        raise InvalidInput(f"a {kind} of {micros} micro-credits does not fit its kind")
+
+
+def _balance(conn: Connection, user: str) -> int:
+    total = conn.scalar(select(func.coalesce(func.sum(ledger.c.micros), 0))
+                        .where(ledger.c.user == user))  # fmt: skip
+    return int(total or 0)

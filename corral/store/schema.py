@@ -271,6 +271,18 @@ idempotency_keys = Table(
     Column("created_at", UTCDateTime, nullable=False),
 )
 
+# The ledger counts in integer micro-credits (docs/design/ledger.md): sums are exact on every
+# engine and no amount can be NaN or infinite. The checks are the last line behind the
+# ledger's own validation: whatever code posts an entry, its sign fits its kind and its size
+# fits the bound that keeps every balance exact.
+LEDGER_MAX_MICROS = 10**15  # one entry: a billion credits
+LEDGER_KINDS = ("grant", "deduction", "adjustment", "voided")
+LEDGER_SIGNS = (
+    "(kind = 'grant' AND micros > 0) OR (kind = 'deduction' AND micros <= 0)"
+    " OR (kind = 'adjustment' AND micros <> 0) OR (kind = 'voided' AND micros = 0)"
+)
+LEDGER_BOUNDED = f"micros BETWEEN -{LEDGER_MAX_MICROS} AND {LEDGER_MAX_MICROS}"
+
 ledger = Table(
     "ledger",
     metadata,
@@ -279,10 +291,14 @@ ledger = Table(
     Column("run", Text, nullable=True),
     Column("app", Text, nullable=True),
     Column("source", Text, nullable=False, unique=True),  # what it is for: at most once each
-    Column("kind", Text, nullable=False),  # grant | deduction
-    Column("credits", Float, nullable=False),  # positive for a grant, negative for a deduction
+    # grant | deduction | adjustment (an operator's correction, either sign) | voided (a
+    # legacy entry whose amount was not a finite number: kept, worth nothing)
+    Column("kind", Text, nullable=False),
+    Column("micros", BigInteger, nullable=False),  # micro-credits: + grant, - deduction
     Column("detail", Text, nullable=True),
     Column("at", UTCDateTime, nullable=False),
+    CheckConstraint(LEDGER_SIGNS, name="micros_by_kind"),
+    CheckConstraint(LEDGER_BOUNDED, name="micros_bounded"),
 )
 
 schedules = Table(

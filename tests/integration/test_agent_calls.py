@@ -126,7 +126,7 @@ def test_an_agent_calls_another_and_gets_its_result(
 
     charged = billed(corral, child.id)
     assert all(e["user"] == user and e["app"] == callee for e in charged)
-    assert all(e["kind"] == "deduction" and e["credits"] < 0 for e in charged)
+    assert all(e["kind"] == "deduction" and e["micros"] < 0 for e in charged)
     assert corral.store.pipeline.spent(user=user) >= corral.store.pipeline.spent(run=child.id) > 0
 
 

@@ -298,6 +298,7 @@ ROUTES = {
     "/v1/runs/{run_id}/events": {"get"},
     "/v1/runs/{run_id}/cancel": {"post"},
     "/v1/users/{user}/credits": {"get", "post"},
+    "/v1/users/{user}/credits/adjustments": {"post"},
 }
 
 

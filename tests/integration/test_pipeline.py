@@ -89,9 +89,8 @@ def test_a_run_is_admitted_executed_and_billed_once(corral: Corral, agents_env: 
     charged = corral.store.pipeline.entries(run=done.id)
     assert charged and all(e["kind"] == "deduction" and e["user"] == user for e in charged)
     before = corral.ledger.balance(user)
-    assert corral.ledger.bill(done.id, user, app) == pytest.approx(
-        -sum(e["credits"] for e in charged)
-    )
+    # Exact, in micro-credits: no approximation needed.
+    assert corral.ledger.bill(done.id, user, app) * 1_000_000 == -sum(e["micros"] for e in charged)
     assert corral.ledger.balance(user) == before  # billing again deducts nothing more
 
 
