@@ -6,11 +6,13 @@
     ├── ConfigError                   a CORRAL_* variable is missing or malformed
     ├── NotFound                      base of every "no such thing"
     │   ├── EnvironmentNotFound
-    │   └── SnapshotNotFound
+    │   ├── SnapshotNotFound
+    │   └── ImageNotFound             an oci:/oci-archive: source names nothing that exists
     ├── Conflict                      the request contradicts what is stored
     │   ├── EnvironmentExists
     │   └── EnvironmentBusy           another edit session or freeze holds the environment
     ├── InvalidInput                  a name, digest, reference or argument is malformed
+    │   └── ImportForbidden           over HTTP, an image outside the server's import directory
     ├── StoreError                    the database refused or is unreachable
     ├── SnapshotError                 OCI layout and layer problems
     │   ├── NothingToFreeze           the edit session changed nothing
@@ -89,6 +91,14 @@ class SnapshotNotFound(NotFound):
         super().__init__(f"no snapshot {ref!r}{suffix}")
 
 
+class ImageNotFound(NotFound):
+    code = "image_not_found"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"no OCI image layout or archive at {path}")
+
+
 class Conflict(CorralError):
     """The request contradicts what is already stored."""
 
@@ -115,6 +125,12 @@ class InvalidInput(CorralError):
     """A name, digest, reference or argument is malformed."""
 
     code = "invalid_input"
+
+
+class ImportForbidden(InvalidInput):
+    """Over HTTP, an image is imported only from the server's import directory."""
+
+    code = "import_forbidden"
 
 
 class StoreError(CorralError):

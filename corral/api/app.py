@@ -23,8 +23,9 @@ from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from corral import __version__
-from corral.api import errors, routes, runs, ui
+from corral.api import errors, http, routes, runs, ui
 from corral.context import Corral
+from corral.limits import MAX_REQUEST_BODY
 
 DESCRIPTION = """\
 Frozen environments and isolated sandboxes for cloud agents.
@@ -61,6 +62,7 @@ def create_app(corral: Corral) -> FastAPI:
         ],
     )
     app.state.corral = corral
+    app.add_middleware(http.Gatekeeper, limit=MAX_REQUEST_BODY)
     errors.install(app)
     app.include_router(routes.router)
     app.include_router(runs.router)

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from corral.api import http
 from corral.billing.ledger import BudgetExhausted
 from corral.bridge.backend import RefreshFailed
 from corral.bridge.keys import SigningKeyError
@@ -44,7 +45,9 @@ from corral.errors import (
     EnvironmentBusy,
     EnvironmentExists,
     EnvironmentNotFound,
+    ImageNotFound,
     ImportFailed,
+    ImportForbidden,
     InvalidInput,
     MasterKeyError,
     MasterKeyInUse,
@@ -62,10 +65,16 @@ from corral.errors import (
     UnknownMasterKey,
     VaultError,
 )
-from corral.pipeline.service import CallRefused, ConcurrencyLimit, IdempotencyMismatch
+from corral.limits import MAX_REQUEST_BODY
+from corral.pipeline.service import (
+    CallRefused,
+    ConcurrencyLimit,
+    IdempotencyMismatch,
+    InputTooLarge,
+)
 from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
 from corral.sandbox.session import ProtocolError, SessionEnded, SessionTimeout
-from corral.store.pipeline import AppExists, AppNotFound
+from corral.store.pipeline import AppExists, AppNotFound, BalanceLimit
 from corral.store.records import LeaseLost, ReleaseNotFound, RunNotFound
 from corral.store.schedules import ScheduleNotFound
 from corral.store.webhooks import DeliveryNotFound
@@ -83,6 +92,10 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     NotFound: 404,
     EnvironmentNotFound: 404,
     SnapshotNotFound: 404,
+    ImageNotFound: 404,
+    # Over HTTP the server reads images only from its import directory: the path is well
+    # formed, the server will not read it for this client.
+    ImportForbidden: 403,
     Conflict: 409,  # includes the compare-and-swap loser of a racing freeze
     EnvironmentExists: 409,
     EnvironmentBusy: 409,  # another edit session or freeze holds the environment: retry later
@@ -124,6 +137,10 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     # user's ends, and clients and retry libraries treat 429 as "back off and retry", 409 as
     # final.
     ConcurrencyLimit: 429,
+    # Content Too Large: the input is over corral.limits.MAX_INPUT; the same request will never
+    # be admitted, and no run was recorded.
+    InputTooLarge: 413,
+    BalanceLimit: 409,  # a grant would lift the balance past the ledger's bound
     BudgetExhausted: 402,  # Payment Required: the user's credits, or the app's budget, are spent
     LeaseLost: 409,  # a worker's lease was taken over; never a client's doing in practice
     # Cron schedules (corral/triggers, corral/store/schedules.py).
@@ -199,7 +216,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     problems = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err.get("loc", ()))
-        problems.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
+        message = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":  # say what is wrong, not only that it is
+            message = f"{message}: {err.get('ctx', {}).get('error', '')}"
+        problems.append(f"{where}: {message}" if where else message)
     return _body(INVALID_REQUEST, "; ".join(problems) or "the request is invalid", 422)
 
 
@@ -209,9 +229,13 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:
         code = f"http_{exc.status_code}"
+    if exc.status_code == 413:  # a body read past the limit: as when its length said so
+        return http.too_large(MAX_REQUEST_BODY)
     response = _body(code, str(exc.detail), exc.status_code)
-    for name, value in (exc.headers or {}).items():  # e.g. Allow on a 405
+    for name, value in (exc.headers or {}).items():
         response.headers[name] = value
+    if exc.status_code == 405:  # every method of every route on the path, not the first's
+        response.headers["Allow"] = ", ".join(http.allowed(request.app, request.scope))
     return response
 
 

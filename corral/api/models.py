@@ -14,22 +14,58 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from corral.billing import amounts
 from corral.errors import InvalidInput
 from corral.pipeline.apps import AppSpec
+from corral.store.rows import DIGEST_PATTERN, NAME_PATTERN, NAME_RULE, USER_PATTERN
+
+
+def rule(pattern: str, max_length: int, min_length: int = 1) -> dict[str, Any]:
+    """The OpenAPI form of a rule the service enforces with ``pattern`` (matched whole)."""
+    return {"pattern": f"^{pattern}$", "minLength": min_length, "maxLength": max_length}
+
+
+def header(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional header's schema: a string when present (never JSON ``null``)."""
+    return {"anyOf": [{"type": "string", **schema}]}
+
+
+NAME = rule(NAME_PATTERN, 63)  # environments, apps, connections
+USER = rule(USER_PATTERN, 128)
+DIGEST = rule(DIGEST_PATTERN, 71)
+# file.py:function, or package.module:function
+ENTRYPOINT: dict[str, Any] = {"pattern": ":", "minLength": 3}
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), 5.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer as JSON Schema means it: 5 or 5.0, never "5", 5.5 or true.
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 # Every request body: JSON types exactly (no "yes" for true, no "5" for 5), finite numbers,
 # and nothing the model does not name.
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
+_NO_NUL = "^[^\\u0000]*$"  # an argument travels as a C string: no NUL inside
+
+
 def _argv() -> Any:
     return Field(
         min_length=1,
-        description="the command and its arguments, run without a shell",
+        description="the command and its arguments, run without a shell; the command is not "
+        "empty, and no argument holds a NUL",
         examples=[["sh", "-c", "echo hello"]],
+        json_schema_extra={
+            "prefixItems": [{"type": "string", "minLength": 1, "pattern": _NO_NUL}],
+            "items": {"type": "string", "pattern": _NO_NUL},
+        },
     )
 
 
@@ -51,11 +87,14 @@ class CreateEnvironment(BaseModel):
         strict=True, extra="forbid", allow_inf_nan=False, populate_by_name=True
     )
 
-    name: str = Field(description="1-63 of a-z 0-9 _ . -, starting with a letter or digit")
+    name: str = Field(description=NAME_RULE, json_schema_extra=NAME)
     source: str | None = Field(
         default=None,
         alias="from",
-        description="oci:PATH[:TAG] or oci-archive:PATH[:TAG] on the server; null: the base image",
+        description="oci:PATH[:TAG] or oci-archive:PATH[:TAG] on the server, under its import "
+        "directory (403 elsewhere, 404 if nothing is there); null: the base image",
+        json_schema_extra={"anyOf": [{"type": "string", "pattern": "^(oci|oci-archive):."},
+                                     {"type": "null"}]},
     )
 
 
@@ -121,10 +160,12 @@ class Exec(BaseModel):
 class RunSandbox(BaseModel):
     model_config = _STRICT
 
-    env: str = Field(description="the environment whose snapshot boots the sandbox")
+    env: str = Field(description="the environment whose snapshot boots the sandbox",
+                     json_schema_extra=NAME)  # fmt: skip
     argv: list[str] = _argv()
     snapshot: str | None = Field(
-        default=None, description="a digest from the environment's history; null: its head"
+        default=None, description="a digest from the environment's history; null: its head",
+        json_schema_extra={"anyOf": [{"type": "string", **DIGEST}, {"type": "null"}]},
     )
     timeout: float | None = _timeout()
 
@@ -136,6 +177,32 @@ class CommandResult(BaseModel):
     seconds: float = Field(description="wall time from boot to teardown")
     stdout: str = Field(description="everything the command wrote, decoded as UTF-8")
     stderr: str
+
+
+# -- amounts of credits ------------------------------------------------------------
+
+
+def _exact(value: float) -> float:
+    """The ledger's own check (finite, at most 6 decimal places, within its bound), so the
+    API refuses what the ledger would, as a 422 naming the field."""
+    try:
+        amounts.to_micros(value)
+    except InvalidInput as exc:
+        raise ValueError(exc.detail) from None
+    return value
+
+
+_CREDITS_RULE = f"at most {amounts.PLACES} decimal places and {amounts.MAX_CREDITS} in size"
+Credits = Annotated[float, AfterValidator(_exact)]
+_MICRO = 1 / amounts.MICROS
+# For an optional amount, the rules go on its number branch (a bare multipleOf beside
+# anyOf would apply to null too).
+_CREDITS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": 0, "maximum": amounts.MAX_CREDITS, "multipleOf": _MICRO},
+        {"type": "null"},
+    ]
+}
 
 
 # -- apps --------------------------------------------------------------------------------
@@ -154,19 +221,23 @@ class AppSettings(BaseModel):
 
     timeout: float = Field(default=_spec_default("timeout"), gt=0,
                            description="seconds a run may take")  # fmt: skip
-    budget_per_run: float | None = Field(
-        default=None, ge=0, description="credits one run may spend; 0 admits no run; null: none"
-    )
-    budget_total: float | None = Field(
-        default=None, ge=0, description="credits all the app's runs may spend; null: no limit"
-    )
+    budget_per_run: Credits | None = Field(
+        default=None, ge=0, le=amounts.MAX_CREDITS, json_schema_extra=_CREDITS_SCHEMA,
+        description="credits one run may spend; 0 admits no run; null: none",
+    )  # fmt: skip
+    budget_total: Credits | None = Field(
+        default=None, ge=0, le=amounts.MAX_CREDITS, json_schema_extra=_CREDITS_SCHEMA,
+        description="credits all the app's runs may spend; null: no limit",
+    )  # fmt: skip
     concurrency: Literal["allow", "enqueue", "reject", "cancel_previous"] = Field(
         default=_spec_default("concurrency"),
         description="what a user's run does while another of theirs is active",
     )
-    max_concurrent: int = Field(default=0, ge=0, description="active runs per user; 0: no maximum")
+    max_concurrent: Integer = Field(default=0, ge=0, le=1_000_000,
+                                    description="active runs per user; 0: no maximum")  # fmt: skip
     connections: list[str] = Field(
-        default_factory=list, description="connections the runs' tokens may reach"
+        default_factory=list, description="connections the runs' tokens may reach",
+        json_schema_extra={"items": {"type": "string", **NAME}},
     )
     input_schema: dict[str, Any] | None = Field(
         default=None, description="a JSON Schema every run's input must satisfy"
@@ -180,16 +251,23 @@ class AppSettings(BaseModel):
 
 
 class CreateApp(AppSettings):
-    name: str = Field(description="1-63 of a-z 0-9 _ . -, starting with a letter or digit")
-    environment: str = Field(description="the environment whose head snapshot runs boot")
-    entrypoint: str = Field(description="file.py:function", examples=["agent.py:main"])
+    name: str = Field(description=NAME_RULE, json_schema_extra=NAME)
+    environment: str = Field(description="the environment whose head snapshot runs boot",
+                             json_schema_extra=NAME)  # fmt: skip
+    entrypoint: str = Field(description="file.py:function", examples=["agent.py:main"],
+                            json_schema_extra=ENTRYPOINT)  # fmt: skip
 
 
 class UpdateApp(AppSettings):
     """Only the fields sent change; every change is a new version."""
 
-    environment: str | None = None
-    entrypoint: str | None = None
+    environment: str | None = Field(
+        default=None, json_schema_extra={"anyOf": [{"type": "string", **NAME}, {"type": "null"}]}
+    )
+    entrypoint: str | None = Field(
+        default=None,
+        json_schema_extra={"anyOf": [{"type": "string", **ENTRYPOINT}, {"type": "null"}]},
+    )
 
 
 class AppSpecBody(BaseModel):
@@ -263,25 +341,11 @@ class Run(BaseModel):
 # -- credits -----------------------------------------------------------------------------
 
 
-def _exact(value: float) -> float:
-    """The ledger's own check (finite, at most 6 decimal places, within its bound), so the
-    API refuses what the ledger would, as a 422 naming the field."""
-    try:
-        amounts.to_micros(value)
-    except InvalidInput as exc:
-        raise ValueError(exc.detail) from None
-    return value
-
-
-_CREDITS_RULE = f"at most {amounts.PLACES} decimal places and {amounts.MAX_CREDITS} in size"
-Credits = Annotated[float, AfterValidator(_exact)]
-
-
 class Grant(BaseModel):
     model_config = _STRICT
 
     credits: Credits = Field(
-        gt=0, le=amounts.MAX_CREDITS,
+        gt=0, le=amounts.MAX_CREDITS, json_schema_extra={"multipleOf": _MICRO},
         description=f"credits to add to the user's balance: above 0, {_CREDITS_RULE}",
     )  # fmt: skip
     note: str | None = Field(default=None, max_length=1000,
@@ -296,6 +360,7 @@ class Adjustment(BaseModel):
 
     credits: Credits = Field(
         ge=-amounts.MAX_CREDITS, le=amounts.MAX_CREDITS,
+        json_schema_extra={"multipleOf": _MICRO, "not": {"const": 0}},
         description=f"credits to add (or, negative, to take away): not 0, {_CREDITS_RULE}",
     )  # fmt: skip
     note: str = Field(min_length=1, max_length=1000, pattern=r"\S",

@@ -18,17 +18,20 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 
 from corral.api import models
 from corral.api.errors import documented
+from corral.api.http import StrictRoute
 from corral.config import Settings
 from corral.context import Corral
 from corral.envs.service import Environments
 from corral.envs.shapes import environment, snapshot
-from corral.errors import InvalidInput
+from corral.errors import ImportForbidden
 from corral.sandbox.sandboxes import SandboxResult
+from corral.store.rows import NAME_RULE
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=StrictRoute)
 
 
 def _envs(request: Request) -> Environments:
@@ -42,6 +45,7 @@ def _settings(request: Request) -> Settings:
 
 
 Envs = Annotated[Environments, Depends(_envs)]
+EnvName = Annotated[str, PathParam(description=NAME_RULE, json_schema_extra=models.NAME)]
 Config = Annotated[Settings, Depends(_settings)]
 OUTPUT_CAP = 4 << 20  # bytes of stdout or stderr returned over HTTP; the rest is cut
 
@@ -54,7 +58,7 @@ def _importable(source: str | None, settings: Settings) -> str | None:
     path = rest.partition(":")[0]
     root = settings.import_dir.resolve()
     if not Path(path).resolve().is_relative_to(root):
-        raise InvalidInput(f"over HTTP, 'from' must name an image under {root}, not {path!r}")
+        raise ImportForbidden(f"over HTTP, 'from' must name an image under {root}, not {path!r}")
     return source
 
 
@@ -89,7 +93,7 @@ def list_environments(envs: Envs) -> list[models.Environment]:
 
 
 @router.get("/envs/{name}", tags=["environments"], responses=documented(400, 404, 500))
-def get_environment(name: str, envs: Envs) -> models.EnvironmentDetail:
+def get_environment(name: EnvName, envs: Envs) -> models.EnvironmentDetail:
     """One environment, and whether its draft holds unfrozen changes."""
     env = envs.get(name)  # validates the name before has_draft builds a path from it
     return models.EnvironmentDetail.model_validate(
@@ -104,7 +108,7 @@ def get_environment(name: str, envs: Envs) -> models.EnvironmentDetail:
     tags=["environments"],
     responses=documented(400, 404, 409, 500),
 )
-def delete_environment(name: str, envs: Envs) -> None:
+def delete_environment(name: EnvName, envs: Envs) -> None:
     """Forget the environment and its draft; blobs shared with other environments stay."""
     envs.delete(name)
 
@@ -113,7 +117,7 @@ def delete_environment(name: str, envs: Envs) -> None:
     "/envs/{name}/exec", tags=["environments"], responses=documented(400, 404, 409, 422, 500, 503)
 )
 def exec_in_environment(
-    name: str, body: models.Exec, envs: Envs, settings: Config
+    name: EnvName, body: models.Exec, envs: Envs, settings: Config
 ) -> models.CommandResult:
     """Run a command in an edit session: what it changes waits in the draft for freeze.
 
@@ -129,7 +133,9 @@ def exec_in_environment(
     tags=["environments"],
     responses=documented(400, 404, 409, 422, 500, 507),
 )
-def freeze_environment(name: str, envs: Envs, body: models.Freeze | None = None) -> models.Snapshot:
+def freeze_environment(
+    name: EnvName, envs: Envs, body: models.Freeze | None = None
+) -> models.Snapshot:
     """Freeze the draft into a new snapshot on top of the head; 409 if the draft is empty."""
     snap = envs.freeze(name, body.message if body else None)
     return models.Snapshot.model_validate(snapshot(snap))
@@ -138,20 +144,20 @@ def freeze_environment(name: str, envs: Envs, body: models.Freeze | None = None)
 @router.post(
     "/envs/{name}/discard", tags=["environments"], responses=documented(400, 404, 409, 500)
 )
-def discard_draft(name: str, envs: Envs) -> models.Discarded:
+def discard_draft(name: EnvName, envs: Envs) -> models.Discarded:
     """Throw away the draft: the environment goes back to exactly its head snapshot."""
     envs.discard(name)
     return models.Discarded(name=name, discarded=True)
 
 
 @router.get("/envs/{name}/history", tags=["environments"], responses=documented(400, 404, 500))
-def environment_history(name: str, envs: Envs) -> list[models.Snapshot]:
+def environment_history(name: EnvName, envs: Envs) -> list[models.Snapshot]:
     """Every snapshot of the environment, newest first."""
     return [models.Snapshot.model_validate(snapshot(s)) for s in envs.history(name)]
 
 
 @router.post("/envs/{name}/verify", tags=["environments"], responses=documented(400, 404, 500))
-def verify_environment(name: str, envs: Envs) -> models.VerifyReport:
+def verify_environment(name: EnvName, envs: Envs) -> models.VerifyReport:
     """Re-hash every blob of every snapshot; a changed one is a 500 ``corrupt_blob``."""
     return models.VerifyReport.model_validate(envs.verify(name).to_dict())
 

@@ -16,14 +16,16 @@ on a trusted network only.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from corral.api import models, stream
 from corral.api.errors import documented
+from corral.api.http import StrictRoute
 from corral.api.shapes import app_json, version_json
 from corral.billing import amounts
 from corral.context import Corral
@@ -32,9 +34,9 @@ from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
-from corral.store.rows import check_user
+from corral.store.rows import NAME_RULE, USER_RULE, check_user
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=StrictRoute)
 DEFAULT_USER = "local"
 MAX_KEY = 255
 
@@ -47,26 +49,39 @@ def _corral(request: Request) -> Corral:
 def _user(
     x_corral_user: Annotated[
         str | None,
-        Header(description="the calling user (no authentication yet); default `local`"),
+        Header(description="the calling user (no authentication yet); default `local`. "
+                           + USER_RULE, json_schema_extra=models.header(models.USER)),
     ] = None,
 ) -> str:
-    return check_user(x_corral_user or DEFAULT_USER)
+    return check_user(x_corral_user if x_corral_user is not None else DEFAULT_USER)
+
+
+# Visible ASCII: a header value's spaces at either end are not the client's to keep, and
+# anything beyond ASCII is not portable in a header.
+KEY_PATTERN = rf"[!-~]{{1,{MAX_KEY}}}"
+_KEY_RE = re.compile(KEY_PATTERN)
 
 
 def _idempotency_key(
     idempotency_key: Annotated[
         str | None,
-        Header(description="the same key and body within 24 h give the same run, once"),
+        Header(description="the same key and body within 24 h give the same run, once; "
+                           f"1-{MAX_KEY} visible ASCII characters (no spaces)",
+               json_schema_extra=models.header({"pattern": f"^{KEY_PATTERN}$", "minLength": 1,
+                                                "maxLength": MAX_KEY})),
     ] = None,
 ) -> str | None:
     if idempotency_key is None:
         return None
-    if not 0 < len(idempotency_key) <= MAX_KEY or not idempotency_key.isprintable():
-        raise InvalidInput(f"Idempotency-Key must be 1-{MAX_KEY} printable characters")
+    if _KEY_RE.fullmatch(idempotency_key) is None:
+        raise InvalidInput(f"Idempotency-Key must be 1-{MAX_KEY} visible ASCII characters, "
+                           f"not {idempotency_key!r}")  # fmt: skip
     return idempotency_key
 
 
 Service = Annotated[Corral, Depends(_corral)]
+AppName = Annotated[str, Path(description=NAME_RULE, json_schema_extra=models.NAME)]
+UserName = Annotated[str, Path(description=USER_RULE, json_schema_extra=models.USER)]
 User = Annotated[str, Depends(_user)]
 IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
 
@@ -124,14 +139,14 @@ def list_apps(corral: Service) -> list[models.App]:
 
 
 @router.get("/apps/{app}", tags=["apps"], responses=documented(404))
-def get_app(app: str, corral: Service) -> models.App:
+def get_app(app: AppName, corral: Service) -> models.App:
     """One app: its current version and settings."""
     version, spec = corral.pipeline.apps.get(app)
     return _app_body(app, version, spec)
 
 
 @router.patch("/apps/{app}", tags=["apps"], responses=documented(400, 404, 422))
-def update_app(app: str, body: models.UpdateApp, corral: Service) -> models.App:
+def update_app(app: AppName, body: models.UpdateApp, corral: Service) -> models.App:
     """Change the fields sent (the others stay); every change is a new version, returned.
 
     Runs already admitted keep the version they were admitted with.
@@ -142,7 +157,7 @@ def update_app(app: str, body: models.UpdateApp, corral: Service) -> models.App:
 
 
 @router.get("/apps/{app}/versions", tags=["apps"], responses=documented(404))
-def app_versions(app: str, corral: Service) -> list[models.AppVersion]:
+def app_versions(app: AppName, corral: Service) -> list[models.AppVersion]:
     """Every version of the app, newest first."""
     return [
         models.AppVersion.model_validate(version_json(v, raw, at))
@@ -152,7 +167,7 @@ def app_versions(app: str, corral: Service) -> list[models.AppVersion]:
 
 @router.get("/apps/{app}/runs", tags=["runs"], responses=documented(404))
 def app_runs(
-    app: str, corral: Service, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    app: AppName, corral: Service, limit: Annotated[int, Query(ge=1, le=500)] = 50
 ) -> list[models.Run]:
     """The app's runs, newest first."""
     corral.pipeline.apps.get(app)  # AppNotFound rather than an empty list
@@ -173,7 +188,7 @@ def app_runs(
     },
 )
 async def run_app(
-    app: str,
+    app: AppName,
     body: models.StartRun,
     corral: Service,
     user: User,
@@ -215,7 +230,10 @@ async def run_events(
     run_id: str,
     corral: Service,
     last_event_id: Annotated[
-        str | None, Header(description="resume after this event's seq (EventSource sends it)")
+        str | None,
+        Header(description="resume after this event's seq (EventSource sends it)",
+               json_schema_extra=models.header({"pattern": f"^{stream.LAST_EVENT_ID_PATTERN}$",
+                                                "maxLength": 18})),
     ] = None,
 ) -> StreamingResponse:
     """The run's events live, as Server-Sent Events, until it ends; then ``end``."""
@@ -243,9 +261,10 @@ def _balance(corral: Corral, user: str) -> models.Balance:
 
 
 @router.post(
-    "/users/{user}/credits", status_code=201, tags=["credits"], responses=documented(400, 422)
-)
-def grant_credits(user: str, body: models.Grant, corral: Service) -> models.Balance:
+    "/users/{user}/credits", status_code=201, tags=["credits"],
+    responses=documented(400, 409, 422),
+)  # fmt: skip
+def grant_credits(user: UserName, body: models.Grant, corral: Service) -> models.Balance:
     """Add credits to a user's balance (no authentication yet: anyone may); the new balance."""
     corral.ledger.grant(check_user(user), body.credits, body.note or "")
     return _balance(corral, user)
@@ -255,9 +274,9 @@ def grant_credits(user: str, body: models.Grant, corral: Service) -> models.Bala
     "/users/{user}/credits/adjustments",
     status_code=201,
     tags=["credits"],
-    responses=documented(400, 422),
+    responses=documented(400, 409, 422),
 )
-def adjust_credits(user: str, body: models.Adjustment, corral: Service) -> models.Balance:
+def adjust_credits(user: UserName, body: models.Adjustment, corral: Service) -> models.Balance:
     """Correct a user's balance by a new entry of either sign, with a note saying why; the
     new balance. The ledger is append-only: the mistaken entry stays, corrected."""
     corral.ledger.adjust(check_user(user), body.credits, body.note)
@@ -265,6 +284,6 @@ def adjust_credits(user: str, body: models.Adjustment, corral: Service) -> model
 
 
 @router.get("/users/{user}/credits", tags=["credits"], responses=documented(400))
-def credit_balance(user: str, corral: Service) -> models.Balance:
+def credit_balance(user: UserName, corral: Service) -> models.Balance:
     """A user's balance: grants and corrections minus what their runs have spent."""
     return _balance(corral, check_user(user))

@@ -63,17 +63,19 @@ async def wait_for_end(store: Store, run_id: str, timeout: float | None) -> Run:
         await anyio.sleep(POLL)
 
 
+LAST_EVENT_ID_PATTERN = r"[0-9]{0,18}"  # an event's seq; empty (or absent): from the start
+_LAST_EVENT_ID_RE = re.compile(LAST_EVENT_ID_PATTERN)
+
+
 def last_event_id(header: str | None) -> int:
     """The sequence number a resuming client saw last; 0 for a client starting afresh."""
-    if header is None or not header.strip():
+    if header is None:
         return 0
-    try:
-        seq = int(header.strip())
-    except ValueError:
-        raise InvalidInput(f"Last-Event-ID must be an event's seq, not {header!r}") from None
-    if seq < 0:
-        raise InvalidInput("Last-Event-ID cannot be negative")
-    return seq
+    if _LAST_EVENT_ID_RE.fullmatch(header) is None:
+        raise InvalidInput(
+            f"Last-Event-ID must be an event's seq (up to 18 digits 0-9), not {header!r}"
+        )
+    return int(header or 0)
 
 
 def frame(kind: str, data: Any, seq: int | None = None) -> str:

@@ -264,7 +264,7 @@ class Environments:
     ) -> SandboxResult:
         """Boot the head snapshot (or ``digest`` of the history), run ``argv``; nothing stays."""
         env = self.store.get_environment(name)
-        snap = self.store.get_snapshot(name, digest) if digest else None
+        snap = self.store.get_snapshot(name, digest) if digest is not None else None
         image = self.images.load(snap.digest if snap else env.head)
         request = SandboxRequest(
             layers=tuple(self.images.unpacked(image)),

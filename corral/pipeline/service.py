@@ -26,6 +26,7 @@ from typing import Any
 from corral.billing.amounts import to_micros
 from corral.billing.ledger import BudgetExhausted, Ledger
 from corral.errors import Conflict, InvalidInput
+from corral.limits import MAX_INPUT, json_size
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.executor import AgentRequest, Executor
 from corral.pipeline.states import RunStatus
@@ -44,6 +45,12 @@ class ConcurrencyLimit(Conflict):
 
 class IdempotencyMismatch(Conflict):
     code = "idempotency_mismatch"
+
+
+class InputTooLarge(InvalidInput):
+    """The run's input is over ``corral.limits.MAX_INPUT``: refused before anything is stored."""
+
+    code = "input_too_large"
 
 
 class CallRefused(Conflict):
@@ -85,6 +92,11 @@ class Pipeline:
     ) -> Run:
         began = time.perf_counter()
         check_user(user)
+        size = json_size(input)
+        if size > MAX_INPUT:
+            raise InputTooLarge(
+                f"the input is {size} bytes of JSON; a run's input may be at most {MAX_INPUT}"
+            )
         version, spec = self.apps.get(app)
         digest = _request_hash(app, input)
         if idempotency_key:  # a replay returns the original run, whatever has changed since

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import (
+    ImageNotFound,
     ImportFailed,
     InvalidInput,
     RequirementMissing,
@@ -125,6 +126,8 @@ class Images:
                 f"--from {source!r}: expected oci:PATH[:TAG] or oci-archive:PATH[:TAG]"
             )
         path, _, tag = rest.partition(":")
+        if not Path(path).exists():
+            raise ImageNotFound(path)
         with contextlib.ExitStack() as stack:
             root = Path(path)
             if kind == "oci-archive":

@@ -43,6 +43,12 @@ class AppNotFound(NotFound):
         super().__init__(f"no app {shown}; `corral app list` shows them")
 
 
+class BalanceLimit(Conflict):
+    """A credit would lift a balance past ``LEDGER_MAX_MICROS``: what is stored says no."""
+
+    code = "balance_limit"
+
+
 class AppExists(Conflict):
     code = "app_exists"
 
@@ -302,7 +308,7 @@ class PipelineRecords:
                 if entry["micros"] > 0:
                     after = _balance(conn, entry["user"]) + entry["micros"]
                     if after > LEDGER_MAX_MICROS:
-                        raise InvalidInput(
+                        raise BalanceLimit(
                             f"that would make {entry['user']!r}'s balance {after} micro-credits; "
                             f"a balance may be at most {LEDGER_MAX_MICROS}"
                         )

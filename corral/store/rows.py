@@ -14,11 +14,15 @@ from datetime import UTC, datetime
 
 from corral.errors import InvalidInput
 
+# Each rule is one regular expression, matched whole; the API's OpenAPI document states the
+# same expressions (``corral/api/models.py``), so a schema-valid name is a valid name.
 NAME_RULE = "1-63 characters from a-z, 0-9, '_', '.', '-', starting with a letter or digit"
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,62}"
+_NAME_RE = re.compile(NAME_PATTERN)
 
 DIGEST_RULE = "'sha256:' followed by 64 lowercase hex digits"
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+DIGEST_PATTERN = r"sha256:[0-9a-f]{64}"
+_DIGEST_RE = re.compile(DIGEST_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,8 @@ CONNECTION_RULE = NAME_RULE  # github, slack, openai, anthropic, or a custom nam
 USER_RULE = (
     "1-128 characters from a-z, 0-9, '_', '.', '@', '+', '-', starting with a letter or digit"
 )
-_USER_RE = re.compile(r"[a-z0-9][a-z0-9_.@+-]{0,127}")
+USER_PATTERN = r"[a-z0-9][a-z0-9_.@+-]{0,127}"
+_USER_RE = re.compile(USER_PATTERN)
 
 
 def check_user(user: str) -> str:

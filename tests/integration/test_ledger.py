@@ -26,9 +26,12 @@ from corral.billing.ledger import Ledger
 from corral.errors import InvalidInput
 from corral.store import Store
 from corral.store.engine import alembic_config, make_engine
+from corral.store.pipeline import BalanceLimit
 
-HOSTILE = ["inf", "-inf", "nan", "NaN", "Infinity", "1e999", float("inf"), float("nan"),
-           Decimal("NaN"), Decimal("Infinity"), "1e-7", 0.0000001, "", "five", True, None]  # fmt: skip
+HOSTILE = [
+    "inf", "-inf", "nan", "NaN", "Infinity", "1e999", float("inf"), float("nan"),
+    Decimal("NaN"), Decimal("Infinity"), "1e-7", 0.0000001, "", "five", True, None,
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("amount", HOSTILE, ids=repr)
@@ -57,7 +60,7 @@ def test_balances_are_exact(store: Store) -> None:
     assert ledger.balance("bob") == Decimal("0.000001") and ledger.balance("bob") > 0
     ledger.grant("carol", MAX_CREDITS)
     assert ledger.balance("carol") == MAX_CREDITS
-    with pytest.raises(InvalidInput, match="balance may be at most"):
+    with pytest.raises(BalanceLimit, match="balance may be at most"):
         ledger.grant("carol", "0.000001")  # the bound that keeps every balance exact
     assert ledger.balance("carol") == MAX_CREDITS
 
@@ -118,8 +121,9 @@ def test_a_correction_is_a_new_entry_of_either_sign(store: Store) -> None:
     assert kinds == [("grant", 1_000_000_000, "meant 100"),
                      ("adjustment", -900_000_000, "typo: 1000 for 100"),
                      ("adjustment", 500_000, "goodwill")]  # fmt: skip
-    for amount, note, message in [(0, "x", "must not be zero"), ("nan", "x", "finite"),
-                                  (-1, "", "needs a note"), (-1, "  ", "needs a note")]:  # fmt: skip
+    wrong = [(0, "x", "must not be zero"), ("nan", "x", "finite"),
+             (-1, "", "needs a note"), (-1, "  ", "needs a note")]  # fmt: skip
+    for amount, note, message in wrong:
         with pytest.raises(InvalidInput, match=message):
             ledger.adjust("alice", amount, note)
     assert len(store.pipeline.entries(user="alice")) == 3
