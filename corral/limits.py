@@ -1,4 +1,6 @@
-"""The sizes of what crosses into and out of a run: defined here once, enforced where it crosses.
+"""What may cross into and out of a run, or into the API: sizes, defined here once and enforced
+where they cross, and strict JSON (``strict_loads``: no NaN, no Infinity, no number that
+overflows a float).
 
 Sizes are bytes of compact JSON in UTF-8 (``json_size``), so a value measures the same
 whoever measures it: the API and the pipeline at admission, the runner in the sandbox, the
@@ -27,6 +29,7 @@ below by sending at most ``MAX_BATCH`` bytes at a time.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 KiB = 1024
@@ -52,3 +55,28 @@ def json_size(value: Any) -> int:
     """Bytes of ``value`` as compact JSON in UTF-8: the measure of every limit above."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSON(f"{text} is too large for a number")
+    return value
+
+
+def strict_loads(body: bytes | str) -> Any:
+    """``json.loads`` without the extensions: NaN, Infinity and overflowing numbers refused."""
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
+    except _NotJSON as exc:
+        doc = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+        token = str(exc).split(" ", 1)[0]
+        raise json.JSONDecodeError(str(exc), doc, max(doc.find(token), 0)) from None

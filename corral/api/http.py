@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,30 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class _NotJSON(ValueError):
-    pass
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NotJSON(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _NotJSON(f"{text} is too large for a number")
-    return value
-
-
-def strict_loads(body: bytes | str) -> Any:
-    """``json.loads`` without the extensions: NaN, Infinity and overflowing numbers refused."""
-    doc = body.decode("utf-8") if isinstance(body, bytes) else body
-    try:
-        return json.loads(doc, parse_constant=_refuse_constant, parse_float=_finite)
-    except _NotJSON as exc:
-        token = str(exc).split(" ", 1)[0]
-        raise json.JSONDecodeError(str(exc), doc, max(doc.find(token), 0)) from None
+from corral.limits import strict_loads
 
 
 class _StrictRequest(Request):

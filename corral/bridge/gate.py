@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
-import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.meter import read_usage
 from corral.bridge.proxy import Exchange, Head, Refused, Route
 from corral.bridge.tokens import Claims, TokenRefused, Verifier
+from corral.limits import MAX_EVENT, MAX_RESULT, json_size, strict_loads
 from corral.pipeline.service import Pipeline
 
 RESERVED = "_corral"
@@ -354,8 +354,8 @@ class BridgeGate:
         async def events(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
             if head.method != b"POST":
                 raise Refused(405, "method_not_allowed", "POST events")
-            try:
-                batch = json.loads(body)["events"]
+            try:  # strictly: a NaN would be stored, then break every reader of the run
+                batch = strict_loads(body)["events"]
                 assert isinstance(batch, list)
             except (ValueError, KeyError, TypeError, AssertionError):
                 raise Refused(400, "bad_events", 'the body must be {"events": [...]}') from None
@@ -365,7 +365,7 @@ class BridgeGate:
                     data = {k: v for k, v in event.items() if k not in ("type", "at")}
                     if isinstance(event.get("at"), (int, float)):
                         data["sandbox_at"] = event["at"]  # when it happened, by the runner
-                    accepted.append((str(event["type"]), data))
+                    accepted.append(within_limits(str(event["type"]), data))
             self.sink.events(claims.run, accepted)
             return 202, {"accepted": len(accepted)}
 
@@ -398,6 +398,19 @@ class BridgeGate:
             timeout=timeout,
             local=handler,
         )
+
+
+def within_limits(kind: str, data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The event as it is, or, if it is over its limit, the error that fails its attempt for
+    good (the runner checks first; a sandbox that skips the check gets the same answer)."""
+    if kind == "result":
+        size, limit, code = json_size(data.get("output")), MAX_RESULT, "result_too_large"
+    else:
+        size, limit, code = json_size(data), MAX_EVENT, "event_too_large"
+    if size <= limit:
+        return kind, data
+    message = f"the agent's {kind} event is {size} bytes of JSON; the limit is {limit}"
+    return "error", {"code": code, "message": message, "attempt": data.get("attempt")}
 
 
 def _token(head: Head) -> str | None:

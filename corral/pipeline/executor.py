@@ -10,8 +10,11 @@ Failures are sorted by whether a fresh sandbox could end differently:
 * infrastructure (the sandbox died, a swap step failed, the sandbox did not boot in time):
   kill the sandbox, boot a fresh one, try again, up to ``max_attempts``;
 * permanent (the release does not validate in this environment, no python3 in it, the
-  agent's own error, a sandbox that breaks the event protocol, the deadline): the run ends
-  with a clear error at once.
+  agent's own error, a sandbox that breaks the event protocol, a result or event over its
+  limit in ``corral.limits``, events the bridge refused, the deadline): the run ends with a
+  clear error at once. A sandbox that ends without reporting a result is an infrastructure
+  failure only if the bridge refused none of its events: one it refused (a 4xx, say an
+  oversized batch) would be refused from a fresh sandbox too.
 
 After a successful run in which the runner was swapped, the release is folded into the
 environment as one new top layer, so the next run boots straight into it.
@@ -34,6 +37,7 @@ from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
 from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.limits import RUNNER_LIMITS
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
@@ -346,9 +350,10 @@ class Executor:
             lifetime = max(1.0, deadline - time.monotonic()) + 30
             token = self.tokens.mint(run, request, session.started.address, lifetime)
             cursor = self._last_seq(run)
+            sent = datetime.now(UTC)
             session.send({"op": "run", "spec": self._spec(run, request, token, attempt)})
             try:
-                final = self._follow(run, session, attempt, cursor, deadline, emit, notify)
+                final = self._follow(run, session, attempt, cursor, sent, deadline, emit, notify)
             except Stopped as stopped:
                 sandboxes.kill(session.started)
                 emit("run.stopped", attempt=attempt, code=stopped.code, reason=stopped.reason)
@@ -379,12 +384,14 @@ class Executor:
         session: AgentSession,
         attempt: int,
         cursor: int,
+        sent: datetime,
         deadline: float,
         emit: Callable[..., None],
         notify: Callable[[RunEvent], None] | None,
     ) -> dict[str, Any]:
         """Tail the run's event log (the runner writes it through the bridge) until this
-        attempt's result or error, forwarding the sandbox's raw output meanwhile."""
+        attempt's result or error (the first: an error the bridge put in place of an
+        oversized event outranks anything after it), forwarding the sandbox's raw output."""
         final: dict[str, Any] | None = None
         exited_at: float | None = None
         checked = 0.0
@@ -400,7 +407,8 @@ class Executor:
                 data = json.loads(event.data)
                 if notify is not None and event.kind in SANDBOX_EVENTS:
                     notify(event)
-                if event.kind in ("result", "error") and data.get("attempt") == attempt:
+                if (final is None and event.kind in ("result", "error")
+                        and data.get("attempt") == attempt):  # fmt: skip
                     final = {"type": event.kind, **data}
             if final is not None:
                 return final
@@ -409,6 +417,9 @@ class Executor:
             if session.started.process.poll() is not None:
                 exited_at = exited_at or now
                 if now - exited_at > 1.0:  # the bridge's last batch has had its time
+                    refused = self._refused(run, sent)
+                    if refused is not None:
+                        return refused
                     raise SessionEnded("the sandbox ended without reporting a result")
             if now >= deadline:
                 raise SessionTimeout("the run's deadline passed")
@@ -423,6 +434,18 @@ class Executor:
                 return
             if event.get("type") == "log":
                 emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
+
+    def _refused(self, run: Run, since: datetime) -> dict[str, Any] | None:
+        """An error for the attempt if the bridge refused the events it sent since ``since``:
+        the same events from a fresh sandbox would be refused the same way."""
+        for call in self.store.bridge.calls(run.id):
+            if (call["path"] == "/_corral/events" and 400 <= int(call["status"]) < 500
+                    and call["at"] >= since):  # fmt: skip
+                return {"type": "error", "code": "events_refused",
+                        "message": f"the bridge refused the sandbox's events "
+                                   f"({call['status']} {call['error'] or ''}) and it ended "
+                                   "without a result"}  # fmt: skip
+        return None
 
     def _last_seq(self, run: Run) -> int:
         events = self.store.runs.events(run.id)
@@ -447,6 +470,7 @@ class Executor:
             "token": token,
             "attempt": attempt,
             "user": request.user,
+            "limits": dict(RUNNER_LIMITS),
         }
 
     def _fold_in(

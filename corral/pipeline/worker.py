@@ -110,12 +110,13 @@ class Worker:
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
         the runner's last event reached the log) is finished from the log, not run again."""
-        final = next(
-            (e for e in reversed(self.store.runs.events(run.id)) if e.kind in ("result", "error")),
-            None,
-        )
-        if final is None:
+        finals = [e for e in self.store.runs.events(run.id) if e.kind in ("result", "error")]
+        if not finals:
             return False
+        # The last attempt's first outcome, as the executor reads it: an error the bridge put
+        # in place of an oversized event outranks a result after it.
+        last = json.loads(finals[-1].data).get("attempt")
+        final = next(e for e in finals if json.loads(e.data).get("attempt") == last)
         data = json.loads(final.data)
         ok = final.kind == "result"
         finished = self.store.runs.update(

@@ -5,6 +5,13 @@ Events are JSON objects with ``type`` and ``at``; they are batched and POSTed to
 ``FLUSH_S`` or as soon as a batch fills. ``close()`` sends what is left and waits for it: the
 result and error events are always delivered before the runner exits. The host treats all of
 it as untrusted input.
+
+Sizes have limits, which the host states in the run spec (``LIMITS`` holds the same numbers
+for a host that does not): a result or any other event over its limit is never sent; an
+``error`` event naming it (``result_too_large``, ``event_too_large``) takes its place, and the
+run fails for good. A batch the bridge refuses (any 4xx) would be refused again, so it is not
+sent again either: an ``error`` event ``events_refused`` says so. Only a bridge that did not
+answer is tried again.
 """
 
 from __future__ import annotations
@@ -16,18 +23,30 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: never imported at run time, so the runner loads fast
-    from typing import Any, Dict, List
+    from typing import Any, Dict, List, Optional, Tuple
 
 FLUSH_S = 0.05
 BATCH = 200
-_MAX_MESSAGE = 64 * 1024
+# Bytes of compact UTF-8 JSON, measured as corral/limits.py measures them on the host;
+# log_line counts characters.
+LIMITS = {"result": 1 << 20, "event": 64 << 10, "log_line": 8 << 10, "batch": 4 << 20}
+
+
+def json_size(value: Any) -> int:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class Channel:
-    def __init__(self, bridge: str, token: str, attempt: int = 0) -> None:
+    def __init__(
+        self, bridge: str, token: str, attempt: int = 0, limits: Optional[Dict[str, int]] = None
+    ) -> None:
         self._url = bridge.rstrip("/") + "/_corral/events"
         self._token = token
         self._attempt = attempt
+        self.limits = dict(LIMITS)
+        self.limits.update({k: int(v) for k, v in (limits or {}).items() if k in LIMITS})
+        self.failure: Optional[Tuple[str, str]] = None  # (code, message): failed for good
         self._pending: List[Dict[str, Any]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -42,11 +61,30 @@ class Channel:
             "attempt": self._attempt,
         }
         event.update(data)
+        if kind == "result":
+            size, limit, code = json_size(data.get("output")), self.limits["result"], "result"
+        else:
+            size, limit, code = json_size(event), self.limits["event"], "event"
+        if size > limit:
+            self.fail(
+                code + "_too_large",
+                "the agent's %s event is %d bytes of JSON; the limit is %d" % (kind, size, limit),
+            )
+            return
         with self._lock:
             self._pending.append(event)
             full = len(self._pending) >= BATCH
         if full:
             self._wake.set()
+
+    def fail(self, code: str, message: str) -> None:
+        """The run has failed for good: an ``error`` event says why (the first reason wins)."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = (code, message)
+            self._pending.append(self._error(code, message))
+        self._wake.set()
 
     def close(self) -> None:
         """Deliver everything emitted so far, then stop."""
@@ -62,28 +100,55 @@ class Channel:
             self._send_pending()
 
     def _send_pending(self) -> None:
-        import urllib.error  # here, not at the top: importing the runner stays cheap (its
-        import urllib.request  # validation during a hot swap imports every module)
-
         with self._lock:
             batch, self._pending = self._pending, []
         while batch:
-            chunk, batch = batch[:BATCH], batch[BATCH:]
-            body = json.dumps({"events": chunk}, default=repr).encode()
-            request = urllib.request.Request(
-                self._url,
-                data=body,
-                method="POST",
-                headers={"authorization": "Bearer " + self._token,
-                         "content-type": "application/json"},
-            )  # fmt: skip
-            for attempt in range(3):
-                try:
-                    with urllib.request.urlopen(request, timeout=10) as response:
-                        response.read()
+            chunk: List[Dict[str, Any]] = []
+            size = 0
+            while batch and len(chunk) < BATCH:
+                size += json_size(batch[0]) + 1
+                if chunk and size > self.limits["batch"]:
                     break
-                except (urllib.error.URLError, OSError):
-                    time.sleep(0.05 * (attempt + 1))
+                chunk.append(batch.pop(0))
+            refused = self._post(chunk)
+            if refused is not None:
+                # What is left would fare no better: only the reason the run failed goes on.
+                self.fail("events_refused", "the bridge refused the run's events: " + refused)
+                with self._lock:
+                    self._pending = []
+                code, message = self.failure or ("events_refused", refused)
+                self._post([self._error(code, message[:4096])])
+                return
+
+    def _error(self, code: str, message: str) -> Dict[str, Any]:
+        return {"type": "error", "at": round(time.time(), 6), "attempt": self._attempt,
+                "code": code, "message": message}  # fmt: skip
+
+    def _post(self, chunk: List[Dict[str, Any]]) -> Optional[str]:
+        """Deliver ``chunk``: None once delivered (or given up on), else why it was refused."""
+        import urllib.error  # here, not at the top: importing the runner stays cheap (its
+        import urllib.request  # validation during a hot swap imports every module)
+
+        body = json.dumps({"events": chunk}, default=repr).encode()
+        request = urllib.request.Request(
+            self._url,
+            data=body,
+            method="POST",
+            headers={"authorization": "Bearer " + self._token,
+                     "content-type": "application/json"},
+        )  # fmt: skip
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    response.read()
+                return None
+            except urllib.error.HTTPError as exc:
+                if 400 <= exc.code < 500:  # the same bytes would be refused again
+                    return "%d %s" % (exc.code, exc.read(300).decode("utf-8", "replace"))
+                time.sleep(0.05 * (attempt + 1))
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
 
 class LogStream(io.TextIOBase):
@@ -104,7 +169,7 @@ class LogStream(io.TextIOBase):
             while "\n" in self._buffer:
                 line, self._buffer = self._buffer.split("\n", 1)
                 self._send(line)
-            if len(self._buffer) > _MAX_MESSAGE:
+            if len(self._buffer) > self._channel.limits["log_line"]:
                 self._send(self._buffer)
                 self._buffer = ""
         return len(text)
@@ -116,6 +181,7 @@ class LogStream(io.TextIOBase):
                 self._buffer = ""
 
     def _send(self, line: str) -> None:
-        if len(line) > _MAX_MESSAGE:
-            line = line[:_MAX_MESSAGE] + " [cut]"
+        limit = self._channel.limits["log_line"]
+        if len(line) > limit:
+            line = line[:limit] + " [cut]"
         self._channel.emit("log", stream=self._stream, message=line)

@@ -36,7 +36,8 @@ class AgentError(Exception):
 def run(spec: dict[str, Any]) -> int:
     import platform  # here, not at the top: importing the runner stays cheap for validation
 
-    channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)))
+    channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)),
+                      spec.get("limits"))  # fmt: skip
     channel.emit(
         "runner.started",
         version=__version__,
@@ -57,26 +58,27 @@ def run(spec: dict[str, Any]) -> int:
     try:
         output = _call(spec)
         try:
-            json.dumps(output)
+            json.dumps(output, allow_nan=False)  # NaN and Infinity are not JSON either
         except (TypeError, ValueError) as exc:
             raise AgentError(
                 "result_not_json",
                 f"the agent returned {type(output).__name__}, which is not JSON: {exc}",
             ) from None
         _flush()
-        channel.emit("result", output=output)
-        return 0
+        if channel.failure is None:  # an event over its limit has already failed the run
+            channel.emit("result", output=output)
+        return 0 if channel.failure is None else 1
     except AgentError as exc:
         _flush()
-        channel.emit("error", code=exc.code, message=str(exc))
+        channel.emit("error", code=exc.code, message=_cut(str(exc), 4096))
         return 1
     except BaseException as exc:  # the agent's own failure, whatever it is, is a result
         _flush()
         channel.emit(
             "error",
             code="agent_raised",
-            message=f"{type(exc).__name__}: {exc}",
-            traceback=__import__("traceback").format_exc(limit=20),
+            message=_cut(f"{type(exc).__name__}: {exc}", 4096),
+            traceback=_cut(__import__("traceback").format_exc(limit=20), 32768),
         )
         return 1
     finally:
@@ -108,6 +110,11 @@ class _Capture:
         os.dup2(self._saved[0], 1)  # the pipe's last writers are gone: the pump sees EOF
         os.dup2(self._saved[1], 2)
         self._thread.join(timeout=5)
+
+
+def _cut(text: str, limit: int) -> str:
+    """An error's text, short enough that its event fits the event limit."""
+    return text if len(text) <= limit else text[:limit] + " [cut]"
 
 
 def _flush() -> None:
