@@ -74,7 +74,7 @@ def test_deductions_sum_exactly(store: Store) -> None:
          "micros": -to_micros("0.0005"), "detail": None, "at": at}
         for i in range(2000)
     ])  # fmt: skip
-    # 2000 x 0.0005 in floats sums to 0.9999999999999062; here it is exactly one credit.
+    # 2000 x 0.0005 in floats sums to 0.9999999999999453; here it is exactly one credit.
     assert store.pipeline.spent(run="r1") == 1_000_000
     assert ledger.balance("alice") == 0
 
