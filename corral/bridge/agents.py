@@ -18,7 +18,6 @@ wait on callees without starving the pool the bridge's other lookups run on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +28,8 @@ from corral.billing.ledger import BudgetExhausted
 from corral.bridge.proxy import Refused
 from corral.bridge.tokens import Claims
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
-from corral.pipeline.service import ConcurrencyLimit, Pipeline, Trigger
+from corral.limits import strict_loads
+from corral.pipeline.service import ConcurrencyLimit, InputTooLarge, Pipeline, Trigger
 from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
 from corral.store import Run
@@ -46,6 +46,7 @@ _STATUS: tuple[tuple[type[CorralError], int], ...] = (
     (BudgetExhausted, 402),
     (ConcurrencyLimit, 429),  # admitted once one of the user's runs of the app ends
     (NotFound, 404),  # app_not_found
+    (InputTooLarge, 413),  # over corral.limits.MAX_INPUT
     (InvalidInput, 400),  # the input fails the app's schema
     (Conflict, 409),  # agent_call_refused: too deep, or a cycle
 )
@@ -92,7 +93,7 @@ _SHOWN_TO_AGENTS = frozenset({
 
 def _parse(body: bytes) -> tuple[Any, bool, float]:
     try:
-        request = json.loads(body) if body.strip() else {}
+        request = strict_loads(body) if body.strip() else {}  # no NaN into a run's input
     except ValueError:
         request = None
     if not isinstance(request, dict):

@@ -48,7 +48,7 @@ def test_the_api_keeps_its_openapi_contract(tmp_path: Path) -> None:
                 [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG),
                  "run", f"{url}/openapi.json", "--checks", "all", "--workers", "1",
                  "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--no-color"],
-                capture_output=True, text=True, timeout=240,
+                capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its cache too
             )  # fmt: skip
     finally:
         corral.close()

@@ -224,12 +224,16 @@ def test_bad_source_and_digest_are_400(client: httpx.Client, api_env: str, corra
     name = f"api-{secrets.token_hex(4)}"
     bad_from = client.post("/v1/envs", json={"name": name, "from": "docker://debian"})
     assert "oci-archive:PATH" in error_of(bad_from, 400, "invalid_input")
+    # Well formed, but not the client's to read (403), or not there (404): not a malformed 400.
     outside = client.post("/v1/envs", json={"name": name, "from": "oci:/etc:latest"})
-    assert "must name an image under" in error_of(outside, 400, "invalid_input")
+    assert "must name an image under" in error_of(outside, 403, "import_forbidden")
     import_dir = corral.settings.import_dir
     missing_path = f"oci:{import_dir}/nonexistent"
     missing = client.post("/v1/envs", json={"name": name, "from": missing_path})
-    assert "no index.json" in error_of(missing, 400, "import_failed")
+    assert "nonexistent" in error_of(missing, 404, "image_not_found")
+    (import_dir / "empty").mkdir(parents=True, exist_ok=True)
+    empty = client.post("/v1/envs", json={"name": name, "from": f"oci:{import_dir}/empty"})
+    assert "no index.json" in error_of(empty, 400, "import_failed")
     error_of(client.get(f"/v1/envs/{name}"), 404, "environment_not_found")
     bad_digest = {"env": api_env, "argv": ["true"], "snapshot": "sha256:nope"}
     error_of(client.post("/v1/sandboxes", json=bad_digest), 400, "invalid_input")
@@ -275,7 +279,7 @@ def test_unknown_route_and_method_use_the_error_shape(client: httpx.Client) -> N
     error_of(client.get("/v1/nothing-here"), 404, "not_found")
     wrong = client.put("/v1/health")
     error_of(wrong, 405, "method_not_allowed")
-    assert wrong.headers["allow"] == "GET"
+    assert wrong.headers["allow"] == "GET, OPTIONS"  # OPTIONS answers on every route
 
 
 # -- the OpenAPI document ----------------------------------------------------------------

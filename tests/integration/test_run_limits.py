@@ -56,6 +56,13 @@ def forged(input):
     _post(json.dumps({"events": [big]}).encode())
     return "small"
 
+def caller(input):
+    try:
+        sdk.call_agent(input["app"], "x" * input["size"], wait=False)
+    except sdk.AgentCallRefused as exc:
+        return [exc.status, exc.code]
+    return "admitted"
+
 def refused(input):
     # Events the bridge refuses, then the sandbox ends without any result.
     _post(b'{"events": [{"type": "result", "attempt": 1, "output": NaN}]}')
@@ -74,6 +81,13 @@ def agent_env(corral: Corral) -> Any:
     corral.envs.freeze(name, "the agent")
     yield name
     corral.envs.delete(name)
+
+
+@pytest.fixture(scope="module")
+def app(corral: Corral, agent_env: str) -> str:
+    corral.pipeline.apps.create("t-limits-app", AppSpec(environment=agent_env,
+                                                        entrypoint="agent.py:echo"))  # fmt: skip
+    return "t-limits-app"
 
 
 def execute(corral: Corral, env: str, entrypoint: str, input: Any) -> Run:
@@ -126,13 +140,18 @@ def test_events_the_bridge_refused_are_not_retried(corral: Corral, agent_env: st
     assert "400" in (done.error or "")
 
 
-def test_an_input_over_its_limit_is_refused_at_admission(corral: Corral, agent_env: str) -> None:
+def test_an_input_over_its_limit_is_refused_at_admission(corral: Corral, app: str) -> None:
     corral.ledger.grant("limits", 10)
-    spec = AppSpec(environment=agent_env, entrypoint="agent.py:echo")
-    version, _ = corral.pipeline.apps.create("t-limits-app", spec)
-    before = len(corral.store.pipeline.runs(app="t-limits-app"))
     with pytest.raises(InputTooLarge, match=f"{MAX_INPUT + 2} bytes"):
-        corral.pipeline.execute_agent("t-limits-app", "x" * MAX_INPUT, Trigger("cli"),
-                                      user="limits")  # fmt: skip
-    assert len(corral.store.pipeline.runs(app="t-limits-app")) == before == 0 and version == 1
+        corral.pipeline.execute_agent(app, "x" * MAX_INPUT, Trigger("cli"), user="limits")
+    assert corral.store.pipeline.runs(app=app) == []
+
+
+def test_an_agent_calling_with_an_input_over_its_limit_gets_413(
+    corral: Corral, agent_env: str, app: str
+) -> None:
+    corral.ledger.grant("local", 10)
+    done = execute(corral, agent_env, "caller", {"app": app, "size": MAX_INPUT})
+    assert json.loads(done.result or "") == [413, "input_too_large"], done.error
+    assert corral.store.pipeline.runs(app=app) == []
 
