@@ -65,7 +65,7 @@ def caller(input):
 
 def refused(input):
     # Events the bridge refuses, then the sandbox ends without any result.
-    _post(b'{"events": [{"type": "result", "attempt": 1, "output": NaN}]}')
+    _post(input.encode())
     sys.stdout.flush()
     os._exit(0)
 """
@@ -134,10 +134,18 @@ def test_the_bridge_checks_what_the_runner_did_not(corral: Corral, agent_env: st
     assert (done.status, done.error_code, done.attempts) == ("failed", "result_too_large", 1)
 
 
-def test_events_the_bridge_refused_are_not_retried(corral: Corral, agent_env: str) -> None:
-    done = execute(corral, agent_env, "refused", None)
+@pytest.mark.parametrize(
+    "body",
+    ["this is not json", '{"events": [{"type": "result", "attempt": 1, "output": NaN}]}'],
+    ids=["garbage", "nan"],
+)
+def test_events_the_bridge_refused_are_not_retried(
+    corral: Corral, agent_env: str, body: str
+) -> None:
+    """Before: garbage burnt three sandboxes (``sandbox_failed``); NaN was stored as a result."""
+    done = execute(corral, agent_env, "refused", body)
     assert (done.status, done.error_code, done.attempts) == ("failed", "events_refused", 1)
-    assert "400" in (done.error or "")
+    assert "400" in (done.error or "") and "attempt.failed" not in kinds(corral, done)
 
 
 def test_an_input_over_its_limit_is_refused_at_admission(corral: Corral, app: str) -> None:
