@@ -22,6 +22,7 @@ from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
+from corral.limits import strict_loads
 from corral.pipeline.apps import POLICIES, AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
@@ -68,7 +69,7 @@ def _json_option(option: str, text: str) -> Any:
         except OSError as exc:
             raise InvalidInput(f"{option}: cannot read {text[1:]}: {exc.strerror}") from None
     try:
-        return json.loads(text)
+        return strict_loads(text)  # NaN and Infinity are not JSON, here as over HTTP
     except ValueError as exc:
         raise InvalidInput(f"{option} is not JSON: {exc}") from None
 

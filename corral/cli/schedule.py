@@ -17,6 +17,7 @@ from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
+from corral.limits import strict_loads
 from corral.store.schedules import MISFIRE_POLICIES, Schedule
 
 
@@ -60,7 +61,7 @@ def add(corral: Corral, app: str, cron_expr: str, timezone: str, input_json: str
     corral schedule add report --cron "0 9 * * MON" --tz Europe/Paris --input '{"week": true}'
     """
     try:
-        value: Any = json.loads(input_json)
+        value: Any = strict_loads(input_json)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--input is not JSON: {exc}") from None
     schedule = corral.store.schedules.add(

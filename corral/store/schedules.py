@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import InvalidInput, NotFound
+from corral.limits import MAX_INPUT, json_size
 from corral.store.engine import is_unique_violation, transaction
 from corral.store.pipeline import AppNotFound
 from corral.store.rows import check_aware
@@ -135,9 +136,12 @@ class Schedules:
         if not isinstance(user, str) or not user:
             raise InvalidInput(f"a schedule's user must be a non-empty string, got {user!r}")
         try:
-            encoded = json.dumps(input)
+            encoded = json.dumps(input, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the schedule's input is not JSON: {exc}") from None
+        if json_size(input) > MAX_INPUT:  # every tick's run would be refused at admission
+            raise InvalidInput(f"the schedule's input is {json_size(input)} bytes of JSON; "
+                               f"a run's input may be at most {MAX_INPUT}")  # fmt: skip
         now = check_aware(now, "now")
         schedule = Schedule(
             id=f"sch-{secrets.token_hex(6)}",

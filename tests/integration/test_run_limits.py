@@ -9,11 +9,13 @@ failure: three sandboxes burnt, the run failed as ``sandbox_failed``.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from corral.context import Corral
+from corral.errors import InvalidInput
 from corral.limits import MAX_EVENT, MAX_INPUT, MAX_LOG_LINE, MAX_RESULT
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import AgentRequest
@@ -153,6 +155,15 @@ def test_an_input_over_its_limit_is_refused_at_admission(corral: Corral, app: st
     with pytest.raises(InputTooLarge, match=f"{MAX_INPUT + 2} bytes"):
         corral.pipeline.execute_agent(app, "x" * MAX_INPUT, Trigger("cli"), user="limits")
     assert corral.store.pipeline.runs(app=app) == []
+
+
+def test_a_schedule_refuses_an_input_no_tick_could_run(corral: Corral, app: str) -> None:
+    now = datetime.now(UTC)
+    with pytest.raises(InvalidInput, match=f"{MAX_INPUT + 2} bytes"):
+        corral.store.schedules.add(app, "0 9 * * *", "UTC", "x" * MAX_INPUT, now=now)
+    with pytest.raises(InvalidInput, match="not JSON"):
+        corral.store.schedules.add(app, "0 9 * * *", "UTC", {"x": float("nan")}, now=now)
+    assert corral.store.schedules.all(app) == []
 
 
 def test_an_agent_calling_with_an_input_over_its_limit_gets_413(
