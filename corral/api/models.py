@@ -38,6 +38,7 @@ DIGEST = rule(DIGEST_PATTERN, 71)
 # file.py:function, or package.module:function
 ENTRYPOINT: dict[str, Any] = {"pattern": ":", "minLength": 3}
 
+
 def _integral(value: Any) -> Any:
     """JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees), 5.5 is not."""
     if isinstance(value, float) and value.is_integer():
@@ -51,7 +52,6 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 # Every request body: JSON types exactly (no "yes" for true, no "5" for 5), finite numbers,
 # and nothing the model does not name.
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
-
 
 _NO_NUL = "^[^\\u0000]*$"  # an argument travels as a C string: no NUL inside
 
@@ -179,7 +179,7 @@ class CommandResult(BaseModel):
     stderr: str
 
 
-# -- amounts of credits ------------------------------------------------------------
+# -- amounts of credits -------------------------------------------------------------------
 
 
 def _exact(value: float) -> float:

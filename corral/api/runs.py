@@ -201,7 +201,8 @@ async def run_app(
     (`local` without it). The input must satisfy the app's ``input_schema`` (400 naming the
     field). 402 ``budget_exhausted`` when the user has no credits or the app's budget is
     zero or spent; 429 ``concurrency_limit`` when its concurrency policy refuses the run for
-    now; 413 ``input_too_large`` for an input over 1 MiB of JSON (``corral/limits.py``). With ``Idempotency-Key``, the same key and body within 24 h give the same run (409
+    now; 413 ``input_too_large`` for an input over 1 MiB of JSON (``corral/limits.py``).
+    With ``Idempotency-Key``, the same key and body within 24 h give the same run (409
     ``idempotency_mismatch`` for the same key with another body).
     """
     return await start_run(corral, app, body, Trigger("http"), user, idempotency_key, response)
