@@ -38,6 +38,7 @@ def test_the_api_keeps_its_openapi_contract(tmp_path: Path) -> None:
         **os.environ,
         "CORRAL_DATA_DIR": str(tmp_path / "data"),
         "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80)),
+        "CORRAL_SANDBOX_TIMEOUT": "10",  # whatever command is generated, its sandbox ends soon
     })  # fmt: skip
     if not settings.base_image.is_file():
         require("runc", f"the base image {settings.base_image}: run scripts/build-base-image.sh")
@@ -47,8 +48,11 @@ def test_the_api_keeps_its_openapi_contract(tmp_path: Path) -> None:
             proc = subprocess.run(
                 [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG),
                  "run", f"{url}/openapi.json", "--checks", "all", "--workers", "1",
-                 "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--no-color"],
-                capture_output=True, text=True, timeout=240, cwd=tmp_path,  # its cache too
+                 "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--no-color",
+                 # a sandbox boots in well under a second, but not on a machine running
+                 # several suites at once: slowness is not what this test is about
+                 "--request-timeout", "120"],
+                capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache too
             )  # fmt: skip
     finally:
         corral.close()
