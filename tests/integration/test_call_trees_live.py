@@ -3,8 +3,12 @@ and a chain of waiting callers deeper than there are workers still completes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,11 +16,13 @@ from typing import Any
 import pytest
 
 from corral.billing.ledger import BudgetExhausted
+from corral.config import BRIDGE_PORTS
 from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker
 from corral.store import Run
+from tests.conftest import PostgresServer
 from tests.fakes import FakeMarketData
 from tests.integration.conftest import run
 
@@ -116,6 +122,69 @@ def test_a_chain_deeper_than_the_workers_completes(
     assert [r.awaited for r in runs] == [False, True, True]
     # Each callee ran on the capacity its waiting caller lent: the one worker there is.
     assert {r.lease_owner for r in runs} == {one_worker[0].name}
+
+
+@pytest.fixture
+def pg_corral(
+    corral: Corral, postgres_server: PostgresServer, postgres_template: str
+) -> Iterator[Corral]:
+    """A Corral on a fresh PostgreSQL database (sharing the session's data directory), with
+    its own bridge port: the instance the worker processes below serve."""
+    database = f"corral_test_{secrets.token_hex(6)}"
+    url = postgres_server.create(database, template=postgres_template)
+    ports = set(BRIDGE_PORTS) - {corral.settings.network.bridge_port}
+    network = dataclasses.replace(
+        corral.settings.network, bridge_port=secrets.choice(sorted(ports))
+    )
+    made = Corral(dataclasses.replace(corral.settings, database_url=url, network=network))
+    try:
+        yield made
+    finally:
+        made.close()
+        postgres_server.drop(database)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_chain_deeper_than_the_worker_processes_completes(
+    pg_corral: Corral,
+) -> None:
+    env = f"t-{secrets.token_hex(4)}"
+    pg_corral.envs.create(env)
+    code, _, err = run(pg_corral, env, "sh", "-c",
+                       f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True)  # fmt: skip
+    assert code == 0, err
+    pg_corral.envs.freeze(env)
+    apps = [new_app(pg_corral, env, "agent.py:relay") for _ in range(4)]
+    settings = pg_corral.settings
+    environ = {**os.environ, "CORRAL_DATA_DIR": str(settings.data_dir),
+               "CORRAL_DATABASE_URL": settings.database_url,
+               "CORRAL_BRIDGE_PORT": str(settings.network.bridge_port)}  # fmt: skip
+    # Two processes of one worker each; the first to start serves the bridge for both.
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", "worker", "--workers", "1", "--lease", "3"],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        done = pg_corral.pipeline.execute_agent(
+            apps[0], {"chain": apps[1:]}, Trigger("http"), user=new_user(pg_corral), wait=True,
+            wait_timeout=240,
+        )  # fmt: skip
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(timeout=60)
+    statuses = [[r.status for r in pg_corral.store.pipeline.runs(app=app)] for app in apps]
+    assert statuses == [["succeeded"]] * 4, (done.result, done.error)
+    runs = [only_run(pg_corral, app) for app in apps]
+    assert [r.depth for r in runs] == [0, 1, 2, 3]
+    assert len({r.lease_owner for r in runs}) <= 2  # four runs nested, two workers
+    pg_corral.envs.delete(env)
 
 
 def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
