@@ -53,6 +53,14 @@ class Ledger:
             total += self._price(usage)
         return total + len(self._billable_calls(run)) * self.prices.bridge_call
 
+    def price(
+        self, input_tokens: int, output_tokens: int, sandbox_seconds: float, bridge_calls: int
+    ) -> float:
+        """What usage totals cost: ``cost`` for totals summed elsewhere (a call tree's)."""
+        p = self.prices
+        return (input_tokens * p.input_token + output_tokens * p.output_token
+                + sandbox_seconds * p.sandbox_second + bridge_calls * p.bridge_call)  # fmt: skip
+
     def bill(self, run: str, user: str, app: str | None) -> float:
         """Post a deduction for every usage event of ``run`` not yet billed; returns credits."""
         now = datetime.now(UTC)
