@@ -29,6 +29,8 @@ DEFAULT_BASE_IMAGE = "/var/cache/corral/base/bookworm.tar"
 # a host, so that instances never answer for each other's runs.
 BRIDGE_PORTS = range(8790, 8890)
 MASTER_KEY_BYTES = 32  # AES-256
+DEFAULT_DRAFT_LIMIT_MB = 4096
+MIN_DRAFT_LIMIT_MB = 16  # the smallest ext4 filesystem with a journal that is of any use
 
 
 class Secret:
@@ -112,6 +114,8 @@ class Settings:
     # CORRAL_MASTER_KEY: base64 AES-256 keys, comma-separated, the first one primary.
     # None: the vault keeps its keys in a file under ``vault_dir`` instead.
     master_key: Secret | None = None
+    # What one environment's draft (its unfrozen edits) may hold: CORRAL_DRAFT_LIMIT_MB.
+    draft_limit_bytes: int = DEFAULT_DRAFT_LIMIT_MB << 20
 
     @property
     def oci_dir(self) -> Path:
@@ -156,6 +160,11 @@ class Settings:
                 f"(the range the sandbox network opens), got {bridge_port}"
             )
         network = NetworkSettings(subnet=subnet, bridge_port=bridge_port)
+        draft_mb = _int(env, "CORRAL_DRAFT_LIMIT_MB", DEFAULT_DRAFT_LIMIT_MB)
+        if draft_mb < MIN_DRAFT_LIMIT_MB:
+            raise ConfigError(
+                f"CORRAL_DRAFT_LIMIT_MB must be at least {MIN_DRAFT_LIMIT_MB}, got {draft_mb}"
+            )
         return cls(
             data_dir=data_dir,
             run_dir=run_dir,
@@ -166,6 +175,7 @@ class Settings:
             import_dir=Path(env.get("CORRAL_IMPORT_DIR", str(data_dir / "imports"))),
             sandbox_timeout=_float(env, "CORRAL_SANDBOX_TIMEOUT", 600.0),
             master_key=_master_key(env),
+            draft_limit_bytes=draft_mb << 20,
         )
 
 

@@ -145,10 +145,13 @@ class Corral:
         self, count: int = 2, *, webhook_policy: RetryPolicy | None = None, **options: Any
     ) -> list[Worker]:
         """Worker threads in this process, leasing runs from the shared queue, and (once per
-        process) the thread that delivers the webhooks of finished runs."""
+        process) the thread that delivers the webhooks of finished runs. From then on, every
+        run this process ends is announced here: metrics, traces, webhooks."""
         self.bridge()
-        hooks = [self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished]
-        options.setdefault("on_finished", hooks)
+        if not self.pipeline.on_finished:
+            self.pipeline.on_finished += [
+                self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished
+            ]  # fmt: skip
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         if self._deliverer is not None and webhook_policy is not None:

@@ -19,7 +19,8 @@
     │   ├── CorruptBlob               a blob's bytes no longer match its digest
     │   ├── BlobMissing               a stored snapshot names a blob that is gone
     │   ├── ImportFailed              an oci:/oci-archive: source is unreadable
-    │   └── DiskFull                  a write ran out of space; nothing stored was changed
+    │   ├── DiskFull                  a write ran out of space; nothing stored was changed
+    │   └── DraftFull                 a draft does not fit the per-environment draft limit
     ├── SandboxError                  booting, running or tearing down a sandbox
     │   ├── RequirementMissing        the host lacks root, runc, overlayfs, nftables ...
     │   ├── RuncError                 runc exited non-zero (argv, returncode, stderr)
@@ -182,6 +183,17 @@ class DiskFull(SnapshotError):
         super().__init__(
             f"no space left while writing {path}; the write was abandoned and every stored "
             "snapshot is unchanged"
+        )
+
+
+class DraftFull(SnapshotError):
+    code = "draft_full"
+
+    def __init__(self, name: str, limit_bytes: int, detail: str) -> None:
+        self.name, self.limit_bytes = name, limit_bytes
+        super().__init__(
+            f"the draft of environment {name!r} is full: a draft holds at most "
+            f"{limit_bytes >> 20} MB (CORRAL_DRAFT_LIMIT_MB); {detail}"
         )
 
 

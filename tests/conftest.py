@@ -151,9 +151,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     delete old temporary directories as usual."""
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is not None and os.geteuid() == 0:
+        from corral.snapshots import overlay
         from corral.snapshots.fsattr import unlock_layer_caches
 
         unlock_layer_caches(factory.getbasetemp())
+        # Drafts are loop-mounted images; a test that failed before removing its environment
+        # would otherwise leave one mounted (and its loop device taken) until the next boot.
+        for point in overlay.mounted_under(factory.getbasetemp()):
+            overlay.unmount(point)
 
 
 # -- sandboxes: shared by tests/integration and tests/e2e -------------------------------

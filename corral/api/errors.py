@@ -42,6 +42,7 @@ from corral.errors import (
     CredentialRevoked,
     CredentialTampered,
     DiskFull,
+    DraftFull,
     EnvironmentBusy,
     EnvironmentExists,
     EnvironmentNotFound,
@@ -110,6 +111,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     BlobMissing: 500,  # a stored snapshot names a blob that is gone: damage, as above
     ImportFailed: 400,  # the oci:/oci-archive: source the client named is unreadable
     DiskFull: 507,  # Insufficient Storage; nothing stored was changed
+    DraftFull: 507,  # the environment's draft is at its limit: freeze or discard it first
     SandboxError: 500,
     RequirementMissing: 503,  # this host cannot run sandboxes until an operator fixes it
     SandboxCapacity: 503,  # every sandbox address is taken: retry later

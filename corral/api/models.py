@@ -106,8 +106,18 @@ class Environment(BaseModel):
     updated_at: datetime
 
 
+class DraftUsage(BaseModel):
+    """How full an environment's draft is: it holds at most ``limit_bytes``."""
+
+    used_bytes: int
+    limit_bytes: int = Field(description="CORRAL_DRAFT_LIMIT_MB when this draft began")
+    full: bool = Field(description="writes in an edit session now fail: no space left")
+    notice: str | None = Field(description="what to do about a full draft; null otherwise")
+
+
 class EnvironmentDetail(Environment):
     draft_changed: bool = Field(description="whether the draft holds changes not yet frozen")
+    draft: DraftUsage | None = Field(None, description="null until an edit session begins one")
 
 
 class Discarded(BaseModel):
@@ -177,6 +187,9 @@ class CommandResult(BaseModel):
     seconds: float = Field(description="wall time from boot to teardown")
     stdout: str = Field(description="everything the command wrote, decoded as UTF-8")
     stderr: str
+    draft: DraftUsage | None = Field(
+        None, description="edit sessions: how full the command left the environment's draft"
+    )
 
 
 # -- amounts of credits -------------------------------------------------------------------

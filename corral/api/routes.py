@@ -25,7 +25,7 @@ from corral.api.errors import documented
 from corral.api.http import StrictRoute
 from corral.config import Settings
 from corral.context import Corral
-from corral.envs.service import Environments
+from corral.envs.service import EditResult, Environments
 from corral.envs.shapes import environment, snapshot
 from corral.errors import ImportForbidden
 from corral.sandbox.sandboxes import SandboxResult
@@ -96,8 +96,13 @@ def list_environments(envs: Envs) -> list[models.Environment]:
 def get_environment(name: EnvName, envs: Envs) -> models.EnvironmentDetail:
     """One environment, and whether its draft holds unfrozen changes."""
     env = envs.get(name)  # validates the name before has_draft builds a path from it
+    usage = envs.draft_usage(name)
     return models.EnvironmentDetail.model_validate(
-        {**environment(env), "draft_changed": envs.has_draft(name)}
+        {
+            **environment(env),
+            "draft_changed": envs.has_draft(name),
+            "draft": None if usage is None else usage.to_dict(),
+        }
     )
 
 
@@ -114,14 +119,18 @@ def delete_environment(name: EnvName, envs: Envs) -> None:
 
 
 @router.post(
-    "/envs/{name}/exec", tags=["environments"], responses=documented(400, 404, 409, 422, 500, 503)
+    "/envs/{name}/exec",
+    tags=["environments"],
+    responses=documented(400, 404, 409, 422, 500, 503, 507),
 )
 def exec_in_environment(
     name: EnvName, body: models.Exec, envs: Envs, settings: Config
 ) -> models.CommandResult:
     """Run a command in an edit session: what it changes waits in the draft for freeze.
 
-    Blocks until the command ends. A non-zero exit is still a 200: see ``exit_code``.
+    Blocks until the command ends. A non-zero exit is still a 200: see ``exit_code``. A draft
+    holds at most CORRAL_DRAFT_LIMIT_MB: past it writes fail in the sandbox, and ``draft``
+    says the draft is full, and what its limit is.
     """
     timeout = _timeout(body.timeout, settings)
     return captured(functools.partial(envs.exec, name, tuple(body.argv), timeout=timeout))
@@ -188,6 +197,7 @@ def captured(start: Callable[..., SandboxResult]) -> models.CommandResult:
         result = start(stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         out.seek(0)
         err.seek(0)
+        draft = result.draft if isinstance(result, EditResult) else None
         return models.CommandResult(
             sandbox_id=result.sandbox_id,
             exit_code=result.exit_code,
@@ -195,4 +205,5 @@ def captured(start: Callable[..., SandboxResult]) -> models.CommandResult:
             seconds=round(result.seconds, 4),
             stdout=out.read(OUTPUT_CAP).decode("utf-8", "replace"),
             stderr=err.read(OUTPUT_CAP).decode("utf-8", "replace"),
+            draft=None if draft is None else models.DraftUsage.model_validate(draft.to_dict()),
         )

@@ -92,6 +92,15 @@ class Ledger:
         total = sum((self._price(usage) for usage in self.store.bridge.usage(run)), Decimal(0))
         return total + len(self._billable_calls(run)) * self.prices.bridge_call
 
+    def price(
+        self, input_tokens: int, output_tokens: int, sandbox_seconds: float, bridge_calls: int
+    ) -> Decimal:
+        """What usage totals cost: ``cost`` for totals summed elsewhere (a call tree's)."""
+        p = self.prices
+        seconds = Decimal(repr(float(sandbox_seconds)))  # as measured, not its binary double
+        return (input_tokens * p.input_token + output_tokens * p.output_token
+                + seconds * p.sandbox_second + bridge_calls * p.bridge_call)  # fmt: skip
+
     def bill(self, run: str, user: str, app: str | None) -> Decimal:
         """Post a deduction for every usage event of ``run`` not yet billed; returns credits."""
         now = datetime.now(UTC)

@@ -4,7 +4,8 @@ A running agent starts a run of another app with its own run token, and nothing 
 callee runs as the caller's user (its cost is that user's), is linked to the calling run
 (``parent_run``, ``depth``), and passes through the same admission as any other trigger
 (``Pipeline.execute_agent``: schema, credits, budgets, concurrency, the depth and cycle
-guard). Apps that set ``callable_by_agents=False`` are refused.
+guard). Its cost counts against the budget of the caller and of every run above it
+(``corral/pipeline/budgets.py``). Apps that set ``callable_by_agents=False`` are refused.
 
 Body: ``{"input": <JSON>, "wait": <bool, default false>, "timeout": <seconds>}``. The answer
 is the run as JSON: 200 once it has ended, 202 while it is still queued or running (no
@@ -63,7 +64,7 @@ async def call_agent(
     input, wait, timeout = _parse(body)
     loop = asyncio.get_running_loop()
     try:
-        run = await loop.run_in_executor(None, _admit, pipeline, claims, app, input)
+        run = await loop.run_in_executor(None, _admit, pipeline, claims, app, input, wait)
     except CorralError as exc:
         status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
         if status >= 500:
@@ -108,13 +109,13 @@ def _parse(body: bytes) -> tuple[Any, bool, float]:
     return request.get("input"), wait, min(float(timeout), MAX_WAIT)
 
 
-def _admit(pipeline: Pipeline, claims: Claims, app: str, input: Any) -> Run:
+def _admit(pipeline: Pipeline, claims: Claims, app: str, input: Any, wait: bool) -> Run:
     _, spec = pipeline.apps.get(app)  # AppNotFound: 404
     if not spec.callable_by_agents:
         raise Refused(403, "agent_call_forbidden", f"app {app!r} may not be called by agents")
-    return pipeline.execute_agent(
-        app, input, Trigger("agent", parent_run=claims.run), user=claims.user, wait=False
-    )
+    # ``awaited``: the caller's worker lends the callee its capacity while the caller waits.
+    trigger = Trigger("agent", parent_run=claims.run, awaited=wait)
+    return pipeline.execute_agent(app, input, trigger, user=claims.user, wait=False)
 
 
 async def _until_ended(pipeline: Pipeline, run: Run, deadline: float) -> Run:

@@ -17,6 +17,7 @@ import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urlsplit
 
 from corral.errors import InvalidInput
@@ -46,17 +47,18 @@ class Connection:
         if self.meter is not None and self.meter not in METERS:
             raise InvalidInput(f"connection {self.name}: meter must be one of {METERS}")
 
-    @property
+    # Read on every bridged call: worked out once per connection object.
+    @cached_property
     def origin(self) -> tuple[str, str, int]:
         parts = urlsplit(self.base_url)
         tls = parts.scheme == "https"
         return parts.scheme, parts.hostname or "", parts.port or (443 if tls else 80)
 
-    @property
+    @cached_property
     def base_path(self) -> str:
         return urlsplit(self.base_url).path.rstrip("/")
 
-    @property
+    @cached_property
     def host_header(self) -> str:
         return urlsplit(self.base_url).netloc
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import json
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
+from corral.bridge import http1
 from corral.bridge.agents import MAX_WAIT, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.meter import read_usage
@@ -43,6 +45,14 @@ class Credential:
     kind: str
     fields: dict[str, str]  # host memory only: never logged, never sent to a sandbox
     expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class _Attach:
+    add: list[tuple[bytes, bytes]]  # credential headers
+    query: str  # or a credential query parameter, ``name=value``
+    drop: frozenset[bytes]  # the sandbox's headers that never pass (canonical names)
+    secrets: list[bytes]  # every form of the credential to redact from answers
 
 
 class Backend(Protocol):
@@ -149,6 +159,7 @@ class BridgeGate:
         self._live: set[str] = set()
         self._cursor = datetime.now(UTC)
         self._credentials: dict[tuple[str, str], tuple[float, Credential | None]] = {}
+        self._attached: dict[tuple[str, str], tuple[Connection, Credential, _Attach]] = {}
         self._connections: dict[str, tuple[float, Connection | None]] = {}
 
     # -- the proxy's questions ---------------------------------------------------------------
@@ -160,10 +171,7 @@ class BridgeGate:
             return False
 
     async def authorize(self, head: Head, peer: str) -> Route:
-        path, _, query = head.url.partition(b"?")
-        parts = path.split(b"/", 2)
-        name = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
-        rest = parts[2] if len(parts) > 2 else b""
+        name, rest, query = http1.route_target(head.url)
         claims = await self._claims(head, peer)
         head.run, head.connection = claims.run, name
         if name == RESERVED:
@@ -193,12 +201,15 @@ class BridgeGate:
         query: bytes,
     ) -> Route:
         name = connection.name
-        add, query_auth = credential_headers(connection, credential.kind, credential.fields)
+        attach = self._attach(claims.user, connection, credential)
+        add, query_auth = attach.add, attach.query
         target = (
             (connection.base_path.encode() + b"/" + rest)
             if rest
             else (connection.base_path.encode() or b"/")
         )
+        if query_auth:  # the sandbox's own value for the credential's parameter is dropped
+            query = _without_param(query, query_auth.split("=", 1)[0])
         extra = "&".join(x for x in (query.decode("latin-1"), query_auth) if x)
         if extra:
             target += b"?" + extra.encode("latin-1")
@@ -209,9 +220,9 @@ class BridgeGate:
             port=port,
             target=target,
             host_header=connection.host_header.encode(),
-            drop=AUTH_HEADERS | {k for k, _ in add},
+            drop=attach.drop,
             add=add,
-            secrets=_secrets(credential, add),
+            secrets=attach.secrets,
             connection=name,
             run=claims.run,
             timeout=self.upstream_timeout,
@@ -220,6 +231,24 @@ class BridgeGate:
             if credential.kind == "oauth2"
             else None,
         )
+
+    def _attach(self, user: str, connection: Connection, credential: Credential) -> _Attach:
+        """How a credential goes on a connection's calls, worked out once per cached pair."""
+        key = (user, connection.name)
+        cached = self._attached.get(key)
+        if cached is not None and cached[0] is connection and cached[1] is credential:
+            return cached[2]
+        add, query = credential_headers(connection, credential.kind, credential.fields)
+        attach = _Attach(
+            add=add,
+            query=query,
+            drop=AUTH_HEADERS | {http1.canonical(k) for k, _ in add},
+            secrets=_secrets(credential, add),
+        )
+        if len(self._attached) > 100_000:
+            self._attached.clear()
+        self._attached[key] = (connection, credential, attach)
+        return attach
 
     def _reauthorizer(
         self,
@@ -274,7 +303,7 @@ class BridgeGate:
             self._live.add(claims.run)
         return claims
 
-    def revoke_ended(self) -> None:
+    def revoke_ended(self) -> list[str]:
         """Called every few tens of milliseconds from a thread: runs that ended lose access.
 
         Only runs the store says have *ended* are revoked; a run the poll has not seen start
@@ -284,6 +313,7 @@ class BridgeGate:
         for run in ended:
             self.verifier.revoke_run(run)
             self._live.discard(run)
+        return ended
 
     async def _connection(self, name: str) -> Connection | None:
         cached = self._connections.get(name)
@@ -423,14 +453,33 @@ def _token(head: Head) -> str | None:
 
 
 def _secrets(credential: Credential, add: list[tuple[bytes, bytes]]) -> list[bytes]:
-    """Every form in which the credential could come back: raw values and the header values."""
-    out = {
+    """Every form in which the credential could come back: raw values, the header values, and
+    the spellings an upstream echoing it would use (percent-encoded in a URL, escaped in JSON).
+    An upstream that transforms it otherwise (hashes, re-encodes) is beyond what any proxy can
+    recognise; see docs/design/bridge.md."""
+    raw = {
         str(v).encode()
         for k, v in credential.fields.items()
         if k not in ("token_url", "client_id", "expires_at") and len(str(v)) >= 8
     }
     for _, value in add:
-        out.add(value)
+        raw.add(value)
         if value.startswith(b"Basic "):
-            out.add(base64.b64decode(value[6:]))
+            raw.add(base64.b64decode(value[6:]))
+    out = set(raw)
+    for value in raw:
+        text = value.decode("latin-1")
+        out.add(quote(text, safe="").encode("latin-1"))
+        out.add(json.dumps(text)[1:-1].encode("latin-1"))
+        out.add(json.dumps(text)[1:-1].replace("/", "\\/").encode("latin-1"))
     return sorted(out, key=len, reverse=True)
+
+
+def _without_param(query: bytes, name: str) -> bytes:
+    """``query`` without any parameter whose (decoded) name is ``name``."""
+    kept = [
+        pair
+        for pair in query.split(b"&")
+        if pair and unquote(pair.split(b"=", 1)[0].decode("latin-1")) != name
+    ]
+    return b"&".join(kept)

@@ -9,6 +9,7 @@ they decide comes from the shared store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -17,7 +18,7 @@ import threading
 import uvloop
 
 from corral.bridge.gate import BridgeGate
-from corral.bridge.proxy import ClientProtocol, Pool
+from corral.bridge.proxy import ClientProtocol, Connections, Pool
 from corral.errors import CorralError
 
 log = logging.getLogger("corral.bridge")
@@ -35,6 +36,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._pool = Pool()
+        self._conns = Connections()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="bridge-revocations", daemon=True)
@@ -61,12 +63,13 @@ class Bridge:
         gc.freeze()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ClientProtocol(self.gate, self._pool), sock=sock, backlog=1024
+            lambda: ClientProtocol(self.gate, self._pool, self._conns), sock=sock, backlog=1024
         )
         ready.set()
         while not self._stopping.is_set():
             await asyncio.sleep(0.1)
         self._server.close()
+        await self._conns.close()  # every exchange's task ends before the loop does
         await self._server.wait_closed()
         self._pool.close()
 
@@ -96,6 +99,12 @@ class Bridge:
     def _poll(self) -> None:
         while not self._stopping.wait(REVOCATION_POLL_S):
             try:
-                self.gate.revoke_ended()
+                ended = self.gate.revoke_ended()
             except Exception:  # a supervisor: the next poll tries again
                 log.exception("could not poll for ended runs")
+                continue
+            loop = self._loop
+            if ended and loop is not None and not loop.is_closed():
+                for run in ended:  # their upstream connections close with them
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(self._pool.forget, run)

@@ -14,6 +14,7 @@ import click
 from corral.cli.main import handled, json_option
 from corral.cli.output import emit, human_size
 from corral.context import Corral
+from corral.envs.service import EditResult
 from corral.envs.shapes import environment, snapshot
 from corral.sandbox.sandboxes import SandboxResult
 
@@ -119,7 +120,12 @@ def list_(corral: Corral, as_json: bool) -> None:
 def show(corral: Corral, name: str, as_json: bool) -> None:
     """One environment: base, head, and whether its draft holds unfrozen changes."""
     env = corral.envs.get(name)
-    payload = {**environment(env), "draft_changed": corral.envs.has_draft(name)}
+    usage = corral.envs.draft_usage(name)
+    payload = {
+        **environment(env),
+        "draft_changed": corral.envs.has_draft(name),
+        "draft": None if usage is None else usage.to_dict(),
+    }
 
     def human() -> None:
         for key, value in payload.items():
@@ -153,7 +159,8 @@ def rm(corral: Corral, name: str, as_json: bool) -> None:
 
 
 def run_command(as_json: bool, start: Callable[..., SandboxResult]) -> NoReturn:
-    """Run a sandboxed command: stream its output, or capture it into JSON; exit with its code."""
+    """Run a sandboxed command: stream its output, or capture it into JSON; exit with its code.
+    After an edit session that filled its draft, say so (on stderr, and in the JSON)."""
     if as_json:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             result = start(stdin=subprocess.DEVNULL, stdout=out, stderr=err)
@@ -167,6 +174,8 @@ def run_command(as_json: bool, start: Callable[..., SandboxResult]) -> NoReturn:
                 "stdout": out.read().decode("utf-8", "replace"),
                 "stderr": err.read().decode("utf-8", "replace"),
             }
+            if isinstance(result, EditResult) and result.draft is not None:
+                payload["draft"] = result.draft.to_dict()
         click.echo(json.dumps(payload, indent=2))
     else:
         result = start()
@@ -174,6 +183,8 @@ def run_command(as_json: bool, start: Callable[..., SandboxResult]) -> NoReturn:
             click.echo(
                 f"corral: timed out after {result.seconds:.1f}s; sandbox torn down", err=True
             )
+    if isinstance(result, EditResult) and result.draft is not None and result.draft.full:
+        click.echo(f"corral: {result.draft.notice}", err=True)
     sys.exit(result.exit_code)
 
 

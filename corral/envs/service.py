@@ -1,8 +1,9 @@
 """Environments: the user's verbs on frozen environments.
 
 ``create`` starts an environment from the base image or any OCI image; ``exec`` runs a command in
-an edit session (a sandbox whose upper directory is the environment's *draft*, and whose network
-reaches package registries); ``freeze`` turns the draft into one new OCI layer and snapshot;
+an edit session (a sandbox whose upper directory is the environment's *draft*, capped at the
+draft limit (``drafts.py``), and whose network reaches package registries); ``freeze`` turns
+the draft into one new OCI layer and snapshot;
 ``history`` and ``verify`` read them back; ``run`` boots the newest snapshot read-only with a
 scratch layer of its own, as every agent run will.
 
@@ -15,6 +16,7 @@ then clears the draft: a crash or a full disk at any step leaves the previous he
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -26,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from corral.config import Settings
+from corral.envs.drafts import Drafts, DraftUsage
 from corral.errors import (
     Conflict,
     DiskFull,
@@ -36,7 +39,6 @@ from corral.errors import (
 )
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
 from corral.snapshots.images import Image, Images
-from corral.snapshots.layers import is_empty
 from corral.snapshots.layout import Layout
 from corral.store import Environment, Snapshot, Store
 
@@ -58,6 +60,13 @@ class VerifyReport:
         }
 
 
+@dataclass(frozen=True)
+class EditResult(SandboxResult):
+    """An edit session's result, and how full it left the draft."""
+
+    draft: DraftUsage | None = None
+
+
 class Environments:
     def __init__(
         self,
@@ -69,6 +78,7 @@ class Environments:
         self.store = store
         self.layout = Layout(settings.oci_dir).init()
         self.images = Images(self.layout, settings.data_dir / "layers")
+        self.drafts = Drafts(settings.data_dir / "envs", settings.draft_limit_bytes)
         self._sandboxes = sandboxes
 
     # -- create ------------------------------------------------------------------------------
@@ -127,8 +137,9 @@ class Environments:
         stdout: Stream = None,
         stderr: Stream = None,
         timeout: float | None = None,
-    ) -> SandboxResult:
-        """Run ``argv`` in an edit session: the draft keeps what it changes, until freeze."""
+    ) -> EditResult:
+        """Run ``argv`` in an edit session: the draft keeps what it changes, until freeze.
+        The result says how full the draft is (a write past its limit fails in the sandbox)."""
         self.store.get_environment(name)  # an unknown name fails before any lock file is made
         with self._locked(name):
             image = self.images.load(self.store.get_environment(name).head)  # after a freeze
@@ -143,16 +154,18 @@ class Environments:
                 timeout=timeout,
                 label=name,
             )
-            return self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+            result = self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+            fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+            return EditResult(**fields, draft=self.drafts.usage(name))
 
     def freeze(self, name: str, message: str | None = None) -> Snapshot:
         """Freeze the draft into a new snapshot on top of the head. NothingToFreeze if unchanged."""
         self.store.get_environment(name)
         with self._locked(name):
             env = self.store.get_environment(name)
-            upper = self._draft(name) / "upper"
-            if is_empty(upper):
+            if not self.drafts.has_changes(name):  # no draft is made just to find it empty
                 raise NothingToFreeze(name, env.head)
+            upper = self._draft(name) / "upper"
             parent = self.images.load(env.head)
             image = self.images.commit(parent, upper, created_by=f"corral env freeze {name}")
             self._try_unpack(image)
@@ -236,8 +249,11 @@ class Environments:
         return self.store.history(name)
 
     def has_draft(self, name: str) -> bool:
-        upper = self._env_dir(name) / "draft" / "upper"
-        return upper.is_dir() and not is_empty(upper)
+        return self.drafts.has_changes(name)
+
+    def draft_usage(self, name: str) -> DraftUsage | None:
+        """How full the environment's draft is; None if it has none."""
+        return self.drafts.usage(name)
 
     def verify(self, name: str) -> VerifyReport:
         """Re-hash every blob of every snapshot in the history; CorruptBlob names a changed one."""
@@ -285,6 +301,7 @@ class Environments:
             self.layout.untag(name)
             for snap in history:
                 self.layout.untag(f"{name}+{snap.seq}")
+            self.drafts.clear(name)  # unmounted before its directory goes
         shutil.rmtree(self._env_dir(name), ignore_errors=True)
 
     def _tag(self, name: str, seq: int, image: Image) -> None:
@@ -295,15 +312,10 @@ class Environments:
         return self.settings.data_dir / "envs" / name
 
     def _draft(self, name: str) -> Path:
-        draft = self._env_dir(name) / "draft"
-        for sub in ("upper", "work"):
-            (draft / sub).mkdir(parents=True, exist_ok=True)
-        return draft
+        return self.drafts.open(name)
 
     def _reset_draft(self, name: str) -> None:
-        draft = self._env_dir(name) / "draft"
-        shutil.rmtree(draft, ignore_errors=True)
-        self._draft(name)
+        self.drafts.clear(name)  # the next edit session begins a fresh one
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:

@@ -87,8 +87,9 @@ class Tracing:
         admitted = next((e for e in events if e.kind == "run.admitted"), None)
         admission_s = json.loads(admitted.data).get("seconds", 0.0) if admitted else 0.0
         child("admission", run.created_at - timedelta(seconds=admission_s), run.created_at)
-        if run.started_at:
-            child("queue", run.created_at, run.started_at)
+        queued_until = run.started_at or run.finished_at  # a run cancelled while queued
+        if queued_until:
+            child("queue", run.created_at, queued_until)
         booted: dict[int, datetime] = {}
         for event in events:
             data = json.loads(event.data)

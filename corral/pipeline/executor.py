@@ -84,6 +84,13 @@ class Stopped(Exception):
 Stop = Callable[[], Stopped | None]
 
 
+class Finish(Protocol):
+    """Writes a run's end (``Pipeline.finish`` for the pipeline's runs): the terminal status
+    and outcome ``fields``, fenced on ``lease_owner``; returns the run's record."""
+
+    def __call__(self, run_id: str, *, lease_owner: str | None, **fields: Any) -> Run: ...
+
+
 class TokenIssuer:
     """Mints a run's token once its sandbox's address is known; revokes it when the run ends."""
 
@@ -188,9 +195,10 @@ class Executor:
         request: AgentRequest,
         on_event: Callable[[RunEvent], None] | None = None,
         stop: Stop | None = None,
-        bill: Callable[[Run], object] | None = None,
+        finish: Finish | None = None,
     ) -> Run:
-        """Run a recorded run to its end: attempts, events, fold-in, usage, the final record."""
+        """Run a recorded run to its end: attempts, events, fold-in, usage, the final record
+        (written by ``finish``; without it, straight to the store: ``corral run``)."""
         env = self.envs.get(run.environment)
         digest = run.snapshot
         release = self.releases.current()
@@ -243,9 +251,8 @@ class Executor:
                 }
             ]
         )
-        if bill is not None:
-            bill(run)  # before the run reads as finished: a waiter never sees it unbilled
-        return self.store.runs.update(
+        end = finish or self.store.runs.update
+        return end(
             run.id,
             lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run
             status=str(outcome.status),

@@ -7,14 +7,22 @@ is a field on the run, a label on the metrics, an attribute on the trace.
 Admission (synchronous, in the caller): the app and its current version, the input against
 the app's schema, the idempotency key, the user's credits and the app's budget, the
 concurrency policy, the agent-to-agent depth and cycle guard. Then the run is recorded
-``queued`` and a worker (``worker.py``) leases it, executes it in a sandbox, bills it and
-fires its webhook. ``wait=True`` returns once the run has ended.
+``queued`` and a worker (``worker.py``) leases it, executes it in a sandbox and bills it.
+``wait=True`` returns once the run has ended.
+
+Ending. Every path that ends a run (its worker, a cancel while it is queued, a worker lost
+too often, a run finished from its log) goes through ``Pipeline.finish``: one conditional
+write moves the run into its terminal state, so exactly one path wins, and the winner
+announces it: the completion hooks (metrics, traces, webhooks) fire once per run. A process
+without hooks (the CLI) leaves the announcement to the next worker process's sweep
+(``announce_pending``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -28,15 +36,23 @@ from corral.billing.ledger import BudgetExhausted, Ledger
 from corral.errors import Conflict, InvalidInput
 from corral.limits import MAX_INPUT, json_size
 from corral.pipeline.apps import Apps, AppSpec
+from corral.pipeline.budgets import Budgets
 from corral.pipeline.executor import AgentRequest, Executor
 from corral.pipeline.states import RunStatus
 from corral.store import Run, Store
+from corral.store.records import ACTIVE
 from corral.store.rows import check_user
+
+log = logging.getLogger("corral.pipeline")
 
 TRIGGERS = ("ui", "schedule", "http", "agent", "cli")
 IDEMPOTENCY_TTL = timedelta(hours=24)
 _PARKED = datetime(9999, 1, 1, tzinfo=UTC)
 MAX_DEPTH = 5
+ANNOUNCE_GRACE = timedelta(seconds=2)  # the process that ended a run announces it first
+
+# Called once with every run that has ended, whatever ended it: metrics, traces, webhooks.
+OnFinished = Callable[[Run], None]
 
 
 class ConcurrencyLimit(Conflict):
@@ -63,6 +79,7 @@ class CallRefused(Conflict):
 class Trigger:
     kind: str  # ui | schedule | http | agent | cli
     parent_run: str | None = None  # agent-to-agent: the calling run
+    awaited: bool = False  # agent-to-agent: the caller blocks until this run ends
 
     def __post_init__(self) -> None:
         if self.kind not in TRIGGERS:
@@ -75,9 +92,11 @@ class Pipeline:
         self.executor = executor
         self.ledger = ledger
         self.apps = Apps(store)
+        self.budgets = Budgets(store, ledger)
         self.work_available = threading.Condition()
         self.run_finished = threading.Condition()
         self.on_admitted: list[Callable[[Run], None]] = []  # metrics hang off this
+        self.on_finished: list[OnFinished] = []  # wired in processes that run workers
 
     def execute_agent(
         self,
@@ -108,6 +127,13 @@ class Pipeline:
         depth = self._guard(app, parent)
         if spec.budget_per_run == 0:
             raise BudgetExhausted(f"app {app!r} has a budget of zero credits per run")
+        if parent is not None:  # a callee spends from its callers' budgets too
+            over = self.budgets.overspent(parent)
+            if over is not None:
+                raise BudgetExhausted(
+                    f"run {over.owner} and the runs it called have spent {over.spent:.4f} of "
+                    f"its budget of {over.budget} credits; it may start no more runs"
+                )
         if self.ledger.balance(user) <= 0:
             raise BudgetExhausted(f"user {user!r} has no credits left")
         if (
@@ -120,13 +146,16 @@ class Pipeline:
         self._apply_policy(app, spec, user)
 
         request = self.request(app, spec, input, trigger, user)
+        run_id = f"run-{secrets.token_hex(8)}"
         run = self.executor.prepare(
             request,
             RunStatus.QUEUED,
-            id=f"run-{secrets.token_hex(8)}",
+            id=run_id,
             app=app,
             app_version=version,
             parent_run=parent.id if parent else None,
+            root_run=parent.root if parent else run_id,
+            awaited=bool(parent and trigger.awaited),
             depth=depth,
             options=json.dumps(
                 {
@@ -201,10 +230,75 @@ class Pipeline:
                 self.run_finished.wait(0.25)
 
     def cancel(self, run_id: str) -> Run:
+        """End a queued run now; flag a running one, which its worker stops within a second."""
         self.store.runs.get(run_id)  # RunNotFound for an unknown id
-        run = self.store.pipeline.cancel(run_id)
-        assert run is not None
+        run = self.finish(
+            run_id,
+            from_status=("queued",),
+            status=str(RunStatus.CANCELLED),
+            error_code="cancelled",
+            error="cancelled before it started",
+        )
+        if run.status == RunStatus.RUNNING and self.store.pipeline.request_cancel(run_id):
+            run = self.store.runs.get(run_id)
         return run
+
+    def finish(
+        self,
+        run_id: str,
+        *,
+        lease_owner: str | None = None,
+        lease_expires: datetime | None = None,
+        from_status: tuple[str, ...] = ACTIVE,
+        **fields: Any,
+    ) -> Run:
+        """End a run and announce it: the one way any run reaches a terminal state.
+
+        The write is conditional (``Runs.finish``): only while the run is in ``from_status``
+        and, when given, leased by ``lease_owner``. The path that wins bills the run and
+        fires the completion hooks; a loser changes nothing. Returns the run's record.
+        """
+        fields.setdefault("finished_at", datetime.now(UTC))
+        run = self.store.runs.get(run_id)
+        self.ledger.bill(run.id, run.user, run.app)  # before it reads as ended: see wait()
+        ended = self.store.runs.finish(
+            run_id,
+            lease_owner=lease_owner,
+            lease_expires=lease_expires,
+            from_status=from_status,
+            **fields,
+        )
+        if ended is None:
+            return self.store.runs.get(run_id)
+        # Again, for the bridge's last batch of usage (billing is idempotent per usage event).
+        self.ledger.bill(ended.id, ended.user, ended.app)
+        with self.run_finished:
+            self.run_finished.notify_all()
+        self.announce(ended)
+        return ended
+
+    def announce(self, run: Run) -> bool:
+        """Fire the completion hooks for an ended run, once across every process: only the
+        caller that marks it announced fires them. False if this process has no hooks (it
+        leaves the run to a process that has) or another caller announced it first."""
+        if not self.on_finished:
+            return False
+        if not self.store.runs.claim_announcement(run.id, datetime.now(UTC)):
+            return False
+        for hook in self.on_finished:
+            try:
+                hook(run)
+            except Exception:  # one failing hook must not keep the others from running
+                log.exception("run %s: a completion hook failed", run.id)
+        return True
+
+    def announce_pending(self, grace: timedelta = ANNOUNCE_GRACE) -> int:
+        """Announce runs that ended in a process without hooks (a cancel from the CLI, a
+        ``corral run``) more than ``grace`` ago. Returns how many this call announced."""
+        if not self.on_finished:
+            return 0
+        pending = self.store.runs.unannounced(datetime.now(UTC) - grace)
+        return sum(1 for run in pending if self.announce(run))
 
     def _guard(self, app: str, parent: Run | None) -> int:
         """Depth and cycle checks for an agent-to-agent call; 0 for every other trigger."""
@@ -228,7 +322,7 @@ class Pipeline:
         limit = spec.max_concurrent
         if spec.concurrency == "cancel_previous":
             for run in active:
-                self.store.pipeline.cancel(run.id)
+                self.cancel(run.id)
         elif spec.concurrency in ("reject", "allow") and limit and len(active) >= limit:
             raise ConcurrencyLimit(
                 f"app {app!r} allows {limit} run(s) at a time per user; {len(active)} active"

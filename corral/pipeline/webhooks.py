@@ -1,11 +1,11 @@
 """Webhooks: a signed POST to an app's ``webhook_url`` once each of its runs has ended.
 
-Enqueueing. ``Webhooks.on_finished`` is a worker completion hook: for a finished run of an
-app version with a ``webhook_url`` it records one delivery (the table is unique per run, so
-a second worker, a retried hook or the sweep can never add another). A run that ends without
-passing through a worker's hooks (cancelled while queued, failed as ``worker_lost``, or a
-worker that died between finishing the run and running its hooks) is picked up by the sweep
-every ``Deliverer`` makes: recently finished app runs that have no delivery yet.
+Enqueueing. ``Webhooks.on_finished`` is a completion hook (``Pipeline.on_finished``, fired
+once for every run that ends, whatever ended it): for a finished run of an app version with
+a ``webhook_url`` it records one delivery (the table is unique per run, so a second call, a
+retried hook or the sweep can never add another). A process that died between announcing a
+run and recording its delivery leaves a gap that the sweep every ``Deliverer`` makes fills:
+recently finished app runs that have no delivery yet.
 
 Delivering. A ``Deliverer`` is a thread that leases due deliveries from the store (fenced
 like the run queue: any number of deliverers in any number of processes; see
@@ -144,7 +144,7 @@ class Webhooks:
         self._lock = threading.Lock()
 
     def on_finished(self, run: Run) -> None:
-        """The worker completion hook (``Worker(on_finished=[...])``)."""
+        """The completion hook (``Pipeline.on_finished``)."""
         self.enqueue(run)
 
     def enqueue(self, run: Run) -> bool:

@@ -6,6 +6,17 @@ time; if it dies, the lease runs out and another worker puts the run back in the
 a backoff long enough that a worker which merely stalled has noticed the loss of its lease and
 killed its sandbox. A run is therefore never executed twice at the same time, and a worker's
 death costs the run one more delivery, up to ``MAX_DELIVERIES``.
+
+A waiting caller lends its capacity. A run blocked in ``sdk.call_agent(..., wait=True)``
+holds its worker while its callee sits in the queue; with fewer workers than the call chain
+is deep, nobody would be left to run the callee. So while a worker executes a run, it also
+claims that run's *awaited* callees (``claim(awaited_by=...)``), one at a time, and executes
+them itself; each callee lends to its own callees the same way, so any chain completes on a
+single worker. Each lent run is an ordinary lease (heartbeats, takeover, resume from the log);
+the worker takes nothing new from the queue until what it lent has ended.
+
+Every run ends through ``Pipeline.finish`` (see ``service.py``), which fires the completion
+hooks once; workers also announce runs that another process ended without hooks.
 """
 
 from __future__ import annotations
@@ -19,7 +30,6 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from corral.billing.amounts import credits, to_micros
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
@@ -29,9 +39,8 @@ from corral.store import Run
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
-
-# Called with every finished run: webhooks, metrics, traces hang off this.
-OnFinished = Callable[[Run], None]
+SWEEP_EVERY = 1.0  # seconds between a worker's sweeps for runs ended without hooks
+LEND_POLL = 0.25  # seconds between looks for the awaited callees of a run being executed
 
 
 class Worker:
@@ -43,7 +52,6 @@ class Worker:
         name: str | None = None,
         lease: float = 10.0,
         poll: float = 0.05,
-        on_finished: list[OnFinished] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.store = pipeline.store
@@ -51,9 +59,9 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.lease = lease
         self.poll = poll
-        self.on_finished = on_finished or []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._swept = 0.0
 
     def start(self) -> Worker:
         self._thread = threading.Thread(
@@ -82,6 +90,9 @@ class Worker:
     def run_once(self) -> bool:
         """Requeue runs whose worker died, then take and execute one run. True if it did."""
         self.requeue_expired()
+        if time.monotonic() - self._swept >= SWEEP_EVERY:
+            self._swept = time.monotonic()
+            self.pipeline.announce_pending()
         run = self.store.pipeline.claim(self.name, self.lease)
         if run is None:
             return False
@@ -94,12 +105,14 @@ class Worker:
             self.sandboxes().reap()  # the dead workers' sandboxes on this host die first
         for run in expired:
             if run.deliveries >= MAX_DELIVERIES:
-                self.store.runs.update(
+                self.pipeline.finish(  # only while the dead worker's lease is still the one
                     run.id,
+                    lease_owner=run.lease_owner,
+                    lease_expires=run.lease_expires,
+                    from_status=(str(RunStatus.RUNNING),),
                     status=str(RunStatus.FAILED),
                     error_code="worker_lost",
                     error=f"{run.deliveries} workers lost this run",
-                    finished_at=datetime.now(UTC),
                 )
                 continue
             # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
@@ -119,23 +132,22 @@ class Worker:
         final = next(e for e in finals if json.loads(e.data).get("attempt") == last)
         data = json.loads(final.data)
         ok = final.kind == "result"
-        finished = self.store.runs.update(
-            run.id,
-            lease_owner=self.name,
-            status=str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED),
-            result=json.dumps(data.get("output")) if ok else None,
-            error_code=None if ok else str(data.get("code", "agent_error")),
-            error=None if ok else str(data.get("message", "")),
-            finished_at=datetime.now(UTC),
-        )
+        status = RunStatus.SUCCEEDED if ok else RunStatus.FAILED
         self.store.runs.append_event(
             run.id,
             datetime.now(UTC),
             "run.resumed",
-            json.dumps({"worker": self.name, "from_seq": final.seq, "status": finished.status}),
+            json.dumps({"worker": self.name, "from_seq": final.seq, "status": str(status)}),
         )
         self.pipeline.executor.tokens.revoke(run)
-        self._finish(finished)
+        self.pipeline.finish(
+            run.id,
+            lease_owner=self.name,
+            status=str(status),
+            result=json.dumps(data.get("output")) if ok else None,
+            error_code=None if ok else str(data.get("code", "agent_error")),
+            error=None if ok else str(data.get("message", "")),
+        )
         return True
 
     def execute(self, run: Run) -> None:
@@ -149,6 +161,16 @@ class Worker:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
                 return
+        over = self.pipeline.budgets.overspent(run)
+        if over is not None:  # its tree spent its budget while it queued: never boot it
+            self.pipeline.finish(
+                run.id,
+                lease_owner=self.name,
+                status=str(RunStatus.FAILED),
+                error_code="budget_exhausted",
+                error=over.reason("it was not started"),
+            )
+            return
         request = self.pipeline.request(
             run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
         )
@@ -161,8 +183,20 @@ class Worker:
                     lost.set()
                     return
 
+        def lend() -> None:
+            # While this run executes, its awaited callees run here, one at a time.
+            while not beating.wait(LEND_POLL):
+                try:
+                    callee = self.store.pipeline.claim(self.name, self.lease, awaited_by=run.id)
+                    if callee is not None:
+                        self.execute(callee)
+                except Exception:  # a supervisor: record, carry on
+                    log.exception("run %s: lending to a callee failed", run.id)
+
         pulse = threading.Thread(target=heartbeat, daemon=True)
         pulse.start()
+        lender = threading.Thread(target=lend, name=f"lender-{run.id}", daemon=True)
+        lender.start()
         checked = [0.0]
 
         def stop() -> Stopped | None:
@@ -174,43 +208,19 @@ class Worker:
             current = self.store.runs.get(run.id)
             if current.cancel_requested:
                 return Stopped(RunStatus.CANCELLED, "cancelled", "the run was cancelled")
-            if spec.budget_per_run is not None:
-                cost = self.pipeline.ledger.cost(run.id)
-                budget = credits(to_micros(spec.budget_per_run, "budget_per_run"))
-                if cost >= budget:
-                    return Stopped(
-                        RunStatus.FAILED,
-                        "budget_exhausted",
-                        f"the run spent {cost:f} of its {budget} "
-                        "credits; its token was revoked and its sandbox torn down",
-                    )
+            # Its own cost and its callees', against its budget and every caller's above it.
+            over = self.pipeline.budgets.overspent(current)
+            if over is not None:
+                return Stopped(RunStatus.FAILED, "budget_exhausted", over.reason())
             return None
 
         try:
             with run_context(run.id):
-                finished = self.pipeline.executor.execute(
-                    run,
-                    request,
-                    stop=stop,
-                    bill=lambda r: self.pipeline.ledger.bill(r.id, r.user, r.app),
-                )
+                self.pipeline.executor.execute(run, request, stop=stop,
+                                               finish=self.pipeline.finish)  # fmt: skip
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
-            finished = self.store.runs.get(run.id)
         finally:
             beating.set()
             pulse.join(timeout=5)
-        if finished.lease_owner != self.name or not RunStatus(finished.status).terminal:
-            return  # another worker owns it now
-        self._finish(finished)
-
-    def _finish(self, finished: Run) -> None:
-        # Billed once before it finished; again now for the bridge's last batch (idempotent).
-        self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
-        with self.pipeline.run_finished:
-            self.pipeline.run_finished.notify_all()
-        for hook in self.on_finished:
-            try:
-                hook(finished)
-            except Exception:  # one failing hook must not keep the others from running
-                log.exception("run %s: a completion hook failed", finished.id)
+            lender.join()  # a callee it lent to runs to its end before this worker moves on

@@ -11,10 +11,11 @@ worker, and a worker whose lease was taken over learns so from its next heartbea
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
@@ -22,17 +23,18 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.errors import Conflict, InvalidInput, NotFound
 from corral.store.engine import is_unique_violation, transaction
+from corral.store.records import ACTIVE
 from corral.store.rows import Run
 from corral.store.schema import (
     LEDGER_MAX_MICROS,
     app_versions,
     apps,
+    bridge_calls,
     idempotency_keys,
     ledger,
     runs,
+    usage_events,
 )
-
-ACTIVE = ("queued", "running")
 
 
 class AppNotFound(NotFound):
@@ -58,6 +60,21 @@ class AppExists(Conflict):
 
 def _run(row: Any) -> Run:
     return Run(**row._asdict())
+
+
+@dataclass(frozen=True)
+class TreeMember:
+    """One run of a call tree and what it has used so far, billed or not."""
+
+    id: str
+    parent_run: str | None
+    status: str
+    started_at: datetime | None
+    budget: float | None  # its budget_per_run as admitted; None: unbounded
+    input_tokens: int = 0
+    output_tokens: int = 0
+    sandbox_seconds: float = 0.0  # recorded when an execution of it ends
+    bridge_calls: int = 0  # calls the bridge forwarded (its own endpoints are free)
 
 
 class PipelineRecords:
@@ -129,14 +146,28 @@ class PipelineRecords:
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def claim(self, worker: str, lease: float, now: datetime | None = None) -> Run | None:
-        """Lease the oldest runnable queued run to ``worker``, or None if there is none."""
+    def claim(
+        self,
+        worker: str,
+        lease: float,
+        now: datetime | None = None,
+        *,
+        awaited_by: str | None = None,
+    ) -> Run | None:
+        """Lease the oldest runnable queued run to ``worker``, or None if there is none.
+
+        With ``awaited_by``, only a run that the run ``awaited_by`` called and is waiting on:
+        the caller's worker lends it the capacity the waiting caller holds.
+        """
         now = now or datetime.now(UTC)
+        where = [runs.c.status == "queued",
+                 or_(runs.c.available_at.is_(None), runs.c.available_at <= now)]  # fmt: skip
+        if awaited_by is not None:
+            where += [runs.c.parent_run == awaited_by, runs.c.awaited.is_(True)]
         with transaction(self._engine, write=True) as conn:
             candidate = conn.execute(
                 select(runs.c.id)
-                .where(runs.c.status == "queued",
-                       or_(runs.c.available_at.is_(None), runs.c.available_at <= now))
+                .where(*where)
                 .order_by(runs.c.created_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -217,22 +248,60 @@ class PipelineRecords:
                 ) or 0
             )  # fmt: skip
 
-    def cancel(self, run_id: str) -> Run | None:
-        """Cancel a queued run outright, or flag a running one for its worker; None if neither."""
-        now = datetime.now(UTC)
+    def request_cancel(self, run_id: str) -> bool:
+        """Flag a running run for its worker, which stops it; False if it is not running."""
         with transaction(self._engine, write=True) as conn:
-            queued = conn.execute(
-                update(runs).where(runs.c.id == run_id, runs.c.status == "queued")
-                .values(status="cancelled", finished_at=now, error_code="cancelled",
-                        error="cancelled before it started")
+            done = conn.execute(
+                update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                .values(cancel_requested=True)
             )  # fmt: skip
-            if queued.rowcount == 0:
-                conn.execute(
-                    update(runs).where(runs.c.id == run_id, runs.c.status == "running")
-                    .values(cancel_requested=True)
-                )  # fmt: skip
-            row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
-        return None if row is None else _run(row)
+            return done.rowcount == 1
+
+    def tree(self, root: str) -> list[TreeMember]:
+        """Every run of the call tree rooted at ``root``, each with its usage totals: three
+        grouped queries in one transaction, however large the tree."""
+        member = or_(runs.c.root_run == root, runs.c.id == root)
+        ids = select(runs.c.id).where(member)
+        usage = (
+            select(
+                usage_events.c.run,
+                func.sum(case((usage_events.c.kind == "model_tokens",
+                               usage_events.c.input_tokens), else_=0)).label("input_tokens"),
+                func.sum(case((usage_events.c.kind == "model_tokens",
+                               usage_events.c.output_tokens), else_=0)).label("output_tokens"),
+                func.sum(case((usage_events.c.kind == "sandbox_seconds",
+                               usage_events.c.quantity), else_=0.0)).label("sandbox_seconds"),
+            )
+            .where(usage_events.c.run.in_(ids))
+            .group_by(usage_events.c.run)
+        )  # fmt: skip
+        calls = (
+            select(bridge_calls.c.run, func.count().label("calls"))
+            .where(bridge_calls.c.run.in_(ids), bridge_calls.c.connection.is_not(None),
+                   bridge_calls.c.connection != "_corral",
+                   or_(bridge_calls.c.error.is_(None), bridge_calls.c.error == ""))
+            .group_by(bridge_calls.c.run)
+        )  # fmt: skip
+        with transaction(self._engine) as conn:
+            members = conn.execute(
+                select(runs.c.id, runs.c.parent_run, runs.c.status, runs.c.started_at,
+                       runs.c.options).where(member)
+            ).all()  # fmt: skip
+            used = {r.run: r for r in conn.execute(usage).all()}
+            called = {r.run: int(r.calls) for r in conn.execute(calls).all()}
+        tree = []
+        for m in members:
+            u = used.get(m.id)
+            budget = json.loads(m.options or "{}").get("budget_per_run")
+            tree.append(TreeMember(
+                id=m.id, parent_run=m.parent_run, status=m.status, started_at=m.started_at,
+                budget=None if budget is None else float(budget),
+                input_tokens=int(u.input_tokens or 0) if u else 0,
+                output_tokens=int(u.output_tokens or 0) if u else 0,
+                sandbox_seconds=float(u.sandbox_seconds or 0.0) if u else 0.0,
+                bridge_calls=called.get(m.id, 0),
+            ))  # fmt: skip
+        return tree
 
     def runs(self, app: str | None = None, limit: int = 100) -> list[Run]:
         query = select(runs).order_by(runs.c.created_at.desc()).limit(limit)

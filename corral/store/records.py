@@ -21,6 +21,9 @@ from corral.store.engine import is_unique_violation, transaction
 from corral.store.rows import Release, Run, RunEvent
 from corral.store.schema import run_events, runner_releases, runs
 
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
+
 
 class RunNotFound(NotFound):
     code = "run_not_found"
@@ -127,6 +130,61 @@ class Runs:
                     raise LeaseLost(run_id, lease_owner)
                 raise RunNotFound(run_id)
         return self.get(run_id)
+
+    def finish(
+        self,
+        run_id: str,
+        *,
+        lease_owner: str | None = None,
+        lease_expires: datetime | None = None,
+        from_status: tuple[str, ...] = ACTIVE,
+        **fields: Any,
+    ) -> Run | None:
+        """End a run: the one write that moves a run into a terminal state.
+
+        It happens only while the run is still in ``from_status`` (and, when given, while
+        ``lease_owner`` holds its lease, the one that expires at ``lease_expires``), so of two
+        paths racing to end one run exactly one wins. Returns the ended run, or None if this
+        call did not end it (it had ended already, or its lease belongs to another worker).
+        """
+        unknown = set(fields) - {c.name for c in runs.columns}
+        if unknown:
+            raise ValueError(f"runs has no columns {sorted(unknown)}")
+        if fields.get("status") not in TERMINAL:
+            raise ValueError(f"finish needs a terminal status, not {fields.get('status')!r}")
+        where = [runs.c.id == run_id, runs.c.status.in_(from_status)]
+        if lease_owner is not None:
+            where.append(runs.c.lease_owner == lease_owner)
+        if lease_expires is not None:
+            where.append(runs.c.lease_expires == lease_expires)
+        with transaction(self._engine, write=True) as conn:
+            row = conn.execute(
+                update(runs).where(*where).values(**fields).returning(*runs.c)
+            ).first()
+        return None if row is None else Run(**row._asdict())
+
+    def claim_announcement(self, run_id: str, now: datetime) -> bool:
+        """Mark an ended run's completion hooks as fired; True for the one caller that did."""
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status.in_(TERMINAL),
+                       runs.c.announced_at.is_(None))
+                .values(announced_at=now)
+            )  # fmt: skip
+            return done.rowcount == 1
+
+    def unannounced(self, ended_before: datetime, limit: int = 100) -> list[Run]:
+        """Ended runs whose completion hooks have not fired (ended by a process without them)."""
+        with transaction(self._engine) as conn:
+            rows = conn.execute(
+                select(runs)
+                .where(runs.c.announced_at.is_(None), runs.c.status.in_(TERMINAL),
+                       runs.c.finished_at < ended_before)
+                .order_by(runs.c.finished_at)
+                .limit(limit)
+            ).all()  # fmt: skip
+        return [Run(**r._asdict()) for r in rows]
 
     def get(self, run_id: str) -> Run:
         with transaction(self._engine) as conn:

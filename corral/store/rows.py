@@ -157,6 +157,14 @@ class Run:
     available_at: datetime | None = None
     deliveries: int = 0  # how many times a worker has taken it
     cancel_requested: bool = False
+    root_run: str | None = None  # the run that started its call tree; None: itself
+    awaited: bool = False  # an agent call whose caller is blocked waiting for it
+    announced_at: datetime | None = None  # when its completion hooks fired
+
+    @property
+    def root(self) -> str:
+        """The id of the run at the root of this run's call tree."""
+        return self.root_run or self.id
 
 
 @dataclass(frozen=True)

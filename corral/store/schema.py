@@ -144,7 +144,14 @@ runs = Table(
     Column("available_at", UTCDateTime, nullable=True),
     Column("deliveries", Integer, nullable=False, server_default="0"),
     Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    # The run that started this run's call tree (its own id for a root): budgets bound trees.
+    Column("root_run", Text, nullable=True),
+    Column("awaited", Boolean, nullable=False, server_default=false()),  # its caller waits
+    Column("announced_at", UTCDateTime, nullable=True),  # completion hooks fired (once)
     Index("ix_runs_queue", "status", "available_at"),
+    Index("ix_runs_root_run", "root_run"),
+    Index("ix_runs_parent_run", "parent_run", "status"),
+    Index("ix_runs_announced_at", "announced_at", "status"),
 )
 
 run_events = Table(

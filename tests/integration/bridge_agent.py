@@ -457,3 +457,27 @@ def oversize(input: Any) -> Any:
         hook("restore")
     out["after"] = call("slow", "/echo/after", method="POST", body=b"z" * 8000)
     return out
+
+
+def smuggle(input: Any) -> Any:
+    """Raw bytes to the bridge: a GET whose chunked body is the start of another request, in
+    the hope that the upstream reads it as one and the next caller's request becomes its body."""
+    sdk = _sdk()
+    inner = input["inner"].encode()
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)
+    head = (
+        "GET /slow/echo/smuggler HTTP/1.1\r\nhost: bridge\r\n"
+        f"authorization: Bearer {sdk.token()}\r\ntransfer-encoding: chunked\r\n\r\n"
+    ).encode()
+    port = int(urllib.parse.urlsplit(sdk.bridge_url()).port or 80)
+    with socket.create_connection((gateway(), port), timeout=10) as s:
+        s.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+    return {"status": int(answer.split(b" ", 2)[1])}
+
+
+def fetch(input: Any) -> Any:
+    """An ordinary call of the echo upstream (the victim's, or the attacker's read-back)."""
+    return call("slow", input["path"])

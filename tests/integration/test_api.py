@@ -62,7 +62,10 @@ def exec_(client: httpx.Client, name: str, *argv: str, **extra: Any) -> dict[str
     response = client.post(f"/v1/envs/{name}/exec", json={"argv": list(argv), **extra})
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
-    assert set(body) == {"sandbox_id", "exit_code", "timed_out", "seconds", "stdout", "stderr"}
+    assert set(body) == {
+        "sandbox_id", "exit_code", "timed_out", "seconds", "stdout", "stderr", "draft"
+    }  # fmt: skip
+    assert body["draft"]["limit_bytes"] > 0 and not body["draft"]["full"]
     return body
 
 

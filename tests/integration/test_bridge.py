@@ -637,3 +637,26 @@ def test_logs_and_the_result_arrive_through_the_bridge(world: World) -> None:
         and r["bytes_in"] > 0
         for r in posts
     ), posts
+
+
+# -- 9. request smuggling from a real sandbox ----------------------------------------------------
+
+
+def test_a_smuggled_request_steals_no_other_users_call(world: World) -> None:
+    """Alice's sandbox hides a request in a chunked GET body; bob's call right after must reach
+    the upstream as his own request, and alice must never read his credential back."""
+    alice, bob = new_user(), new_user()
+    world.grant(alice, "slow")
+    world.grant(bob, "slow")
+    inner = "POST /echo/stash HTTP/1.1\r\nhost: up\r\ncontent-length: 400\r\n\r\n"
+    assert result(world.run("smuggle", {"inner": inner}, alice, ("slow",)))["status"] == 200
+    victim = result(world.run("fetch", {"path": "/echo/victim"}, bob, ("slow",)))
+    assert victim["status"] == 200
+    again = result(world.run("fetch", {"path": "/echo/again"}, alice, ("slow",)))
+    assert world.keys["slow"] not in json.dumps(again)
+    seen = [(r.method, r.path, r.body) for r in world.slow.requests]
+    assert seen == [
+        ("GET", "/echo/smuggler", inner.encode()),
+        ("GET", "/echo/victim", b""),
+        ("GET", "/echo/again", b""),
+    ], seen
