@@ -13,13 +13,14 @@ import asyncio
 import base64
 import ipaddress
 import json
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_plus
 
 from corral.bridge import http1
 from corral.bridge.agents import MAX_WAIT, call_agent
@@ -475,11 +476,24 @@ def _secrets(credential: Credential, add: list[tuple[bytes, bytes]]) -> list[byt
     return sorted(out, key=len, reverse=True)
 
 
+def _param_name(raw: bytes) -> str:
+    """A query parameter's name as the most lenient server reads it: decoded (``+`` is a
+    space), case folded (ASP.NET), with ``' '``, ``.`` and ``[`` read as ``_`` (PHP)."""
+    return unquote_plus(raw.decode("latin-1")).lower().translate(_PHP_NAME)
+
+
+_PHP_NAME = str.maketrans(" .[", "___")
+
+
 def _without_param(query: bytes, name: str) -> bytes:
-    """``query`` without any parameter whose (decoded) name is ``name``."""
-    kept = [
-        pair
-        for pair in query.split(b"&")
-        if pair and unquote(pair.split(b"=", 1)[0].decode("latin-1")) != name
-    ]
-    return b"&".join(kept)
+    """``query`` without any parameter some server would read as ``name``: pairs end at
+    ``&`` or at ``;`` (both separate pairs somewhere), names are compared as ``_param_name``
+    reads them. The separators between the pairs kept are kept."""
+    target = _param_name(name.encode("latin-1"))
+    parts = re.split(rb"([&;])", query)  # pairs at even indexes, separators between
+    out = b""
+    for i in range(0, len(parts), 2):
+        pair = parts[i]
+        if pair and _param_name(pair.split(b"=", 1)[0]) != target:
+            out += (parts[i - 1] if out else b"") + pair
+    return out

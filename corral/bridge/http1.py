@@ -11,11 +11,12 @@ and coding fields, under canonical names), which the proxy gathers while it pars
 * ``request_body`` / ``response_body``: how a message's body is delimited (RFC 9112 section
   6.3). Anything ambiguous is refused, never guessed: Transfer-Encoding beside Content-Length,
   a transfer coding other than exactly ``chunked``, a Content-Length that is not one decimal
-  number, chunked framing in HTTP/1.0.
+  number, chunked framing in HTTP/1.0, a framing field spelled with ``_`` (llhttp, which
+  delimits the bytes, ignores ``Content_Length``; the bridge must not believe it either).
 * ``route_target``: the request target split into connection name, rest and query. Only the
   origin form is accepted, and a path that could climb out of the connection's base path
-  (dot segments however they are spelled: ``..``, ``%2e%2e``, ``..%2f``, ``..\\``, ``..;``)
-  is refused.
+  (dot segments however they are spelled: ``..``, ``%2e%2e``, ``..%2f``, ``..\\``, ``..;``,
+  ``%u002e``, overlong UTF-8, fullwidth forms, trailing dots and spaces) is refused.
 * ``canonical``: the name under which a header is compared with the bridge's lists. Names are
   compared with ``_`` read as ``-``, because CGI-style servers do (``X_Api_Key`` reaches them as
   ``X-Api-Key``); a header the bridge drops cannot come back under another spelling.
@@ -30,6 +31,7 @@ and coding fields, under canonical names), which the proxy gathers while it pars
 from __future__ import annotations
 
 import re
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from enum import Enum
@@ -117,6 +119,11 @@ UNTIL_CLOSE = Framing(Delimit.CLOSE)
 NOTABLE = frozenset(
     {b"content-length", b"transfer-encoding", b"expect", b"connection", b"content-encoding"}
 )
+# The fields that delimit a message are kept under the name they were sent with, not the
+# canonical one: llhttp reads only the exact names, and a spelling it ignores (the aliases)
+# makes the message ambiguous.
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_ALIASES = frozenset({b"content_length", b"transfer_encoding"})
 
 
 def canonical(name: bytes) -> bytes:
@@ -126,8 +133,15 @@ def canonical(name: bytes) -> bytes:
 
 
 def notable(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The fields of ``headers`` that the rules read, under their canonical names."""
-    return [(c, v) for c, v in ((canonical(k), v) for k, v in headers) if c in NOTABLE]
+    """The fields of ``headers`` that the rules read, under their canonical names (framing
+    fields under their lowercase names, see ``FRAMING``)."""
+    out = []
+    for name, value in headers:
+        name = name.lower()
+        c = canonical(name)
+        if c in NOTABLE:
+            out.append((name if c in FRAMING else c, value))
+    return out
 
 
 def _values(fields: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -138,6 +152,14 @@ def _framing(
     fields: list[tuple[bytes, bytes]], *, http10: bool, status: int, side: str
 ) -> Framing | None:
     """Content-Length or chunked, checked alike on both sides; None when neither is there."""
+    if any(k in _ALIASES for k, _ in fields):
+        raise Refused(
+            status,
+            "ambiguous_framing",
+            f"the {side} has a framing field spelled with '_' (Content_Length or "
+            "Transfer_Encoding), which one parser ignores and another believes",
+            closes=True,
+        )
     codings = _values(fields, b"transfer-encoding")
     lengths = _values(fields, b"content-length")
     if codings:
@@ -238,21 +260,46 @@ def route_target(url: bytes) -> tuple[str, bytes, bytes]:
     return name, rest, query
 
 
+# A segment of dots, maybe with blanks: Windows servers trim trailing dots and spaces, so
+# ``...`` and ``.. `` are ``..`` there. ``%uXXXX`` is IIS's own escape.
+_DOTS = re.compile(rb"[ \t]*\.[. \t]*")
+_U_ESCAPE = re.compile(rb"%u[0-9a-f]{4}", re.IGNORECASE)
+
+
 def _check_path(path: bytes) -> None:
     """Refuse dot segments and backslashes in every decoding of the path, until it is stable:
-    whichever number of times a server behind the bridge decodes it, it cannot climb out."""
+    whichever number of times a server behind the bridge decodes it, it cannot climb out.
+
+    Decodings are percent-decoding and then, once that is stable, Unicode compatibility
+    normalisation (NFKC: fullwidth U+FF0E is ``.``, U+2025 is ``..``, U+FF05 is ``%``), which
+    some servers apply. A path that is not UTF-8 once decoded is refused: overlong forms
+    (``%c0%ae``) are how older decoders were tricked into a dot or a slash. The part after
+    the connection name may not begin with a slash either: sent upstream after an empty base
+    path it would read as ``//host/...``, a reference to another host.
+    """
     seen = path
-    for _ in range(4):
-        if b"\\" in seen or b"\x00" in seen:
-            raise Refused(400, "bad_path", "the path holds a backslash or NUL (maybe encoded)")
-        for segment in seen.split(b"/"):
-            if segment.split(b";", 1)[0] in (b".", b".."):
+    for _ in range(6):
+        if b"\\" in seen or b"\x00" in seen or (b"%" in seen and _U_ESCAPE.search(seen)):
+            raise Refused(
+                400, "bad_path", "the path holds a backslash, a NUL or a %u escape (maybe encoded)"
+            )
+        segments = seen.split(b"/")
+        for segment in segments:
+            if b"." in segment and _DOTS.fullmatch(segment.split(b";", 1)[0]):
                 raise Refused(400, "bad_path", "the path holds a dot segment (maybe encoded)")
+        if len(segments) > 3 and segments[2] == b"":  # "/<name>//...", not "/<name>/"
+            raise Refused(400, "bad_path", "the path after the connection name begins with '/'")
         decoded = unquote_to_bytes(seen)
         if decoded == seen:
-            return
+            try:
+                text = seen.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refused(400, "bad_path", "the decoded path is not UTF-8") from None
+            decoded = unicodedata.normalize("NFKC", text).encode("utf-8")
+            if decoded == seen:
+                return
         seen = decoded
-    raise Refused(400, "bad_path", "the path is percent-encoded more than three times over")
+    raise Refused(400, "bad_path", "the path is encoded more than five times over")
 
 
 # -- heads -----------------------------------------------------------------------------------
@@ -382,7 +429,12 @@ class Redactor:
 
 
 class Decoder:
-    """Undoes one gzip or deflate content coding, streaming, with a ceiling on its output."""
+    """Undoes one gzip or deflate content coding, streaming, with a ceiling on its output.
+
+    ``push`` takes compressed bytes and ``pull(most)`` returns at most ``most`` decoded ones,
+    so the proxy decodes only as fast as the sandbox reads (a few KiB can decode to the whole
+    ceiling); ``feed`` is both at once, for everything pushed so far.
+    """
 
     def __init__(self, coding: str, limit: int) -> None:
         self.coding = coding
@@ -391,10 +443,20 @@ class Decoder:
         # gzip: 16 + MAX_WBITS; deflate: zlib-wrapped per RFC 9110, raw as sent by some servers.
         self._z = zlib.decompressobj(31 if coding == "gzip" else 15)
         self._first = True
+        self._input = b""  # pushed, not yet decoded
+        self._more = False  # the last pull was cut short: zlib may hold more output
 
-    def feed(self, data: bytes) -> bytes:
+    @property
+    def pending(self) -> bool:
+        return bool(self._input) or self._more
+
+    def push(self, data: bytes) -> None:
+        if data:
+            self._input = self._input + data if self._input else data
+
+    def pull(self, most: int) -> bytes:
         try:
-            out = self._feed(data)
+            out = self._pull(max(most, 1))  # (0 would mean no limit to zlib)
         except zlib.error as exc:
             raise Refused(
                 502,
@@ -408,18 +470,26 @@ class Decoder:
             )
         return out
 
-    def _feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> bytes:
+        self.push(data)
+        out = []
+        while self.pending:
+            out.append(self.pull(self.limit - self.produced + 1))
+        return b"".join(out)
+
+    def _pull(self, most: int) -> bytes:
+        data, self._input = self._input, b""
         if self._first and data:
             self._first = False
             if self.coding == "deflate" and (data[0] & 0x0F) != 8:
                 self._z = zlib.decompressobj(-15)  # raw deflate, no zlib header
-        budget = self.limit - self.produced + 1
-        out = self._z.decompress(data, budget)
-        # Concatenated gzip members decode one after another.
-        while self.coding == "gzip" and self._z.eof and self._z.unused_data:
-            rest = self._z.unused_data
+        out = self._z.decompress(data, most)
+        self._more = len(out) == most
+        self._input = self._z.unconsumed_tail
+        if self.coding == "gzip" and self._z.eof and self._z.unused_data:
+            # Concatenated gzip members decode one after another.
+            self._input = self._z.unused_data
             self._z = zlib.decompressobj(31)
-            out += self._z.decompress(rest, max(budget - len(out), 1))
         return out
 
     def flush(self) -> bytes:

@@ -7,6 +7,7 @@ Anthropic: ``message_start`` for input tokens, ``message_delta`` for output toke
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 
@@ -25,19 +26,30 @@ def read_usage(kind: str, content_type: bytes, body: bytes) -> dict[str, Any] | 
             continue
         usage = doc.get("usage")
         if kind == "anthropic" and doc.get("type") == "message_start":
-            usage = (doc.get("message") or {}).get("usage")
+            message = doc.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
         if not isinstance(usage, dict):
             continue
         found = True
         if kind == "openai":
-            tokens_in = max(tokens_in, int(usage.get("prompt_tokens") or 0))
-            tokens_out = max(tokens_out, int(usage.get("completion_tokens") or 0))
+            tokens_in = max(tokens_in, _count(usage.get("prompt_tokens")))
+            tokens_out = max(tokens_out, _count(usage.get("completion_tokens")))
         else:
-            tokens_in = max(tokens_in, int(usage.get("input_tokens") or 0))
-            tokens_out = max(tokens_out, int(usage.get("output_tokens") or 0))
+            tokens_in = max(tokens_in, _count(usage.get("input_tokens")))
+            tokens_out = max(tokens_out, _count(usage.get("output_tokens")))
     if not found:
         return None
     return {"kind": "model_tokens", "input_tokens": tokens_in, "output_tokens": tokens_out}
+
+
+def _count(value: Any) -> int:
+    """A token count as the provider sent it; anything but a finite number counts 0 (this
+    runs inside the proxy's response callbacks, where an exception would break the call)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value) if math.isfinite(value) and value > 0 else 0
 
 
 def _sse_documents(body: bytes) -> list[Any]:

@@ -20,7 +20,9 @@ one exchange:
    the bridge's to meet: it answers ``100 Continue`` once the call is authorized.
 4. the response streams back through ``UpstreamProtocol``: interim (1xx) responses are passed
    on to HTTP/1.1 clients, the final one is re-framed by the bridge with its own status line,
-   decoded if the upstream compressed it, and redacted (``http1.Redactor``) on the way.
+   decoded if the upstream compressed it (only as fast as the sandbox reads), and redacted
+   (``http1.Redactor``) on the way. The next exchange waits until the sandbox has read this
+   one's answer, so a sandbox that reads nothing holds at most one answer's buffer.
 5. the exchange is recorded (``Gate.record``): status, bytes, latency, never a credential.
 
 An upstream connection goes back to its run's pool only if the request was written to its
@@ -67,6 +69,13 @@ LINGER_BYTES = 64 << 20
 HIGH_WATER = 256 * 1024
 INBOX_HIGH = 256 * 1024  # body bytes parsed ahead of the exchange: above this, stop reading
 INBOX_LOW = 64 * 1024
+# What an inbox event costs beyond its bytes, as Python objects: a pipeline of tiny requests
+# is bounded by its heads' number, not only by their few bytes.
+HEAD_COST = 1024
+PIECE_COST = 64
+# Input is parsed this much at a time, so that one read of tiny pipelined requests cannot put
+# more than this in the inbox past its bound; the rest waits, unparsed, for room.
+FEED_SLICE = 16 * 1024
 MAX_DECODED = 64 << 20  # a compressed response may expand to at most this much
 # Methods whose request body has no defined meaning (RFC 9110 section 9.3): one may be sent
 # and is forwarded as framed, but an upstream that ignores it would read it as a request of
@@ -217,6 +226,11 @@ class ClientProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._in_head = False
         self._request_done = True  # the current request has been read to its end
+        self._unparsed = b""  # input held back while the inbox is full
+        self._unreleased = 0  # bytes fed since the parser last released an event (see _feed)
+        self._in_message = False  # the parser is inside a request (head, body or trailers)
+        self._writable = asyncio.Event()  # the sandbox reads what the bridge writes
+        self._writable.set()
 
     # -- transport callbacks -----------------------------------------------------------------
 
@@ -238,20 +252,59 @@ class ClientProtocol(asyncio.Protocol):
             if self._discarded > LINGER_BYTES and self.transport is not None:
                 self.transport.close()
             return
+        if self._unparsed:  # (arrived before reading paused)
+            self._unparsed += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; once the inbox is full, hold the rest back and
+        stop reading until the exchange has taken from it (``_take``).
+
+        httptools gathers a header's name and value until the header ends, so the size of an
+        unfinished head (or trailer section) is counted here, by the bytes fed since the
+        parser last released an event; a slice that releases one resets the count, so what
+        httptools holds stays under MAX_HEAD and a slice."""
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SLICE):
+            if self._ignoring:
+                return
+            if self._inbox_bytes > INBOX_HIGH:
+                self._unparsed = bytes(view[start:])
+                self._pause()
+                return
+            piece = view[start : start + FEED_SLICE]
+            events = len(self._inbox)
+            self._parse(piece)
+            if len(self._inbox) == events and self._in_message:
+                self._unreleased += len(piece)
+                if self._unreleased > MAX_HEAD + FEED_SLICE and not self._ignoring:
+                    self._refuse_input(_HeadTooLarge())
+            else:
+                self._unreleased = 0
+        if self._inbox_bytes > INBOX_HIGH:
+            self._pause()
+
+    def _parse(self, data: memoryview) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._ignoring = True  # the refusal was queued when the head completed
         except httptools.HttpParserError as exc:
             if not self._ignoring:  # not merely data after a request that closes
-                too_large = isinstance(exc.__context__, _HeadTooLarge)
-                self._push(
-                    Refused(431, "head_too_large", f"request heads are limited to {MAX_HEAD} bytes")
-                    if too_large
-                    else Refused(400, "bad_request", f"malformed HTTP: {exc}")
-                )
-                self._ignoring = True
-        if self._inbox_bytes > INBOX_HIGH and not self._paused and self.transport is not None:
+                self._refuse_input(exc)
+
+    def _refuse_input(self, exc: Exception) -> None:
+        too_large = isinstance(exc, _HeadTooLarge) or isinstance(exc.__context__, _HeadTooLarge)
+        self._push(
+            Refused(431, "head_too_large", f"request heads are limited to {MAX_HEAD} bytes")
+            if too_large
+            else Refused(400, "bad_request", f"malformed HTTP: {exc}")
+        )
+        self._ignoring = True
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
 
@@ -264,6 +317,7 @@ class ClientProtocol(asyncio.Protocol):
         self.conns.remove(self)
         self._eof = True
         self._wake()
+        self._writable.set()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         upstream, self._upstream = self._upstream, None
@@ -271,18 +325,24 @@ class ClientProtocol(asyncio.Protocol):
             upstream.abort()  # the sandbox is gone: nothing it started goes on
 
     def pause_writing(self) -> None:
+        self._writable.clear()
         if self._upstream is not None:
             self._upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self._writable.set()
         if self._upstream is not None:
             self._upstream.resume_reading()
+
+    @property
+    def writable(self) -> bool:
+        return self._writable.is_set()
 
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._url, self._headers, self._notable = b"", [], []
-        self._head_bytes, self._in_head = 0, True
+        self._head_bytes, self._in_head, self._in_message = 0, True, True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -295,7 +355,7 @@ class ClientProtocol(asyncio.Protocol):
             self._headers.append((name, value))
             c = name.replace(b"_", b"-") if b"_" in name else name
             if c in http1.NOTABLE:
-                self._notable.append((c, value))
+                self._notable.append((name if c in http1.FRAMING else c, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -333,6 +393,7 @@ class ClientProtocol(asyncio.Protocol):
             self._push(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._ignoring:
             return
         self._push(_END)
@@ -372,11 +433,19 @@ class ClientProtocol(asyncio.Protocol):
                 self._waiter = None
             if not inbox:
                 raise _Gone()
-        event = inbox.popleft()
+        return self._pop()
+
+    def _pop(self) -> object:
+        """The inbox's first event; reading resumes once the inbox has room again."""
+        event = self._inbox.popleft()
         self._inbox_bytes -= _size(event)
         if self._paused and self._inbox_bytes < INBOX_LOW and self.transport is not None:
             self._paused = False
-            self.transport.resume_reading()
+            held, self._unparsed = self._unparsed, b""
+            if held:
+                self._feed(held)  # which may fill the inbox and pause again
+            if not self._paused:
+                self.transport.resume_reading()
         return event
 
     async def _body(self) -> AsyncIterator[bytes]:
@@ -395,9 +464,7 @@ class ClientProtocol(asyncio.Protocol):
         if self._request_done or _END not in self._inbox:
             return
         while True:
-            event = self._inbox.popleft()
-            self._inbox_bytes -= _size(event)
-            if event is _END:
+            if self._pop() is _END:
                 self._request_done = True
                 return
 
@@ -406,6 +473,10 @@ class ClientProtocol(asyncio.Protocol):
     async def _serve(self) -> None:
         try:
             while True:
+                if not self._writable.is_set() and not await self._drained(IDLE_S):
+                    if self.transport is not None:  # it stopped reading its answers
+                        self.transport.abort()
+                    return
                 try:
                     event = await self._take(IDLE_S)
                 except _Gone:
@@ -427,7 +498,9 @@ class ClientProtocol(asyncio.Protocol):
                 try:
                     await self._exchange(exchange)
                 finally:
-                    self._upstream = None
+                    upstream, self._upstream = self._upstream, None
+                    if upstream is not None:
+                        upstream.abort()  # left mid-request (the body failed): never reused
                     self.gate.record(exchange)
                 self._discard_buffered_body()
                 if not self._reusable(exchange):
@@ -437,6 +510,16 @@ class ClientProtocol(asyncio.Protocol):
             self._close()
         except asyncio.CancelledError:
             pass
+
+    async def _drained(self, timeout: float) -> bool:
+        """Wait until the sandbox has read enough of what the bridge wrote (bounded memory:
+        no next exchange is served into a full buffer); False if it does not within
+        ``timeout``."""
+        try:
+            await asyncio.wait_for(self._writable.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _reusable(self, exchange: Exchange) -> bool:
         transport = self.transport
@@ -454,11 +537,15 @@ class ClientProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        # Closing waits until the sandbox has read what is buffered; one that never reads
+        # would hold the connection (and the buffer) for ever.
+        asyncio.get_running_loop().call_later(IDLE_S, transport.abort)
         if not linger:
             transport.close()
             return
         # Half-close after the answer, discard what still arrives, close on EOF or later.
         self._ignoring = True
+        self._unparsed = b""
         with contextlib.suppress(OSError, RuntimeError):
             if transport.can_write_eof():
                 transport.write_eof()
@@ -589,7 +676,6 @@ class ClientProtocol(asyncio.Protocol):
         expect: bool,
     ) -> bool:
         """One attempt upstream. True if a held-back 401 asks for a refresh and a retry."""
-        head = exchange.head
         loop = asyncio.get_running_loop()
         deadline = loop.time() + route.timeout
         try:
@@ -607,6 +693,25 @@ class ClientProtocol(asyncio.Protocol):
             ) from None
         self._upstream = upstream
         upstream.begin(self, exchange, route, hold_401)
+        # The call's time runs from here, the upload included: an upstream that stops reading
+        # the body is as stuck as one that never answers.
+        timer = loop.call_at(deadline, upstream.time_out)
+        try:
+            return await self._attempt(exchange, route, framing, body, kept, expect, upstream)
+        finally:
+            timer.cancel()
+
+    async def _attempt(
+        self,
+        exchange: Exchange,
+        route: Route,
+        framing: Framing,
+        body: AsyncIterator[bytes] | None,
+        kept: list[bytes] | None,
+        expect: bool,
+        upstream: UpstreamProtocol,
+    ) -> bool:
+        head = exchange.head
         if framing.delimit is not Delimit.NONE and head.method in BODYLESS_METHODS:
             upstream.reusable_after = False
         pending = http1.request_head(
@@ -641,6 +746,9 @@ class ClientProtocol(asyncio.Protocol):
                     )
                 if kept is not None:
                     kept.append(piece)
+                if upstream.failed is not None:
+                    forwarding = False  # the upstream is gone or timed out: answer now,
+                    break  # and read no more of the body
                 if forwarding and upstream.finished.done():
                     forwarding = False  # answered early: read the rest, send no more of it
                 if forwarding:
@@ -654,12 +762,7 @@ class ClientProtocol(asyncio.Protocol):
             upstream.write(pending)
         upstream.request_sent = forwarding
         exchange.bytes_in = sent
-        if not upstream.finished.done():
-            timer = loop.call_later(max(0.0, deadline - loop.time()), upstream.time_out)
-            try:
-                await upstream.finished
-            finally:
-                timer.cancel()
+        await upstream.finished
         failed = upstream.failed
         if failed is not None:
             upstream.abort()
@@ -691,13 +794,14 @@ async def _replay(kept: list[bytes]) -> AsyncIterator[bytes]:
 
 
 def _size(event: object) -> int:
-    """What an inbox event counts against the inbox's bound: pipelined heads count too."""
+    """What an inbox event counts against the inbox's bound: pipelined heads count too, and
+    every event costs its Python objects besides its bytes."""
     kind = type(event)
     if kind is bytes:
-        return len(cast(bytes, event))
+        return len(cast(bytes, event)) + PIECE_COST
     if kind is Head:
-        return cast(Head, event).size
-    return 0
+        return cast(Head, event).size + HEAD_COST
+    return PIECE_COST
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -733,6 +837,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self._writable.set()
         self._paused = False
         self._outgoing: list[bytes] | None = None
+        self._budget = HIGH_WATER  # decoded bytes to send before waiting on the sandbox
+        self._released = False  # the last read gave the parser something to pass on
+        self._unreleased = 0  # bytes read since (httptools holds an unfinished head's bytes)
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -747,6 +854,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self._redactor = http1.Redactor([])
         self._meter_buf = bytearray()
         self._hold_401 = False
+        self._backlog = False  # decoded output waits for the sandbox to read (see _pump)
+        self._ended: bool | None = None  # the response ended during a backlog: clean?
 
     @property
     def reusable(self) -> bool:
@@ -792,7 +901,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and self._paused:
+        if self._backlog:
+            self._continue()  # what is held is decoded before anything more is read
+        elif self.transport is not None and self._paused:
             self._paused = False
             self.transport.resume_reading()
 
@@ -809,8 +920,15 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         # What one read produces for the sandbox (a head and a body, often) goes in one write.
         self._outgoing = out = cast(list[bytes], [])
+        self._budget = HIGH_WATER
+        self._released = False
         try:
             self.parser.feed_data(data)
+            self._unreleased = 0 if self._released else self._unreleased + len(data)
+            if self._unreleased > 4 * MAX_HEAD:
+                self._fail(
+                    Refused(502, "upstream_protocol", "the upstream's response head is too large")
+                )
         except httptools.HttpParserUpgrade:
             self._fail(
                 Refused(
@@ -843,10 +961,13 @@ class UpstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._writable.set()
-        if not self.active:
-            return
+        if not self.active or self._ended is not None:
+            return  # (a response that ended is completed once its backlog is sent)
         if self._final and self._in.delimit is Delimit.CLOSE:
-            self._complete(clean=False)  # the connection's end was the body's end
+            if self._backlog:
+                self._ended = False
+            else:
+                self._complete(clean=False)  # the connection's end was the body's end
         else:
             self._fail(
                 Refused(
@@ -913,7 +1034,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self._headers.append((name, value))
             c = name.replace(b"_", b"-") if b"_" in name else name
             if c in http1.NOTABLE:
-                self._notable.append((c, value))
+                self._notable.append((name if c in http1.FRAMING else c, value))
 
     def _guard_head(self, n: int) -> None:
         self._head_bytes += n
@@ -922,9 +1043,12 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         assert self.client is not None and self.exchange is not None and self.route is not None
+        self._released = True
         parser = cast(httptools.HttpResponseParser, self.parser)
         status = parser.get_status_code()
         client_head = self.exchange.head
+        if status < 100:  # llhttp takes "099" for a final status; nobody else would
+            raise Refused(502, "upstream_protocol", f"the upstream sent status {status:03d}")
         if status < 200:
             self._interim = True
             if status != 101 and not client_head.http10 and not self._hold_401:
@@ -951,6 +1075,8 @@ class UpstreamProtocol(asyncio.Protocol):
         else:  # chunked, until close, or decoded: the bridge frames it itself
             self._out = http1.UNTIL_CLOSE if client_head.http10 else http1.CHUNKED
         keep = client_head.keep_alive and self._out.delimit is not Delimit.CLOSE
+        if not keep:
+            self.exchange.closing = True  # the sandbox is told so, and it must be true
         headers = self._passed_headers(drop_coding=self._decoder is not None)
         if client_head.method == b"HEAD":
             # What a GET would have carried is advertised; no body follows, by definition.
@@ -974,13 +1100,55 @@ class UpstreamProtocol(asyncio.Protocol):
         return http1.redact_fields(out, self.route.secrets)
 
     def on_body(self, body: bytes) -> None:
+        self._released = True
         if not self.active or self.held_401 or not self._final:
             return
         if self._decoder is not None:
-            body = self._decoder.feed(body)
+            self._decoder.push(body)
+            if not self._backlog:
+                self._pump()
+            return
         body = self._redactor.feed(body)
         if body:
             self._send_body(body)
+
+    def _pump(self) -> None:
+        """Decode and send what the decoder holds, ``_budget`` bytes per read of the upstream
+        at most and only while the sandbox reads: a few KiB of gzip can decode to 64 MiB,
+        which a sandbox that does not read would otherwise have the bridge hold for it. What
+        remains is a backlog: the upstream is not read, and the response does not complete,
+        until the sandbox has read and the backlog is sent (``_continue``)."""
+        decoder, client = self._decoder, self.client
+        assert decoder is not None and client is not None
+        while decoder.pending and self._budget > 0 and self.active and client.writable:
+            out = decoder.pull(min(self._budget, 64 * 1024))
+            self._budget -= len(out)
+            out = self._redactor.feed(out)
+            if out:
+                self._send_body(out)
+        self._backlog = decoder.pending
+        if self._backlog:
+            self.pause_reading()
+            if client.writable:
+                asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if not self._backlog or not self.active or self.client is None:
+            return
+        if not self.client.writable:
+            return  # its resume_writing calls resume_reading, which comes back here
+        self._budget = HIGH_WATER
+        try:
+            self._pump()
+        except Refused as refused:
+            self._fail(refused)
+            return
+        if self._backlog:
+            return
+        if self._ended is not None:
+            self._complete(self._ended)
+        else:
+            self.resume_reading()
 
     def _send_body(self, body: bytes) -> None:
         assert self.client is not None and self.exchange is not None and self.route is not None
@@ -997,7 +1165,10 @@ class UpstreamProtocol(asyncio.Protocol):
         if not self.active:
             return
         parser = cast(httptools.HttpResponseParser, self.parser)
-        self._complete(clean=parser.should_keep_alive())
+        if self._backlog:
+            self._ended = parser.should_keep_alive()
+        else:
+            self._complete(clean=parser.should_keep_alive())
 
 
 class Pool:

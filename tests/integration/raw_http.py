@@ -56,6 +56,7 @@ class UpstreamConnection:
     raw: bytearray = field(default_factory=bytearray)
     requests: list[Received] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    closed: bool = False  # the upstream saw the connection end (EOF, reset or its own close)
 
 
 Handler = Callable[[Received], bytes]
@@ -180,6 +181,7 @@ class RawUpstream:
         except OSError:
             pass
         finally:
+            record.closed = True
             with contextlib.suppress(OSError):
                 sock.close()
 
