@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from corral.billing.ledger import BudgetExhausted
-from corral.bridge.proxy import Refused
+from corral.bridge.http1 import Refused
 from corral.bridge.tokens import Claims
 from corral.errors import Conflict, CorralError, InvalidInput, NotFound
 from corral.limits import strict_loads

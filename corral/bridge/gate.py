@@ -25,8 +25,9 @@ from urllib.parse import quote, unquote, unquote_plus
 from corral.bridge import http1
 from corral.bridge.agents import MAX_WAIT, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
+from corral.bridge.exchange import Exchange, Head, Route
+from corral.bridge.http1 import Refused
 from corral.bridge.meter import read_usage
-from corral.bridge.proxy import Exchange, Head, Refused, Route
 from corral.bridge.tokens import Claims, TokenRefused, Verifier
 from corral.limits import MAX_EVENT, MAX_RESULT, json_size, strict_loads
 from corral.pipeline.service import Pipeline

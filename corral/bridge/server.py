@@ -18,7 +18,8 @@ import threading
 import uvloop
 
 from corral.bridge.gate import BridgeGate
-from corral.bridge.proxy import ClientProtocol, Connections, Pool
+from corral.bridge.proxy import ClientProtocol, Connections
+from corral.bridge.upstream import Pool
 from corral.errors import CorralError
 
 log = logging.getLogger("corral.bridge")

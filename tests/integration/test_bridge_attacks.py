@@ -23,7 +23,7 @@ from typing import TypeVar
 import h11
 import pytest
 
-from corral.bridge import proxy
+from corral.bridge import exchange, proxy
 from corral.bridge.connections import Connection
 from corral.bridge.proxy import ClientProtocol
 from tests.integration.raw_http import (
@@ -507,7 +507,7 @@ def test_a_client_that_never_reads_cannot_grow_the_bridges_buffers(world: ProxyW
     buffered = on_loop(
         world, lambda: conn.transport.get_write_buffer_size() if conn.transport else 0
     )
-    assert buffered <= 4 * proxy.HIGH_WATER, buffered
+    assert buffered <= 4 * exchange.HIGH_WATER, buffered
 
 
 def test_a_refused_request_with_a_large_body_does_not_stall_the_next(world: ProxyWorld) -> None:
@@ -563,7 +563,7 @@ def test_a_decompression_bomb_waits_for_a_client_that_does_not_read(closes: bool
         buffered = on_loop(
             world, lambda: conn.transport.get_write_buffer_size() if conn.transport else 0
         )
-        assert buffered <= 4 * proxy.HIGH_WATER, buffered
+        assert buffered <= 4 * exchange.HIGH_WATER, buffered
         # ... and a client that does read gets all of it.
         assert c.read_response().body == b"\0" * (60 << 20)
 
