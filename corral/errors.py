@@ -12,6 +12,7 @@
     │   └── EnvironmentBusy           another edit session or freeze holds the environment
     ├── InvalidInput                  a name, digest, reference or argument is malformed
     ├── StoreError                    the database refused or is unreachable
+    │   └── StoreUnavailable          transient: unreachable, restarting, or a dropped session
     ├── SnapshotError                 OCI layout and layer problems
     │   ├── NothingToFreeze           the edit session changed nothing
     │   ├── CorruptBlob               a blob's bytes no longer match its digest
@@ -121,6 +122,17 @@ class StoreError(CorralError):
     """The database refused the operation or could not be reached."""
 
     code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached, is restarting, or dropped the session mid-way.
+
+    Transient by nature: the same operation may succeed a moment later, so the long-running
+    parts of Corral (workers, the bridge) wait it out (``store.engine.patiently``); a one-shot
+    command reports it at once.
+    """
+
+    code = "store_unavailable"
 
 
 class SnapshotError(CorralError):

@@ -59,6 +59,7 @@ from corral.errors import (
     SnapshotError,
     SnapshotNotFound,
     StoreError,
+    StoreUnavailable,
     UnknownMasterKey,
     VaultError,
 )
@@ -88,6 +89,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     EnvironmentBusy: 409,  # another edit session or freeze holds the environment: retry later
     InvalidInput: 400,
     StoreError: 500,
+    StoreUnavailable: 503,  # the database is unreachable or restarting: retry shortly
     SnapshotError: 500,
     # The request is well formed but contradicts the environment's state (an empty draft).
     NothingToFreeze: 409,

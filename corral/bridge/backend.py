@@ -17,7 +17,8 @@ from typing import Any
 
 from corral.bridge.connections import Connection
 from corral.bridge.gate import Credential
-from corral.errors import CorralError, CredentialNotFound, CredentialRevoked
+from corral.bridge.proxy import Refused
+from corral.errors import CorralError, CredentialNotFound, CredentialRevoked, StoreUnavailable
 from corral.store import Store
 from corral.vault.vault import Vault
 
@@ -34,7 +35,10 @@ class StoreBackend:
         self.vault = vault
 
     def run_is_live(self, run: str) -> bool:
-        return self.store.bridge.run_is_live(run)
+        try:
+            return self.store.bridge.run_is_live(run)
+        except StoreUnavailable as exc:  # not the caller's fault, and soon over: retry
+            raise Refused(503, exc.code, "the bridge cannot reach its database; retry") from None
 
     def ended_since(self, since: datetime) -> tuple[list[str], datetime]:
         return self.store.bridge.ended_since(since)

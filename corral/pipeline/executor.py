@@ -15,6 +15,13 @@ Failures are sorted by whether a fresh sandbox could end differently:
 
 After a successful run in which the runner was swapped, the release is folded into the
 environment as one new top layer, so the next run boots straight into it.
+
+The database may blink while a run is under way (a restart, a failover). Every store call on
+a run's path is made ``patiently`` (``corral.store.engine``): the run waits the outage out, up
+to ``engine.OUTAGE_BUDGET_S``, and goes on. A longer outage ends the execution with
+``StoreUnavailable`` and leaves the run to its lease: another delivery picks it up. So nothing
+an interrupted execution does may outlast it: each attempt's token is revoked when the attempt
+ends, and the run's tokens as a whole only once the run's final status is stored.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from corral.bridge import tokens
 from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.errors import CommandNotFound, InvalidInput, SandboxError, StoreUnavailable
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
@@ -48,8 +55,13 @@ from corral.sandbox.session import (
 )
 from corral.snapshots.fsattr import Immutability
 from corral.store import Release, Run, RunEvent, Store
+from corral.store import engine
+from corral.store.engine import patiently
 
 BOOT_TIMEOUT_S = 20.0
+# After the sandbox exits, how long its last events (in flight through the bridge) have to reach
+# the log; counted from the end of any database outage, which holds them up in the bridge.
+EXIT_GRACE_S = 1.0
 SANDBOX_EVENTS = frozenset({"runner.started", "log", "progress", "metric", "result", "error"})
 WORKDIR = "/home/user"
 
@@ -80,14 +92,32 @@ class Stopped(Exception):
 Stop = Callable[[], Stopped | None]
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A token minted for one attempt of a run."""
+
+    token: str
+    token_id: str
+    expires: float
+
+
 class TokenIssuer:
-    """Mints a run's token once its sandbox's address is known; revokes it when the run ends."""
+    """Mints a token per attempt once its sandbox's address is known; revokes that token when
+    the attempt ends, and the run's tokens once the run has ended (see ``bridge.tokens``).
+
+    Revocation here reaches this process's bridge at once; bridges in other processes learn
+    of ended runs from the store within their poll interval.
+    """
 
     def __init__(self, ring: KeyRing, verifier: Verifier | None = None) -> None:
         self.ring, self.verifier = ring, verifier
 
-    def mint(self, run: Run, request: AgentRequest, address: str, lifetime: float) -> str:
-        return tokens.mint(
+    def mint(
+        self, run: Run, request: AgentRequest, address: str, lifetime: float, attempt: int
+    ) -> Issued:
+        token_id = f"{run.id}.{run.deliveries}.{attempt}.{secrets.token_hex(4)}"
+        now = time.time()
+        token = tokens.mint(
             self.ring,
             user=request.user,
             app=request.app,
@@ -96,11 +126,21 @@ class TokenIssuer:
             connections=request.connections,
             address=address,
             lifetime=lifetime,
+            now=now,
+            token_id=token_id,
         )
+        return Issued(token, token_id, now + lifetime)
 
-    def revoke(self, run: Run) -> None:
+    def revoke(self, issued: Issued) -> None:
+        """The attempt ``issued`` was minted for is over, however it ended."""
         if self.verifier is not None:
-            self.verifier.revoke_run(run.id)  # this process's bridge, at once; others poll
+            self.verifier.revoke_token(issued.token_id, issued.expires)
+
+    def ended(self, run: Run) -> None:
+        """``run``'s final status is stored: none of its tokens may be used again. Never for a
+        run that may be redelivered (its next attempt is served under the same run id)."""
+        if self.verifier is not None:
+            self.verifier.revoke_run(run.id)
 
 
 class Hooks(Protocol):
@@ -186,22 +226,31 @@ class Executor:
         stop: Stop | None = None,
         bill: Callable[[Run], object] | None = None,
     ) -> Run:
-        """Run a recorded run to its end: attempts, events, fold-in, usage, the final record."""
-        env = self.envs.get(run.environment)
+        """Run a recorded run to its end: attempts, events, fold-in, usage, the final record.
+
+        ``StoreUnavailable`` leaves only after the database stayed out of reach longer than
+        ``engine.OUTAGE_BUDGET_S``; the run is then still ``running`` under its lease."""
+        env = patiently(lambda: self.envs.get(run.environment), f"run {run.id}")
         digest = run.snapshot
-        release = self.releases.current()
-        run = self.store.runs.update(
-            run.id,
-            lease_owner=run.lease_owner,
-            status=str(RunStatus.RUNNING),
-            started_at=run.started_at or datetime.now(UTC),
-            runner_version=release.version,
-            runner_digest=release.digest,
+        release = patiently(self.releases.current, f"run {run.id}")
+        started_at = run.started_at or datetime.now(UTC)
+        run = patiently(
+            lambda: self.store.runs.update(
+                run.id,
+                lease_owner=run.lease_owner,
+                status=str(RunStatus.RUNNING),
+                started_at=started_at,
+                runner_version=release.version,
+                runner_digest=release.digest,
+            ),
+            f"run {run.id}",
         )
 
         def emit(kind: str, **data: Any) -> None:
-            event = self.store.runs.append_event(
-                run.id, datetime.now(UTC), kind, json.dumps(data, default=repr)
+            encoded = json.dumps(data, default=repr)
+            event = patiently(
+                lambda: self.store.runs.append_event(run.id, datetime.now(UTC), kind, encoded),
+                f"run {run.id}: recording {kind}",
             )
             if on_event is not None:
                 on_event(event)
@@ -217,42 +266,44 @@ class Executor:
             self.ensure_bridge()  # the sandbox's only way out must be open before it boots
         started = time.monotonic()
         deadline = started + (request.timeout or self.settings.sandbox_timeout)
-        try:
-            self._local.stop = stop
-            outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
-        finally:
-            self.tokens.revoke(run)
+        self._local.stop = stop
+        outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
 
         folded = None
         if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
             folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
         emit("run.finished", status=str(outcome.status), attempts=attempts)
-        self.store.bridge.add_usage(
-            [
-                {
-                    "at": datetime.now(UTC),
-                    "run": run.id,
-                    "user": request.user,
-                    "connection": None,
-                    "kind": "sandbox_seconds",
-                    "quantity": round(time.monotonic() - started, 3),
-                }
-            ]
-        )
+        usage = {
+            "at": datetime.now(UTC),
+            "run": run.id,
+            "user": request.user,
+            "connection": None,
+            "kind": "sandbox_seconds",
+            "quantity": round(time.monotonic() - started, 3),
+        }
+        patiently(lambda: self.store.bridge.add_usage([usage]), f"run {run.id}: usage")
         if bill is not None:
-            bill(run)  # before the run reads as finished: a waiter never sees it unbilled
-        return self.store.runs.update(
-            run.id,
-            lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run
-            status=str(outcome.status),
-            result=None if outcome.result is None else json.dumps(outcome.result),
-            error_code=outcome.error_code,
-            error=outcome.error,
-            swapped=outcome.swapped,
-            attempts=attempts,
-            folded_snapshot=folded,
-            finished_at=datetime.now(UTC),
+            # Before the run reads as finished: a waiter never sees it unbilled. Idempotent.
+            patiently(lambda: bill(run), f"run {run.id}: billing")
+        finished_at = datetime.now(UTC)
+        finished = patiently(
+            lambda: self.store.runs.update(
+                run.id,
+                lease_owner=run.lease_owner,  # fenced: only while this worker still holds it
+                status=str(outcome.status),
+                result=None if outcome.result is None else json.dumps(outcome.result),
+                error_code=outcome.error_code,
+                error=outcome.error,
+                swapped=outcome.swapped,
+                attempts=attempts,
+                folded_snapshot=folded,
+                finished_at=finished_at,
+            ),
+            f"run {run.id}: its final record",
         )
+        if RunStatus(finished.status).terminal:
+            self.tokens.ended(finished)
+        return finished
 
     def _attempts(
         self,
@@ -302,7 +353,7 @@ class Executor:
         emit: Callable[..., None],
         notify: Callable[[RunEvent], None] | None,
     ) -> _Outcome:
-        image = self.envs.images.load(run.snapshot)
+        image = self.envs.images.load(run.snapshot)  # the layout on disk: no database
         sandboxes = self.sandboxes()
         boot = SandboxRequest(
             layers=tuple(self.envs.images.unpacked(image)),
@@ -344,10 +395,10 @@ class Executor:
                     self.attrs,
                 )
             lifetime = max(1.0, deadline - time.monotonic()) + 30
-            token = self.tokens.mint(run, request, session.started.address, lifetime)
-            cursor = self._last_seq(run)
-            session.send({"op": "run", "spec": self._spec(run, request, token, attempt)})
+            issued = self.tokens.mint(run, request, session.started.address, lifetime, attempt)
             try:
+                cursor = self._last_seq(run)
+                session.send({"op": "run", "spec": self._spec(run, request, issued.token, attempt)})
                 final = self._follow(run, session, attempt, cursor, deadline, emit, notify)
             except Stopped as stopped:
                 sandboxes.kill(session.started)
@@ -362,6 +413,8 @@ class Executor:
                     error="the run's deadline passed",
                     swapped=swapped,
                 )
+            finally:
+                self.tokens.revoke(issued)  # however the attempt ended, its token is done
         if final["type"] == "result":
             return _Outcome(
                 RunStatus.SUCCEEDED, result=final.get("output"), swapped=swapped, replaced=present
@@ -387,6 +440,7 @@ class Executor:
         attempt's result or error, forwarding the sandbox's raw output meanwhile."""
         final: dict[str, Any] | None = None
         exited_at: float | None = None
+        unreachable_since: float | None = None  # the store's, while it is out of reach
         checked = 0.0
         while True:
             stop = getattr(self._local, "stop", None)
@@ -395,7 +449,20 @@ class Executor:
                 stopped = stop()
                 if stopped is not None:
                     raise stopped
-            for event in self.store.runs.events(run.id, after=cursor):
+            try:
+                events = self.store.runs.events(run.id, after=cursor)
+            except StoreUnavailable:
+                # The sandbox runs on; the bridge keeps its events until the store is back.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > engine.OUTAGE_BUDGET_S:
+                    raise
+                events = []
+                if exited_at is not None:
+                    exited_at = now  # its last events are held up: the grace starts later
+            else:
+                unreachable_since = None
+            for event in events:
                 cursor = event.seq
                 data = json.loads(event.data)
                 if notify is not None and event.kind in SANDBOX_EVENTS:
@@ -408,11 +475,11 @@ class Executor:
             now = time.monotonic()
             if session.started.process.poll() is not None:
                 exited_at = exited_at or now
-                if now - exited_at > 1.0:  # the bridge's last batch has had its time
+                if now - exited_at > EXIT_GRACE_S:  # the bridge's last batch has had its time
                     raise SessionEnded("the sandbox ended without reporting a result")
             if now >= deadline:
                 raise SessionTimeout("the run's deadline passed")
-            time.sleep(0.01)
+            time.sleep(0.01 if unreachable_since is None else 0.1)
 
     def _drain_output(self, session: AgentSession, attempt: int, emit: Callable[..., None]) -> None:
         """What the sandbox wrote outside the runner (before it started, or if it crashed)."""
@@ -425,7 +492,7 @@ class Executor:
                 emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
 
     def _last_seq(self, run: Run) -> int:
-        events = self.store.runs.events(run.id)
+        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}")
         return events[-1].seq if events else 0
 
     @staticmethod

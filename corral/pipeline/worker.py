@@ -6,6 +6,10 @@ time; if it dies, the lease runs out and another worker puts the run back in the
 a backoff long enough that a worker which merely stalled has noticed the loss of its lease and
 killed its sandbox. A run is therefore never executed twice at the same time, and a worker's
 death costs the run one more delivery, up to ``MAX_DELIVERIES``.
+
+A database outage is not a lost lease: while the store is unavailable a worker keeps its run
+going, retries its heartbeat every half second and its other store calls ``patiently``. Only a
+heartbeat the store *answers* with "not yours" stops the run (another worker took it over).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from corral.errors import StoreUnavailable
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Run
+from corral.store.engine import patiently
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
@@ -69,11 +75,18 @@ class Worker:
             self._thread.join(timeout=60)
 
     def run_forever(self) -> None:
+        outage = 0.0  # backoff while the store is unavailable
         while not self._stopping.is_set():
             try:
                 if not self.run_once():
                     with self.pipeline.work_available:
                         self.pipeline.work_available.wait(self.poll)
+                outage = 0.0
+            except StoreUnavailable as exc:  # no claim is lost: try again once it is back
+                if not outage:
+                    log.warning("worker %s: %s; waiting for it", self.name, exc.detail)
+                outage = min(max(outage * 2, self.poll), 1.0)
+                self._stopping.wait(outage)
             except Exception:  # a supervisor: record, pause, carry on
                 log.exception("worker %s: an iteration failed", self.name)
                 time.sleep(self.poll)
@@ -109,40 +122,48 @@ class Worker:
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
         the runner's last event reached the log) is finished from the log, not run again."""
-        final = next(
-            (e for e in reversed(self.store.runs.events(run.id)) if e.kind in ("result", "error")),
-            None,
-        )
+        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}: resuming")
+        final = next((e for e in reversed(events) if e.kind in ("result", "error")), None)
         if final is None:
             return False
         data = json.loads(final.data)
         ok = final.kind == "result"
-        finished = self.store.runs.update(
-            run.id,
-            lease_owner=self.name,
-            status=str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED),
-            result=json.dumps(data.get("output")) if ok else None,
-            error_code=None if ok else str(data.get("code", "agent_error")),
-            error=None if ok else str(data.get("message", "")),
-            finished_at=datetime.now(UTC),
+        finished_at = datetime.now(UTC)
+        finished = patiently(
+            lambda: self.store.runs.update(
+                run.id,
+                lease_owner=self.name,
+                status=str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED),
+                result=json.dumps(data.get("output")) if ok else None,
+                error_code=None if ok else str(data.get("code", "agent_error")),
+                error=None if ok else str(data.get("message", "")),
+                finished_at=finished_at,
+            ),
+            f"run {run.id}: its final record",
         )
-        self.store.runs.append_event(
-            run.id,
-            datetime.now(UTC),
-            "run.resumed",
-            json.dumps({"worker": self.name, "from_seq": final.seq, "status": finished.status}),
+        resumed = json.dumps({"worker": self.name, "from_seq": final.seq,
+                              "status": finished.status})  # fmt: skip
+        patiently(
+            lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.resumed", resumed),
+            f"run {run.id}",
         )
-        self.pipeline.executor.tokens.revoke(run)
+        self.pipeline.executor.tokens.ended(finished)
         self._finish(finished)
         return True
 
     def execute(self, run: Run) -> None:
         assert run.app is not None and run.app_version is not None
-        _, spec = self.pipeline.apps.get(run.app, run.app_version)
+        app, version = run.app, run.app_version
+        _, spec = patiently(lambda: self.pipeline.apps.get(app, version), f"run {run.id}")
         limited = spec.concurrency == "enqueue" and spec.max_concurrent
-        if limited and self.store.pipeline.running_count(run.user, run.app) > spec.max_concurrent:
-            self.store.pipeline.release(run.id, self.name, delay=0.2)
-            return
+        if limited:
+            running = patiently(
+                lambda: self.store.pipeline.running_count(run.user, app), f"run {run.id}"
+            )
+            if running > spec.max_concurrent:
+                patiently(lambda: self.store.pipeline.release(run.id, self.name, delay=0.2),
+                          f"run {run.id}")  # fmt: skip
+                return
         if run.deliveries > 1:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
@@ -154,10 +175,20 @@ class Worker:
         beating = threading.Event()
 
         def heartbeat() -> None:
-            while not beating.wait(self.lease / 3):
-                if not self.store.pipeline.heartbeat(run.id, self.name, self.lease):
+            pause = self.lease / 3
+            while not beating.wait(pause):
+                try:
+                    held = self.store.pipeline.heartbeat(run.id, self.name, self.lease)
+                except StoreUnavailable:
+                    pause = min(0.5, self.lease / 3)  # nobody can take the run meanwhile
+                    continue
+                except Exception:  # a supervisor: the next beat tries again
+                    log.exception("run %s: a heartbeat failed", run.id)
+                    continue
+                if not held:
                     lost.set()
                     return
+                pause = self.lease / 3
 
         pulse = threading.Thread(target=heartbeat, daemon=True)
         pulse.start()
@@ -169,6 +200,12 @@ class Worker:
             if time.monotonic() - checked[0] < 0.5:
                 return None
             checked[0] = time.monotonic()
+            try:
+                return should_stop()
+            except StoreUnavailable:
+                return None  # asked again in half a second; the run goes on meanwhile
+
+        def should_stop() -> Stopped | None:
             current = self.store.runs.get(run.id)
             if current.cancel_requested:
                 return Stopped(RunStatus.CANCELLED, "cancelled", "the run was cancelled")
@@ -193,7 +230,10 @@ class Worker:
                 )
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
-            finished = self.store.runs.get(run.id)
+            try:
+                finished = patiently(lambda: self.store.runs.get(run.id), f"run {run.id}")
+            except StoreUnavailable:
+                return  # still ``running``: its lease runs out and another delivery takes it
         finally:
             beating.set()
             pulse.join(timeout=5)
@@ -203,7 +243,8 @@ class Worker:
 
     def _finish(self, finished: Run) -> None:
         # Billed once before it finished; again now for the bridge's last batch (idempotent).
-        self.pipeline.ledger.bill(finished.id, finished.user, finished.app)
+        patiently(lambda: self.pipeline.ledger.bill(finished.id, finished.user, finished.app),
+                  f"run {finished.id}: billing")  # fmt: skip
         with self.pipeline.run_finished:
             self.pipeline.run_finished.notify_all()
         for hook in self.on_finished:

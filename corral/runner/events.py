@@ -3,8 +3,9 @@
 Events are JSON objects with ``type`` and ``at``; they are batched and POSTed to
 ``<bridge>/_corral/events`` with the run token, from a background thread, every
 ``FLUSH_S`` or as soon as a batch fills. ``close()`` sends what is left and waits for it: the
-result and error events are always delivered before the runner exits. The host treats all of
-it as untrusted input.
+result and error events are always delivered before the runner exits. A batch the bridge
+cannot take yet (unreachable, or a 5xx while its database restarts) is retried for
+``RETRY_S``. The host treats all of it as untrusted input.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # annotations only: never imported at run time, so the runner
 
 FLUSH_S = 0.05
 BATCH = 200
+RETRY_S = 25.0  # how long a batch is retried while the bridge is unreachable or answers 5xx
 _MAX_MESSAGE = 64 * 1024
 
 
@@ -77,13 +79,23 @@ class Channel:
                 headers={"authorization": "Bearer " + self._token,
                          "content-type": "application/json"},
             )  # fmt: skip
-            for attempt in range(3):
+            # The bridge answers 5xx while it cannot reach its database (a restart): keep the
+            # batch and try again, for as long as an outage may last. A 4xx will not change.
+            give_up = time.monotonic() + RETRY_S
+            pause = 0.05
+            while True:
                 try:
                     with urllib.request.urlopen(request, timeout=10) as response:
                         response.read()
                     break
+                except urllib.error.HTTPError as exc:
+                    if exc.code < 500 or time.monotonic() + pause > give_up:
+                        break
                 except (urllib.error.URLError, OSError):
-                    time.sleep(0.05 * (attempt + 1))
+                    if time.monotonic() + pause > give_up:
+                        break
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
 
 class LogStream(io.TextIOBase):
