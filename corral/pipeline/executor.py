@@ -54,8 +54,7 @@ from corral.sandbox.session import (
     agent_session,
 )
 from corral.snapshots.fsattr import Immutability
-from corral.store import Release, Run, RunEvent, Store
-from corral.store import engine
+from corral.store import Release, Run, RunEvent, Store, engine
 from corral.store.engine import patiently
 
 BOOT_TIMEOUT_S = 20.0
