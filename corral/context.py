@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,7 +22,7 @@ from corral.pipeline.apps import Apps
 from corral.pipeline.executor import Executor, TokenIssuer
 from corral.pipeline.service import Pipeline
 from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
-from corral.pipeline.worker import Worker
+from corral.pipeline.worker import STOP_GRACE_S, Worker
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Store
@@ -158,10 +159,15 @@ class Corral:
             self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers
 
-    def stop_workers(self) -> None:
-        """Stop this process's workers and its webhook deliverer (each finishes what it holds)."""
+    def stop_workers(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop this process's workers and its webhook deliverer. The workers take no more runs
+        at once; runs still in hand after ``grace`` seconds go back to the queue, their
+        sandboxes torn down."""
         for worker in self._workers:
-            worker.stop()
+            worker.drain()
+        deadline = time.monotonic() + grace
+        for worker in self._workers:
+            worker.join(deadline)
         self._workers.clear()
         if self._deliverer is not None:
             self._deliverer.stop()

@@ -7,6 +7,11 @@ a backoff long enough that a worker which merely stalled has noticed the loss of
 killed its sandbox. A run is therefore never executed twice at the same time, and a worker's
 death costs the run one more delivery, up to ``MAX_DELIVERIES``.
 
+A worker told to stop (``stop``, ``Corral.stop_workers``; ``corral worker`` and ``corral serve``
+on SIGTERM or SIGINT) drains: it takes no more runs, lets the run in hand finish for a grace
+period, then hands it back to the queue (its sandbox torn down, its lease released at once so
+another worker takes it without waiting for the lease to run out).
+
 A database outage is not a lost lease: while the store is unavailable a worker keeps its run
 going, retries its heartbeat every half second and its other store calls ``patiently``. Only a
 heartbeat the store *answers* with "not yours" stops the run (another worker took it over).
@@ -34,6 +39,12 @@ from corral.store.engine import patiently
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
+STOP_GRACE_S = 60.0  # how long ``stop`` lets a run in hand finish before handing it back
+
+
+class HandedBack(Exception):
+    """Raised into a run's execution when its worker shuts down past its grace period."""
+
 
 # Called with every finished run: webhooks, metrics, traces hang off this.
 OnFinished = Callable[[Run], None]
@@ -57,7 +68,8 @@ class Worker:
         self.lease = lease
         self.poll = poll
         self.on_finished = on_finished or []
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # take no more runs
+        self._abandon = threading.Event()  # hand the run in hand back now
         self._thread: threading.Thread | None = None
 
     def start(self) -> Worker:
@@ -67,11 +79,26 @@ class Worker:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Take no more runs; give the run in hand ``grace`` seconds to end, then hand it back."""
+        self.drain()
+        self.join(time.monotonic() + grace)
+
+    def drain(self) -> None:
+        """Take no more runs (the run in hand goes on)."""
         self._stopping.set()
         with self.pipeline.work_available:
             self.pipeline.work_available.notify_all()
-        if self._thread is not None:
+
+    def join(self, deadline: float) -> None:
+        """Wait for the run in hand until ``deadline`` (monotonic); then hand it back to the
+        queue and wait for its sandbox to be torn down. Call ``drain`` first."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._abandon.set()
+            # A sandbox still booting (at most the boot timeout) hands back once it has booted.
             self._thread.join(timeout=60)
 
     def run_forever(self) -> None:
@@ -197,6 +224,8 @@ class Worker:
         def stop() -> Stopped | None:
             if lost.is_set():
                 return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
+            if self._abandon.is_set():
+                raise HandedBack(run.id)
             if time.monotonic() - checked[0] < 0.5:
                 return None
             checked[0] = time.monotonic()
@@ -228,6 +257,9 @@ class Worker:
                     stop=stop,
                     bill=lambda r: self.pipeline.ledger.bill(r.id, r.user, r.app),
                 )
+        except HandedBack:
+            self._hand_back(run)
+            return
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
             try:
@@ -240,6 +272,19 @@ class Worker:
         if finished.lease_owner != self.name or not RunStatus(finished.status).terminal:
             return  # another worker owns it now
         self._finish(finished)
+
+    def _hand_back(self, run: Run) -> None:
+        """Shutting down: the run goes back to the queue for another worker, now."""
+        handed = patiently(lambda: self.store.pipeline.hand_back(run.id, self.name),
+                           f"run {run.id}: handing it back")  # fmt: skip
+        if handed:
+            note = json.dumps({"worker": self.name, "reason": "the worker is shutting down"})
+            patiently(
+                lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.handed_back",
+                                                     note),
+                f"run {run.id}",
+            )  # fmt: skip
+            log.warning("run %s: worker %s is shutting down; handed it back", run.id, self.name)
 
     def _finish(self, finished: Run) -> None:
         # Billed once before it finished; again now for the bridge's last batch (idempotent).

@@ -164,6 +164,19 @@ class PipelineRecords:
                         available_at=datetime.now(UTC) + timedelta(seconds=delay))
             )  # fmt: skip
 
+    def hand_back(self, run_id: str, worker: str) -> bool:
+        """A worker shutting down gives its run back, claimable at once. The delivery still
+        counts: the next one checks the log for an outcome the agent reported meanwhile."""
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.lease_owner == worker,
+                       runs.c.status == "running")
+                .values(status="queued", lease_owner=None, lease_expires=None,
+                        available_at=datetime.now(UTC))
+            )  # fmt: skip
+            return done.rowcount == 1
+
     def expired(self, now: datetime | None = None) -> list[Run]:
         """Running runs whose worker stopped renewing its lease (it died, or hangs)."""
         now = now or datetime.now(UTC)
