@@ -22,10 +22,10 @@ from corral.pipeline.apps import Apps
 from corral.pipeline.executor import Executor, TokenIssuer
 from corral.pipeline.service import Pipeline
 from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
-from corral.pipeline.worker import STOP_GRACE_S, Worker
+from corral.pipeline.worker import STOP_GRACE_S, OnFinished, Worker
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
-from corral.store import Store
+from corral.store import Run, Store
 from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
 
@@ -148,8 +148,7 @@ class Corral:
         """Worker threads in this process, leasing runs from the shared queue, and (once per
         process) the thread that delivers the webhooks of finished runs."""
         self.bridge()
-        hooks = [self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished]
-        options.setdefault("on_finished", hooks)
+        options.setdefault("on_finished", self._finished_hooks())
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         if self._deliverer is not None and webhook_policy is not None:
@@ -158,6 +157,20 @@ class Corral:
         if self._deliverer is None:
             self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers
+
+    def execute_here(self, run: Run, wait_timeout: float | None = None) -> Run:
+        """Execute the queued ``run`` in this thread, now (``corral app run --here``), as a
+        worker would. If a worker elsewhere took it first, wait for that one instead."""
+        self.bridge()
+        worker = Worker(self.pipeline, self.sandboxes, on_finished=self._finished_hooks())
+        claimed = self.store.pipeline.claim(worker.name, worker.lease, only=run.id)
+        if claimed is None:
+            return self.pipeline.wait(run.id, wait_timeout)
+        worker.execute(claimed)
+        return self.store.runs.get(run.id)
+
+    def _finished_hooks(self) -> list[OnFinished]:
+        return [self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished]
 
     def stop_workers(self, grace: float = STOP_GRACE_S) -> None:
         """Stop this process's workers and its webhook deliverer. The workers take no more runs

@@ -12,6 +12,10 @@ on SIGTERM or SIGINT) drains: it takes no more runs, lets the run in hand finish
 period, then hands it back to the queue (its sandbox torn down, its lease released at once so
 another worker takes it without waiting for the lease to run out).
 
+A worker announces itself in the store while it runs (``workers``: renewed every
+``SEEN_EVERY_S``, deleted when it stops), so a caller about to wait for a run can tell that
+no worker is alive to execute it (``live_workers``).
+
 A database outage is not a lost lease: while the store is unavailable a worker keeps its run
 going, retries its heartbeat every half second and its other store calls ``patiently``. Only a
 heartbeat the store *answers* with "not yours" stops the run (another worker took it over).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -28,18 +33,31 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from corral.errors import StoreUnavailable
+from corral.errors import CorralError, StoreUnavailable
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
 from corral.sandbox.sandboxes import Sandboxes
-from corral.store import Run
+from corral.store import Run, Store
 from corral.store.engine import patiently
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
 STOP_GRACE_S = 60.0  # how long ``stop`` lets a run in hand finish before handing it back
+SEEN_EVERY_S = 2.0  # how often a worker renews its row in ``workers``
+ALIVE_WITHIN_S = 15.0  # a worker unseen for longer is taken for dead
+
+
+class NoWorker(CorralError):
+    """No worker is alive to execute a run someone is about to wait for."""
+
+    code = "no_worker"
+
+
+def live_workers(store: Store) -> list[str]:
+    """Names of the workers alive now, in any process on any host sharing ``store``."""
+    return store.pipeline.live_workers(ALIVE_WITHIN_S)
 
 
 class HandedBack(Exception):
@@ -71,13 +89,34 @@ class Worker:
         self._stopping = threading.Event()  # take no more runs
         self._abandon = threading.Event()  # hand the run in hand back now
         self._thread: threading.Thread | None = None
+        self._presence: threading.Thread | None = None
+        self._gone = threading.Event()
 
     def start(self) -> Worker:
         self._thread = threading.Thread(
             target=self.run_forever, name=f"worker-{self.name}", daemon=True
         )
         self._thread.start()
+        self._presence = threading.Thread(
+            target=self._announce, name=f"worker-{self.name}-presence", daemon=True
+        )
+        self._presence.start()
         return self
+
+    def _announce(self) -> None:
+        """Renew this worker's row in ``workers`` until it stops, then delete it."""
+        started, host, pid = datetime.now(UTC), socket.gethostname(), os.getpid()
+        while True:
+            try:
+                self.store.pipeline.worker_seen(self.name, host, pid, started)
+            except Exception:  # a supervisor: an outage only makes it look dead for a while
+                log.debug("worker %s: could not announce itself", self.name, exc_info=True)
+            if self._gone.wait(SEEN_EVERY_S):
+                break
+        try:
+            self.store.pipeline.worker_gone(self.name)
+        except Exception:  # it ages out instead
+            log.debug("worker %s: could not sign off", self.name, exc_info=True)
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """Take no more runs; give the run in hand ``grace`` seconds to end, then hand it back."""
@@ -100,6 +139,9 @@ class Worker:
             self._abandon.set()
             # A sandbox still booting (at most the boot timeout) hands back once it has booted.
             self._thread.join(timeout=60)
+        self._gone.set()
+        if self._presence is not None:
+            self._presence.join(timeout=10)
 
     def run_forever(self) -> None:
         outage = 0.0  # backoff while the store is unavailable

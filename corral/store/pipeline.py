@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from corral.errors import Conflict, NotFound
 from corral.store.engine import is_unique_violation, transaction
 from corral.store.rows import Run
-from corral.store.schema import app_versions, apps, idempotency_keys, ledger, runs
+from corral.store.schema import app_versions, apps, idempotency_keys, ledger, runs, workers
 
 ACTIVE = ("queued", "running")
 
@@ -116,18 +116,22 @@ class PipelineRecords:
 
     # -- the queue ---------------------------------------------------------------------------
 
-    def claim(self, worker: str, lease: float, now: datetime | None = None) -> Run | None:
-        """Lease the oldest runnable queued run to ``worker``, or None if there is none."""
+    def claim(
+        self, worker: str, lease: float, now: datetime | None = None, only: str | None = None
+    ) -> Run | None:
+        """Lease the oldest runnable queued run (or the run ``only``, if it is runnable and
+        queued) to ``worker``, or None if there is none."""
         now = now or datetime.now(UTC)
         with transaction(self._engine, write=True) as conn:
+            runnable = select(runs.c.id).where(
+                runs.c.status == "queued",
+                or_(runs.c.available_at.is_(None), runs.c.available_at <= now),
+            )
+            if only is not None:
+                runnable = runnable.where(runs.c.id == only)
             candidate = conn.execute(
-                select(runs.c.id)
-                .where(runs.c.status == "queued",
-                       or_(runs.c.available_at.is_(None), runs.c.available_at <= now))
-                .order_by(runs.c.created_at)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            ).first()  # fmt: skip
+                runnable.order_by(runs.c.created_at).limit(1).with_for_update(skip_locked=True)
+            ).first()
             if candidate is None:
                 return None
             row = conn.execute(
@@ -176,6 +180,32 @@ class PipelineRecords:
                         available_at=datetime.now(UTC))
             )  # fmt: skip
             return done.rowcount == 1
+
+    # -- who is working ---------------------------------------------------------------------
+
+    def worker_seen(self, name: str, host: str, pid: int, started_at: datetime) -> None:
+        """``name`` is alive now (inserted on its first call, renewed on every later one)."""
+        now = datetime.now(UTC)
+        values = {"name": name, "host": host, "pid": pid, "started_at": started_at,
+                  "seen_at": now}  # fmt: skip
+        upsert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        with transaction(self._engine, write=True) as conn:
+            statement = upsert(workers).values(values)
+            conn.execute(statement.on_conflict_do_update(index_elements=["name"],
+                                                         set_={"seen_at": now}))  # fmt: skip
+
+    def worker_gone(self, name: str) -> None:
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(delete(workers).where(workers.c.name == name))
+
+    def live_workers(self, within: float) -> list[str]:
+        """Names of the workers seen in the last ``within`` seconds; older rows are the dead's,
+        and are cleared."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=within)
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(delete(workers).where(workers.c.seen_at < cutoff))
+            rows = conn.execute(select(workers.c.name).order_by(workers.c.name)).all()
+        return [r.name for r in rows]
 
     def expired(self, now: datetime | None = None) -> list[Run]:
         """Running runs whose worker stopped renewing its lease (it died, or hangs)."""
