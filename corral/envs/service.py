@@ -35,6 +35,7 @@ from corral.errors import (
     NothingToFreeze,
 )
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
+from corral.snapshots import temporaries
 from corral.snapshots.images import Image, Images
 from corral.snapshots.layers import is_empty
 from corral.snapshots.layout import Layout
@@ -68,6 +69,7 @@ class Environments:
         self.settings = settings
         self.store = store
         self.layout = Layout(settings.oci_dir).init()
+        temporaries.sweep(settings.data_dir)  # platform layers a killed process was building
         self.images = Images(self.layout, settings.data_dir / "layers")
         self._sandboxes = sandboxes
 
@@ -196,7 +198,9 @@ class Environments:
         if self.store.get_environment(name).head != parent:
             return None
         base = self.images.load(parent)
-        with tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".platform-") as tmp:
+        with tempfile.TemporaryDirectory(
+            dir=self.settings.data_dir, prefix=temporaries.prefix("platform")
+        ) as tmp:
             upper = Path(tmp) / "upper"
             build(upper)
             image = self.images.commit(base, upper, created_by=f"corral: {message}")

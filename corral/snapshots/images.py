@@ -25,7 +25,7 @@ from corral.errors import (
     SnapshotError,
     SnapshotNotFound,
 )
-from corral.snapshots import digests
+from corral.snapshots import digests, temporaries
 from corral.snapshots.fsattr import Immutability, unlock_everything
 from corral.snapshots.layers import unpack_layer, write_layer
 from corral.snapshots.layout import (
@@ -64,6 +64,7 @@ class Images:
     def __init__(self, layout: Layout, cache: Path) -> None:
         self.layout = layout
         self.cache = cache
+        temporaries.sweep(cache)  # unpacks and imports a killed process left half done
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -128,7 +129,8 @@ class Images:
         with contextlib.ExitStack() as stack:
             root = Path(path)
             if kind == "oci-archive":
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.cache)))
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=temporaries.prefix("import"), dir=self.cache)))  # fmt: skip
                 proc = subprocess.run(
                     ["tar", "-x", "-f", path, "-C", str(tmp)], capture_output=True, text=True
                 )
@@ -213,7 +215,7 @@ class Images:
         if dest.is_dir():
             return dest
         self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.cache))
+        tmp = Path(tempfile.mkdtemp(prefix=temporaries.prefix("unpack"), dir=self.cache))
         try:
             os.chmod(tmp, 0o755)
             unpack_layer(self.layout.blob_path(layer.digest), tmp)
