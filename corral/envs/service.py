@@ -108,7 +108,7 @@ class Environments:
                 return self.images.load(cached["digest"])
         except (FileNotFoundError, ValueError, KeyError):
             pass
-        image = self.images.import_rootfs(tar, created_by=f"corral import {tar}")
+        image = self.images.import_rootfs(tar)  # no host path: the image is content only
         st = tar.stat()
         marker.write_text(
             json.dumps(
@@ -156,7 +156,8 @@ class Environments:
             if is_empty(upper):
                 raise NothingToFreeze(name, env.head)
             parent = self.images.load(env.head)
-            image = self.images.commit(parent, upper, created_by=f"corral env freeze {name}")
+            # Not the environment's name: the same change to the same parent is the same image.
+            image = self.images.commit(parent, upper, created_by="corral env freeze")
             self._try_unpack(image)
             snap = self.store.add_snapshot(
                 name,
