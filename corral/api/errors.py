@@ -64,6 +64,7 @@ from corral.errors import (
     VaultError,
 )
 from corral.pipeline.service import CallRefused, ConcurrencyLimit, IdempotencyMismatch
+from corral.pipeline.worker import NoWorker
 from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
 from corral.sandbox.session import ProtocolError, SessionEnded, SessionTimeout
 from corral.store.pipeline import AppExists, AppNotFound
@@ -120,6 +121,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     ReleaseNotFound: 404,
     AppExists: 409,
     IdempotencyMismatch: 409,  # the key was first used with another body: never retry as is
+    NoWorker: 503,  # nothing would execute the run waited for: start a worker, then retry
     CallRefused: 409,  # an agent-to-agent call too deep, or a cycle: retrying cannot help
     # The app's concurrency policy refused the run for now (``reject``, or ``max_concurrent``
     # reached). 429, not 409: the request is fine and will be admitted once a run of the
