@@ -28,7 +28,7 @@ from typing import Any
 from corral.billing.ledger import BudgetExhausted
 from corral.bridge.proxy import Refused
 from corral.bridge.tokens import Claims
-from corral.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound, StoreUnavailable
 from corral.pipeline.service import ConcurrencyLimit, Pipeline, Trigger
 from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
@@ -48,6 +48,7 @@ _STATUS: tuple[tuple[type[CorralError], int], ...] = (
     (NotFound, 404),  # app_not_found
     (InvalidInput, 400),  # the input fails the app's schema
     (Conflict, 409),  # agent_call_refused: too deep, or a cycle
+    (StoreUnavailable, 503),  # the database is restarting: nothing was admitted, retry
 )
 
 
@@ -125,5 +126,8 @@ async def _until_ended(pipeline: Pipeline, run: Run, deadline: float) -> Run:
             break
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 1.5, _POLL_MAX)
-        run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+        try:
+            run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+        except StoreUnavailable:  # a database blip: the callee runs on, and so does the wait
+            continue
     return run

@@ -270,7 +270,10 @@ class Executor:
 
         folded = None
         if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
-            folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
+            try:
+                folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
+            except StoreUnavailable as exc:  # an optimisation: a later run folds it in
+                emit("fold_in.skipped", reason=exc.detail)
         emit("run.finished", status=str(outcome.status), attempts=attempts)
         usage = {
             "at": datetime.now(UTC),

@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.sandbox.slots import Record
 from corral.store import Run, RunEvent, engine
+from tests.fakes import FakeMarketData
 from tests.integration.conftest import run
 from tests.integration.test_resilience import leftovers
 from tests.pgcluster import PrivateCluster
@@ -35,6 +37,13 @@ def main(input):
         sdk.log(f"tick {i}")
         time.sleep(0.2)
     return {"ticks": input["ticks"]}
+
+def caller(input):
+    sdk.log("started")
+    time.sleep(1.0)  # the database goes down meanwhile
+    # The bridge has never looked this connection or credential up: it must ask the store.
+    answer = sdk.request("prices", "GET", "/v1/prices/ACME")
+    return {"status": answer.status}
 """
 
 
@@ -75,7 +84,7 @@ def patiently_get(corral: Corral, run_id: str) -> str:
 
 
 @pytest.fixture
-def agent_app(on_cluster: Corral) -> str:
+def agent_env(on_cluster: Corral) -> str:
     corral = on_cluster
     env = f"t-{secrets.token_hex(4)}"
     corral.envs.create(env)
@@ -83,19 +92,23 @@ def agent_app(on_cluster: Corral) -> str:
                        edit=True)  # fmt: skip
     assert code == 0, err
     corral.envs.freeze(env)
-    app = f"a-{secrets.token_hex(4)}"
-    corral.pipeline.apps.create(app, AppSpec(env, "agent.py:main"))
     corral.ledger.grant("alice", 100)
+    return env
+
+
+@pytest.fixture
+def agent_app(on_cluster: Corral, agent_env: str) -> str:
+    app = f"a-{secrets.token_hex(4)}"
+    on_cluster.pipeline.apps.create(app, AppSpec(agent_env, "agent.py:main"))
     return app
 
 
 class Watched:
     """A run admitted now, and every sandbox this process booted for it until it ended."""
 
-    def __init__(self, corral: Corral, app: str, ticks: int) -> None:
+    def __init__(self, corral: Corral, app: str, input: dict[str, Any]) -> None:
         self.corral = corral
-        self.run = corral.pipeline.execute_agent(app, {"ticks": ticks}, Trigger("http"),
-                                                 user="alice")  # fmt: skip
+        self.run = corral.pipeline.execute_agent(app, input, Trigger("http"), user="alice")
         self.sandboxes: dict[str, Record] = {}
         self._thread = threading.Thread(target=self._watch)
         self._thread.start()
@@ -130,7 +143,7 @@ def test_postgres_restarted_mid_run_costs_latency_not_the_run(
     on_cluster: Corral, cluster: PrivateCluster, agent_app: str
 ) -> None:
     on_cluster.start_workers(2, lease=10.0)
-    watched = Watched(on_cluster, agent_app, ticks=40)
+    watched = Watched(on_cluster, agent_app, {"ticks": 40})
     watched.logging()
 
     cluster.restart(down=2.5)  # the agent goes on logging meanwhile
@@ -157,7 +170,7 @@ def test_an_outage_past_the_budget_costs_a_delivery_and_the_redelivery_is_served
     out was its own attempt's token, not the run."""
     monkeypatch.setattr(engine, "OUTAGE_BUDGET_S", 1.0, raising=False)
     on_cluster.start_workers(2, lease=3.0)
-    watched = Watched(on_cluster, agent_app, ticks=15)
+    watched = Watched(on_cluster, agent_app, {"ticks": 15})
     watched.logging()
 
     cluster.restart(down=4.0)
@@ -168,4 +181,32 @@ def test_an_outage_past_the_budget_costs_a_delivery_and_the_redelivery_is_served
     assert json.loads(done.result or "null") == {"ticks": 15}
     assert done.deliveries == 2 and kinds.count("run.finished") == 1
     assert len(watched.sandboxes) == 2
+    watched.nothing_left()
+
+
+def test_a_bridge_lookup_during_the_outage_waits_for_the_store(
+    on_cluster: Corral, cluster: PrivateCluster, agent_env: str
+) -> None:
+    """An agent's call through the bridge that needs the store (the connection profile and the
+    credential, never looked up before) waits out the outage instead of failing."""
+    market = FakeMarketData(api_key="mk-outage").start()
+    try:
+        on_cluster.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
+        on_cluster.vault.put("alice", "prices", "api_key", {"key": "mk-outage"})
+        app = f"a-{secrets.token_hex(4)}"
+        on_cluster.pipeline.apps.create(
+            app, AppSpec(agent_env, "agent.py:caller", connections=("prices",))
+        )
+        on_cluster.start_workers(1, lease=10.0)
+        watched = Watched(on_cluster, app, {})
+        watched.logging()
+
+        cluster.restart(down=2.5)
+
+        done, _ = watched.ended()
+    finally:
+        market.stop()
+    assert (done.status, done.error) == ("succeeded", None)
+    assert json.loads(done.result or "null") == {"status": 200}
+    assert done.deliveries == 1 and len(market.requests) == 1
     watched.nothing_left()
