@@ -86,9 +86,12 @@ class KeyRing:
             newest = max(self._keys.values(), key=lambda k: k.created, default=None)
             if newest is None or now - newest.created >= self.rotate_after:
                 newest = SigningKey.generate(now)
-                self._keys[newest.kid] = newest
                 if self.on_new_key is not None:
+                    # Stored first: if that fails (the database is down) the key is not used,
+                    # and the next call makes another; no token is signed by a key that other
+                    # processes cannot find.
                     self.on_new_key(newest)
+                self._keys[newest.kid] = newest
             return newest
 
     def public(self, kid: str) -> Ed25519PublicKey | None:

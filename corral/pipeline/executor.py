@@ -397,7 +397,11 @@ class Executor:
                     self.attrs,
                 )
             lifetime = max(1.0, deadline - time.monotonic()) + 30
-            issued = self.tokens.mint(run, request, session.started.address, lifetime, attempt)
+            address = session.started.address
+            issued = patiently(  # a new signing key is stored before it signs
+                lambda: self.tokens.mint(run, request, address, lifetime, attempt),
+                f"run {run.id}: its token",
+            )
             try:
                 cursor = self._last_seq(run)
                 session.send({"op": "run", "spec": self._spec(run, request, issued.token, attempt)})
