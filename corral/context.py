@@ -163,10 +163,11 @@ class Corral:
         worker would. If a worker elsewhere took it first, wait for that one instead."""
         self.bridge()
         worker = Worker(self.pipeline, self.sandboxes, on_finished=self._finished_hooks())
+        asked = time.monotonic()
         claimed = self.store.pipeline.claim(worker.name, worker.lease, only=run.id)
         if claimed is None:
             return self.pipeline.wait(run.id, wait_timeout)
-        worker.execute(claimed)
+        worker.execute(claimed, leased_at=asked)
         return self.store.runs.get(run.id)
 
     def _finished_hooks(self) -> list[OnFinished]:

@@ -8,12 +8,14 @@ refuses to run as root) on a free loopback port, and removes it afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,3 +80,62 @@ class PrivateCluster:
         )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{tool} failed ({proc.returncode}): {proc.stderr or proc.stdout}")
+
+
+class Cuttable:
+    """A TCP forwarder to ``port`` on loopback whose link can be cut and healed: the database as
+    one process sees it, while every other process still reaches it directly."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.is_cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        """Drop every connection through it, and every new one until ``heal``."""
+        with self._lock:
+            self.is_cut = True
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def heal(self) -> None:
+        with self._lock:
+            self.is_cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self.is_cut:
+                    client.close()
+                    continue
+                try:
+                    server = socket.create_connection(("127.0.0.1", self.upstream))
+                except OSError:
+                    client.close()
+                    continue
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)

@@ -245,11 +245,14 @@ class Executor:
             f"run {run.id}",
         )
 
+        self._local.stop = stop
+
         def emit(kind: str, **data: Any) -> None:
             encoded = json.dumps(data, default=repr)
             event = patiently(
                 lambda: self.store.runs.append_event(run.id, datetime.now(UTC), kind, encoded),
                 f"run {run.id}: recording {kind}",
+                check=self._interrupt,
             )
             if on_event is not None:
                 on_event(event)
@@ -265,7 +268,6 @@ class Executor:
             self.ensure_bridge()  # the sandbox's only way out must be open before it boots
         started = time.monotonic()
         deadline = started + (request.timeout or self.settings.sandbox_timeout)
-        self._local.stop = stop
         outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
 
         folded = None
@@ -283,10 +285,11 @@ class Executor:
             "kind": "sandbox_seconds",
             "quantity": round(time.monotonic() - started, 3),
         }
-        patiently(lambda: self.store.bridge.add_usage([usage]), f"run {run.id}: usage")
+        patiently(lambda: self.store.bridge.add_usage([usage]), f"run {run.id}: usage",
+                  check=self._interrupt)  # fmt: skip
         if bill is not None:
             # Before the run reads as finished: a waiter never sees it unbilled. Idempotent.
-            patiently(lambda: bill(run), f"run {run.id}: billing")
+            patiently(lambda: bill(run), f"run {run.id}: billing", check=self._interrupt)
         finished_at = datetime.now(UTC)
         finished = patiently(
             lambda: self.store.runs.update(
@@ -302,6 +305,7 @@ class Executor:
                 finished_at=finished_at,
             ),
             f"run {run.id}: its final record",
+            check=self._interrupt,
         )
         if RunStatus(finished.status).terminal:
             self.tokens.ended(finished)
@@ -401,6 +405,7 @@ class Executor:
             issued = patiently(  # a new signing key is stored before it signs
                 lambda: self.tokens.mint(run, request, address, lifetime, attempt),
                 f"run {run.id}: its token",
+                check=self._interrupt,
             )
             try:
                 cursor = self._last_seq(run)
@@ -498,8 +503,16 @@ class Executor:
                 emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
 
     def _last_seq(self, run: Run) -> int:
-        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}")
+        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}",
+                           check=self._interrupt)  # fmt: skip
         return events[-1].seq if events else 0
+
+    def _interrupt(self) -> None:
+        """While a store call waits out an outage: the run's stop check, for what it raises
+        (a worker whose lease ran out, or that is shutting down, must not wait on)."""
+        stop = getattr(self._local, "stop", None)
+        if stop is not None:
+            stop()
 
     @staticmethod
     def _forward(events: list[dict[str, Any]], attempt: int, emit: Callable[..., None]) -> None:

@@ -17,8 +17,12 @@ A worker announces itself in the store while it runs (``workers``: renewed every
 no worker is alive to execute it (``live_workers``).
 
 A database outage is not a lost lease: while the store is unavailable a worker keeps its run
-going, retries its heartbeat every half second and its other store calls ``patiently``. Only a
-heartbeat the store *answers* with "not yours" stops the run (another worker took it over).
+going, retries its heartbeat every half second and its other store calls ``patiently``. It
+stops the run when the store answers a heartbeat with "not yours" (another worker took it
+over), or when its lease has run out by its own clock without a renewal: past that, another
+worker that *can* reach the store (this one may be cut off from it alone) is free to requeue
+the run, and the takeover backoff gives this worker the time to tear its sandbox down first.
+Such a run is handed back (``hand_back``, once the store answers), not failed.
 """
 
 from __future__ import annotations
@@ -61,7 +65,12 @@ def live_workers(store: Store) -> list[str]:
 
 
 class HandedBack(Exception):
-    """Raised into a run's execution when its worker shuts down past its grace period."""
+    """Raised into a run's execution when its worker gives it back: it is shutting down past
+    its grace period, or its lease ran out while the store was out of reach."""
+
+    def __init__(self, run: str, reason: str) -> None:
+        super().__init__(f"run {run}: {reason}")
+        self.reason = reason
 
 
 # Called with every finished run: webhooks, metrics, traces hang off this.
@@ -163,10 +172,11 @@ class Worker:
     def run_once(self) -> bool:
         """Requeue runs whose worker died, then take and execute one run. True if it did."""
         self.requeue_expired()
+        asked = time.monotonic()  # the lease runs from no later than this
         run = self.store.pipeline.claim(self.name, self.lease)
         if run is None:
             return False
-        self.execute(run)
+        self.execute(run, leased_at=asked)
         return True
 
     def requeue_expired(self) -> None:
@@ -220,7 +230,9 @@ class Worker:
         self._finish(finished)
         return True
 
-    def execute(self, run: Run) -> None:
+    def execute(self, run: Run, leased_at: float | None = None) -> None:
+        """Execute a run this worker has just claimed (its lease granted at ``leased_at``)."""
+        leased_at = time.monotonic() if leased_at is None else leased_at
         assert run.app is not None and run.app_version is not None
         app, version = run.app, run.app_version
         _, spec = patiently(lambda: self.pipeline.apps.get(app, version), f"run {run.id}")
@@ -240,24 +252,29 @@ class Worker:
         request = self.pipeline.request(
             run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
         )
-        lost = threading.Event()
+        lost = threading.Event()  # the store says another worker holds the run
+        lapsed = threading.Event()  # the lease ran out before this worker could renew it
         beating = threading.Event()
 
         def heartbeat() -> None:
+            renewed = leased_at  # when the lease last ran from, by this worker's clock
             pause = self.lease / 3
             while not beating.wait(pause):
+                asked = time.monotonic()
                 try:
                     held = self.store.pipeline.heartbeat(run.id, self.name, self.lease)
-                except StoreUnavailable:
-                    pause = min(0.5, self.lease / 3)  # nobody can take the run meanwhile
-                    continue
-                except Exception:  # a supervisor: the next beat tries again
-                    log.exception("run %s: a heartbeat failed", run.id)
+                except Exception as exc:  # the store is out of reach: retry soon
+                    if not isinstance(exc, StoreUnavailable):
+                        log.exception("run %s: a heartbeat failed", run.id)
+                    if time.monotonic() - renewed >= self.lease:
+                        lapsed.set()
+                        return
+                    pause = min(0.5, self.lease / 3)
                     continue
                 if not held:
                     lost.set()
                     return
-                pause = self.lease / 3
+                renewed, pause = asked, self.lease / 3
 
         pulse = threading.Thread(target=heartbeat, daemon=True)
         pulse.start()
@@ -266,8 +283,10 @@ class Worker:
         def stop() -> Stopped | None:
             if lost.is_set():
                 return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
+            if lapsed.is_set():
+                raise HandedBack(run.id, "its lease ran out while the store was out of reach")
             if self._abandon.is_set():
-                raise HandedBack(run.id)
+                raise HandedBack(run.id, "its worker is shutting down")
             if time.monotonic() - checked[0] < 0.5:
                 return None
             checked[0] = time.monotonic()
@@ -299,8 +318,8 @@ class Worker:
                     stop=stop,
                     bill=lambda r: self.pipeline.ledger.bill(r.id, r.user, r.app),
                 )
-        except HandedBack:
-            self._hand_back(run)
+        except HandedBack as back:
+            self._hand_back(run, back.reason)
             return
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
@@ -315,18 +334,22 @@ class Worker:
             return  # another worker owns it now
         self._finish(finished)
 
-    def _hand_back(self, run: Run) -> None:
-        """Shutting down: the run goes back to the queue for another worker, now."""
-        handed = patiently(lambda: self.store.pipeline.hand_back(run.id, self.name),
-                           f"run {run.id}: handing it back")  # fmt: skip
+    def _hand_back(self, run: Run, reason: str) -> None:
+        """The run goes back to the queue for another worker, now (if it is still this
+        worker's: after a lapsed lease another may have taken it already)."""
+        try:
+            handed = patiently(lambda: self.store.pipeline.hand_back(run.id, self.name),
+                               f"run {run.id}: handing it back")  # fmt: skip
+        except StoreUnavailable:
+            return  # its lease runs out and another worker requeues it
         if handed:
-            note = json.dumps({"worker": self.name, "reason": "the worker is shutting down"})
+            note = json.dumps({"worker": self.name, "reason": reason})
             patiently(
                 lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.handed_back",
                                                      note),
                 f"run {run.id}",
             )  # fmt: skip
-            log.warning("run %s: worker %s is shutting down; handed it back", run.id, self.name)
+            log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)
 
     def _finish(self, finished: Run) -> None:
         # Billed once before it finished; again now for the bridge's last batch (idempotent).

@@ -235,10 +235,16 @@ def is_transient(error: exc.SQLAlchemyError) -> bool:
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES
 
 
-def patiently(call: Callable[[], T], what: str, budget: float | None = None) -> T:
+def patiently(
+    call: Callable[[], T],
+    what: str,
+    budget: float | None = None,
+    check: Callable[[], object] | None = None,
+) -> T:
     """``call()``, retried with backoff while the database is unavailable, for up to ``budget``
     seconds (``OUTAGE_BUDGET_S``); then the last ``StoreUnavailable`` propagates. Any other
-    error propagates at once.
+    error propagates at once. ``check`` is called before every pause: whatever it raises
+    (a worker whose lease ran out meanwhile) ends the wait.
 
     Only for operations that are safe to repeat: reads, and writes that are idempotent or
     fenced (a lease heartbeat, a run's final record). A transaction whose session dropped
@@ -252,7 +258,10 @@ def patiently(call: Callable[[], T], what: str, budget: float | None = None) -> 
         except StoreUnavailable as e:
             if time.monotonic() + pause > deadline:
                 raise
-            log.warning("%s: %s; retrying in %.2f s", what, e.detail, pause)
+            if check is not None:
+                check()
+            level = logging.WARNING if pause == 0.05 else logging.DEBUG  # once per outage
+            log.log(level, "%s: %s; retrying until it is back", what, e.detail)
             time.sleep(pause)
             pause = min(pause * 2, 1.0)
 

@@ -23,7 +23,7 @@ from corral.store import Run, RunEvent, engine
 from tests.fakes import FakeMarketData
 from tests.integration.conftest import run
 from tests.integration.test_resilience import leftovers
-from tests.pgcluster import PrivateCluster
+from tests.pgcluster import Cuttable, PrivateCluster
 
 pytestmark = [pytest.mark.root, pytest.mark.runc, pytest.mark.postgres]
 
@@ -110,14 +110,18 @@ class Watched:
         self.corral = corral
         self.run = corral.pipeline.execute_agent(app, input, Trigger("http"), user="alice")
         self.sandboxes: dict[str, Record] = {}
+        self.seen: dict[str, tuple[float, float]] = {}  # sandbox -> first and last seen
         self._thread = threading.Thread(target=self._watch)
         self._thread.start()
 
     def _watch(self) -> None:
         while patiently_get(self.corral, self.run.id) in ("queued", "running"):
+            now = time.monotonic()
             for record in self.corral.sandboxes().slots.records():
                 if record.owner.pid == os.getpid():
                     self.sandboxes.setdefault(record.sandbox_id, record)
+                    first, _ = self.seen.get(record.sandbox_id, (now, now))
+                    self.seen[record.sandbox_id] = (first, now)
             time.sleep(0.05)
 
     def logging(self) -> None:
@@ -209,4 +213,42 @@ def test_a_bridge_lookup_during_the_outage_waits_for_the_store(
     assert (done.status, done.error) == ("succeeded", None)
     assert json.loads(done.result or "null") == {"status": 200}
     assert done.deliveries == 1 and len(market.requests) == 1
+    watched.nothing_left()
+
+
+def test_a_worker_cut_off_from_the_store_stops_before_another_takes_its_run(
+    corral: Corral, on_cluster: Corral, cluster: PrivateCluster, agent_app: str
+) -> None:
+    """Only one worker loses the database (a partition): the others can still requeue its run
+    once its lease has run out. It must have torn its sandbox down by then, never two sandboxes
+    of one run at once; and the run still succeeds, on another worker."""
+    link = Cuttable(cluster.port)
+    taken = {corral.settings.network.bridge_port, on_cluster.settings.network.bridge_port}
+    # As on another host: a bridge of its own, which reaches the store through the same link.
+    cut_off = Corral(dataclasses.replace(
+        on_cluster.settings,
+        database_url=f"postgresql://postgres@127.0.0.1:{link.port}/corral",
+        network=dataclasses.replace(on_cluster.settings.network,
+                                    bridge_port=next(p for p in BRIDGE_PORTS if p not in taken
+                                                     and p % 7 == (os.getpid() + 1) % 7)),
+    ))  # fmt: skip
+    try:
+        cut_off.start_workers(1, lease=3.0)
+        watched = Watched(on_cluster, agent_app, {"ticks": 60})
+        watched.logging()
+        assert on_cluster.store.runs.get(watched.run.id).lease_owner == cut_off._workers[0].name
+        on_cluster.start_workers(1, lease=3.0)
+
+        link.cut()
+
+        done, events = watched.ended()
+        link.heal()  # the cut-off worker may still be trying to hand the run back
+        cut_off.stop_workers()
+    finally:
+        cut_off.close()
+        link.close()
+    assert (done.status, done.error) == ("succeeded", None)
+    assert done.deliveries == 2 and [e.kind for e in events].count("run.finished") == 1
+    first, second = sorted(watched.seen.values())  # (first seen, last seen) of each sandbox
+    assert first[1] < second[0], "two sandboxes of one run were alive at once"
     watched.nothing_left()
