@@ -128,7 +128,9 @@ class Watched:
         """Wait until the agent is under way (it has logged)."""
         deadline = time.monotonic() + 120
         while not any(e.kind == "log" for e in self.corral.store.runs.events(self.run.id)):
-            assert time.monotonic() < deadline, "the agent never started logging"
+            run = self.corral.store.runs.get(self.run.id)
+            assert run.status in ("queued", "running"), f"{run.status}: {run.error}"
+            assert time.monotonic() < deadline, f"the agent never started logging ({run})"
             time.sleep(0.05)
 
     def ended(self) -> tuple[Run, list[RunEvent]]:
