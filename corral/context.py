@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -21,10 +22,10 @@ from corral.pipeline.apps import Apps
 from corral.pipeline.executor import Executor, TokenIssuer
 from corral.pipeline.service import Pipeline
 from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
-from corral.pipeline.worker import Worker
+from corral.pipeline.worker import STOP_GRACE_S, Worker
 from corral.releases.service import ReleaseService
 from corral.sandbox.sandboxes import Sandboxes
-from corral.store import Store
+from corral.store import Run, Store
 from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
 
@@ -148,10 +149,7 @@ class Corral:
         process) the thread that delivers the webhooks of finished runs. From then on, every
         run this process ends is announced here: metrics, traces, webhooks."""
         self.bridge()
-        if not self.pipeline.on_finished:
-            self.pipeline.on_finished += [
-                self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished
-            ]  # fmt: skip
+        self._announce_finished_runs()
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         if self._deliverer is not None and webhook_policy is not None:
@@ -161,10 +159,37 @@ class Corral:
             self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers
 
-    def stop_workers(self) -> None:
-        """Stop this process's workers and its webhook deliverer (each finishes what it holds)."""
+    def execute_here(self, run: Run, wait_timeout: float | None = None) -> Run:
+        """Execute the queued ``run`` in this thread, now (``corral app run --here``), as a
+        worker would. If a worker elsewhere took it first, wait for that one instead."""
+        self.bridge()
+        self._announce_finished_runs()
+        worker = Worker(self.pipeline, self.sandboxes)
+        asked = time.monotonic()
+        claimed = self.store.pipeline.claim(worker.name, worker.lease, only=run.id)
+        if claimed is None:
+            return self.pipeline.wait(run.id, wait_timeout)
+        worker.execute(claimed, leased_at=asked)
+        return self.store.runs.get(run.id)
+
+    def _announce_finished_runs(self) -> None:
+        """From now on, every run this process ends is announced: metrics, traces, webhooks."""
+        if not self.pipeline.on_finished:
+            self.pipeline.on_finished += [
+                self.metrics.finished_run,
+                self.tracing.finished_run,
+                self.webhooks.on_finished,
+            ]
+
+    def stop_workers(self, grace: float = STOP_GRACE_S) -> None:
+        """Stop this process's workers and its webhook deliverer. The workers take no more runs
+        at once; runs still in hand after ``grace`` seconds go back to the queue, their
+        sandboxes torn down."""
         for worker in self._workers:
-            worker.stop()
+            worker.drain()
+        deadline = time.monotonic() + grace
+        for worker in self._workers:
+            worker.join(deadline)
         self._workers.clear()
         if self._deliverer is not None:
             self._deliverer.stop()

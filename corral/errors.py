@@ -14,6 +14,7 @@
     ├── InvalidInput                  a name, digest, reference or argument is malformed
     │   └── ImportForbidden           over HTTP, an image outside the server's import directory
     ├── StoreError                    the database refused or is unreachable
+    │   └── StoreUnavailable          transient: unreachable, restarting, or a dropped session
     ├── SnapshotError                 OCI layout and layer problems
     │   ├── NothingToFreeze           the edit session changed nothing
     │   ├── CorruptBlob               a blob's bytes no longer match its digest
@@ -138,6 +139,17 @@ class StoreError(CorralError):
     """The database refused the operation or could not be reached."""
 
     code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached, is restarting, or dropped the session mid-way.
+
+    Transient by nature: the same operation may succeed a moment later, so the long-running
+    parts of Corral (workers, the bridge) wait it out (``store.engine.patiently``); a one-shot
+    command reports it at once.
+    """
+
+    code = "store_unavailable"
 
 
 class SnapshotError(CorralError):

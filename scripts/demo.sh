@@ -12,9 +12,10 @@ KEY="mk-demo-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
 # The "remote" service: a local market-data API that demands its key (X-Api-Key).
 fifo=$(mktemp -u); mkfifo "$fifo"
+scan=$(mktemp)
 $PY -m tests.fakes.market --port 0 --key "$KEY" > "$fifo" &
 market_pid=$!
-trap 'kill $market_pid 2>/dev/null || true; rm -f "$fifo"' EXIT
+trap 'kill $market_pid 2>/dev/null || true; rm -f "$fifo" "$scan"' EXIT
 read -r MARKET < "$fifo"
 printf 'market-data service (stands in for a paid API) at %s\n' "$MARKET"
 
@@ -36,8 +37,18 @@ say "corral run ... (again: the runner was folded into the snapshot, no swap thi
 corral run analyst agent.py:main --input '{"ticker": "BETA"}' --user alice --connection market 2>&1 \
   | grep -v '^  |' || true
 
-say "corral sandbox run analyst -- sh -c 'env; grep -rl \$KEY / 2>/dev/null | head'   # the key is nowhere"
-corral sandbox run analyst -- sh -c "env | sort; grep -rlsF '$KEY' /home /tmp /etc /opt /usr/local 2>/dev/null | head -3; echo 'files holding the key: none above'"
+# The key is nowhere in a sandbox. Proven from the host: the sandbox sends out its environment
+# and its files, and the host looks for the key in them. The key itself never enters a sandbox,
+# not even as a search pattern.
+run corral sandbox run analyst -- env
+say "corral sandbox run analyst -- sh -c 'env; tar -c /home /tmp /etc /opt /usr/local' > \$scan"
+corral sandbox run analyst -- sh -c 'env; tar -c -f - /home /tmp /etc /opt /usr/local 2>/dev/null' \
+  > "$scan" || true
+grep -qaF home/user/agent.py "$scan" || { echo "the scan saw no files: nothing proven" >&2; exit 1; }
+copies=$(grep -caF "$KEY" "$scan" || true)
+printf 'scanned %s bytes of the sandbox'"'"'s environment and files on the host: %s copies of the key\n' \
+  "$(wc -c < "$scan")" "$copies"
+[ "$copies" = 0 ] || { echo "the key reached the sandbox" >&2; exit 1; }
 run corral env history analyst
 run corral env verify analyst
 printf '\nThe snapshots are OCI images: skopeo inspect oci:%s:analyst\n' "${CORRAL_DATA_DIR:-/var/lib/corral}/oci"

@@ -63,6 +63,7 @@ from corral.errors import (
     SnapshotError,
     SnapshotNotFound,
     StoreError,
+    StoreUnavailable,
     UnknownMasterKey,
     VaultError,
 )
@@ -73,6 +74,7 @@ from corral.pipeline.service import (
     IdempotencyMismatch,
     InputTooLarge,
 )
+from corral.pipeline.worker import NoWorker
 from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
 from corral.sandbox.session import ProtocolError, SessionEnded, SessionTimeout
 from corral.store.pipeline import AppExists, AppNotFound, BalanceLimit
@@ -102,6 +104,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     EnvironmentBusy: 409,  # another edit session or freeze holds the environment: retry later
     InvalidInput: 400,
     StoreError: 500,
+    StoreUnavailable: 503,  # the database is unreachable or restarting: retry shortly
     SnapshotError: 500,
     # The request is well formed but contradicts the environment's state (an empty draft).
     NothingToFreeze: 409,
@@ -133,6 +136,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     ReleaseNotFound: 404,
     AppExists: 409,
     IdempotencyMismatch: 409,  # the key was first used with another body: never retry as is
+    NoWorker: 503,  # nothing would execute the run waited for: start a worker, then retry
     CallRefused: 409,  # an agent-to-agent call too deep, or a cycle: retrying cannot help
     # The app's concurrency policy refused the run for now (``reject``, or ``max_concurrent``
     # reached). 429, not 409: the request is fine and will be admitted once a run of the

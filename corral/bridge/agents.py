@@ -28,7 +28,7 @@ from typing import Any
 from corral.billing.ledger import BudgetExhausted
 from corral.bridge.http1 import Refused
 from corral.bridge.tokens import Claims
-from corral.errors import Conflict, CorralError, InvalidInput, NotFound
+from corral.errors import Conflict, CorralError, InvalidInput, NotFound, StoreUnavailable
 from corral.limits import strict_loads
 from corral.pipeline.service import ConcurrencyLimit, InputTooLarge, Pipeline, Trigger
 from corral.pipeline.shapes import run_json
@@ -50,6 +50,7 @@ _STATUS: tuple[tuple[type[CorralError], int], ...] = (
     (InputTooLarge, 413),  # over corral.limits.MAX_INPUT
     (InvalidInput, 400),  # the input fails the app's schema
     (Conflict, 409),  # agent_call_refused: too deep, or a cycle
+    (StoreUnavailable, 503),  # the database is restarting: nothing was admitted, retry
 )
 
 
@@ -127,5 +128,8 @@ async def _until_ended(pipeline: Pipeline, run: Run, deadline: float) -> Run:
             break
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 1.5, _POLL_MAX)
-        run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+        try:
+            run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+        except StoreUnavailable:  # a database blip: the callee runs on, and so does the wait
+            continue
     return run

@@ -1,8 +1,11 @@
 """The bridge's view of the store and the vault (``gate.Backend``), and OAuth 2 refresh.
 
 Every method here may block on the database or the network; the gate calls them from worker
-threads, never on the event loop. The only outbound HTTP this module makes is the refresh-token
-grant to a credential's own token URL.
+threads, never on the event loop. A lookup a sandbox's call waits on (is the run live, the
+connection, the credential) rides out a database outage of up to ``OUTAGE_WAIT_S``: the call
+takes longer and goes through; past that the sandbox is answered 503 ``store_unavailable``.
+The only outbound HTTP this module makes is the refresh-token grant to a credential's own
+token URL.
 """
 
 from __future__ import annotations
@@ -12,16 +15,28 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from corral.bridge.connections import Connection
 from corral.bridge.gate import Credential
-from corral.errors import CorralError, CredentialNotFound, CredentialRevoked
+from corral.bridge.http1 import Refused
+from corral.errors import CorralError, CredentialNotFound, CredentialRevoked, StoreUnavailable
 from corral.store import Store
+from corral.store.engine import patiently
 from corral.vault.vault import Vault
 
 _SECRET_NAMES = ("token", "key", "password", "access_token", "refresh_token", "client_secret")
+OUTAGE_WAIT_S = 20.0  # under the runner's retry window and an agent's usual request timeout
+T = TypeVar("T")
+
+
+def _patiently(call: Callable[[], T], what: str) -> T:
+    try:
+        return patiently(call, f"bridge: {what}", budget=OUTAGE_WAIT_S)
+    except StoreUnavailable as exc:  # not the caller's fault, and soon over: retry
+        raise Refused(503, exc.code, "the bridge cannot reach its database; retry") from None
 
 
 class RefreshFailed(CorralError):
@@ -34,20 +49,21 @@ class StoreBackend:
         self.vault = vault
 
     def run_is_live(self, run: str) -> bool:
-        return self.store.bridge.run_is_live(run)
+        return _patiently(lambda: self.store.bridge.run_is_live(run), f"is run {run} live")
 
     def ended_since(self, since: datetime) -> tuple[list[str], datetime]:
         return self.store.bridge.ended_since(since)
 
     def connection(self, name: str) -> Connection | None:
-        row = self.store.bridge.connection(name)
+        row = _patiently(lambda: self.store.bridge.connection(name), f"connection {name}")
         if row is None:
             return None
         return Connection(row["name"], row["base_url"], row["auth"], row["meter"])
 
     def credential(self, user: str, connection: str) -> Credential | None:
         try:
-            found = self.vault.resolve(user, connection)
+            found = _patiently(lambda: self.vault.resolve(user, connection),
+                               f"credential {connection} of {user}")  # fmt: skip
         except (CredentialNotFound, CredentialRevoked):
             return None  # the gate refuses the call, naming the connection
         # Any other vault error (a tampered record, an unknown master key) is the host's

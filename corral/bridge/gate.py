@@ -111,12 +111,23 @@ class Sink:
             usage, self._usage = self._usage, []
             events, self._events = self._events, []
         # Usage and calls first: once a run's result is visible, what it used is recorded.
-        if usage:
-            self._backend.write_usage(usage)
-        if calls:
-            self._backend.write_calls(calls)
-        if events:
-            self._backend.write_events(events)
+        # A batch the store refuses goes back in front, with every batch after it, for the
+        # next flush: a database blip delays what a run reported, and loses none of it.
+        batches: list[tuple[str, list[Any], Callable[[Any], None]]] = [
+            ("_usage", usage, self._backend.write_usage),
+            ("_calls", calls, self._backend.write_calls),
+            ("_events", events, self._backend.write_events),
+        ]
+        for i, (_, rows, write) in enumerate(batches):
+            if not rows:
+                continue
+            try:
+                write(rows)
+            except BaseException:
+                with self._lock:
+                    for name, kept, _ in batches[i:]:
+                        setattr(self, name, kept + getattr(self, name))
+                raise
 
     def close(self) -> None:
         self._stop = True
@@ -125,15 +136,21 @@ class Sink:
         self.flush()
 
     def _loop(self) -> None:
+        import logging
+
+        failing = 0  # consecutive failed flushes: back off, and log the first one only
         while not self._stop:
-            self._wake.wait(self._interval)
+            self._wake.wait(min(self._interval * 2**failing, 0.5))
             self._wake.clear()
             try:
                 self.flush()
+                failing = 0
             except Exception:  # a supervisor: a failed batch must not stop the bridge
-                import logging
-
-                logging.getLogger("corral.bridge").exception("could not record bridge activity")
+                if not failing:
+                    logging.getLogger("corral.bridge").exception(
+                        "could not record bridge activity; keeping it for the next try"
+                    )
+                failing = min(failing + 1, 8)
 
 
 class BridgeGate:

@@ -98,11 +98,15 @@ class Bridge:
         self.gate.sink.close()
 
     def _poll(self) -> None:
+        failing = False  # log the first failure of a run of them (a database outage) only
         while not self._stopping.wait(REVOCATION_POLL_S):
             try:
                 ended = self.gate.revoke_ended()
+                failing = False
             except Exception:  # a supervisor: the next poll tries again
-                log.exception("could not poll for ended runs")
+                if not failing:
+                    log.exception("could not poll for ended runs; retrying")
+                failing = True
                 continue
             loop = self._loop
             if ended and loop is not None and not loop.is_closed():

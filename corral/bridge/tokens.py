@@ -6,7 +6,11 @@ Signing keys are Ed25519, named by a key id in the JWT header, and rotate: the n
 signs, every key younger than the longest token lifetime still verifies.
 
 The verifier is built for the bridge's hot path: a token's signature is checked once and the
-claims cached until the token expires; revocation is a set consulted on every call.
+claims cached until the token expires; revocation is a set consulted on every call. Two things
+are revoked: one token (by its id, ``jti``) when the attempt it was minted for ends, whatever
+became of the run; and every token of a run once the run has *ended* (a final status). A run
+that was merely interrupted (its worker lost the database or its lease) is redelivered under
+the same run id, so it is never revoked by run id until it truly ends.
 """
 
 from __future__ import annotations
@@ -82,9 +86,12 @@ class KeyRing:
             newest = max(self._keys.values(), key=lambda k: k.created, default=None)
             if newest is None or now - newest.created >= self.rotate_after:
                 newest = SigningKey.generate(now)
-                self._keys[newest.kid] = newest
                 if self.on_new_key is not None:
+                    # Stored first: if that fails (the database is down) the key is not used,
+                    # and the next call makes another; no token is signed by a key that other
+                    # processes cannot find.
                     self.on_new_key(newest)
+                self._keys[newest.kid] = newest
             return newest
 
     def public(self, kid: str) -> Ed25519PublicKey | None:
@@ -107,6 +114,7 @@ def mint(
     address: str,
     lifetime: float,
     now: float | None = None,
+    token_id: str | None = None,
 ) -> str:
     issued = time.time() if now is None else now
     key = ring.signing(issued)
@@ -122,7 +130,7 @@ def mint(
         "iat": int(issued),
         "nbf": int(issued) - 1,
         "exp": int(issued + lifetime),
-        "jti": f"{run}.{secrets.token_hex(4)}",
+        "jti": token_id or f"{run}.{secrets.token_hex(4)}",
     }
     return jwt.encode(claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid})
 
@@ -135,12 +143,24 @@ class Verifier:
         self._clock = clock
         self._cache: dict[str, Claims] = {}
         self._revoked_runs: set[str] = set()
+        self._revoked_tokens: dict[str, float] = {}  # token id -> when it expires anyway
+        self._prune_at = 1024
         self._lock = threading.Lock()
 
     def revoke_run(self, run: str) -> None:
-        """Every token of ``run`` is refused from now on, expired or not."""
+        """Every token of ``run`` is refused from now on. Only for a run that has ended:
+        a run that is redelivered keeps its id, and its next attempt must still be served."""
         with self._lock:
             self._revoked_runs.add(run)
+
+    def revoke_token(self, token_id: str, expires: float) -> None:
+        """The one token ``token_id`` is refused from now on (its attempt is over)."""
+        with self._lock:
+            if len(self._revoked_tokens) >= self._prune_at:  # an expired token is refused anyway
+                now = self._clock()
+                self._revoked_tokens = {t: e for t, e in self._revoked_tokens.items() if e > now}
+                self._prune_at = max(1024, 2 * len(self._revoked_tokens))
+            self._revoked_tokens[token_id] = expires
 
     def revoked(self, run: str) -> bool:
         return run in self._revoked_runs
@@ -161,6 +181,10 @@ class Verifier:
             raise TokenRefused("expired", "the run token has expired")
         if claims.run in self._revoked_runs:
             raise TokenRefused("revoked", f"run {claims.run} has ended; its token is revoked")
+        if claims.token_id in self._revoked_tokens:
+            raise TokenRefused(
+                "revoked", f"this token's attempt at run {claims.run} is over; it is revoked"
+            )
         if claims.address != peer:
             raise TokenRefused(
                 "wrong_sandbox",

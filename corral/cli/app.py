@@ -27,6 +27,7 @@ from corral.pipeline.apps import POLICIES, AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
 from corral.pipeline.states import RunStatus
+from corral.pipeline.worker import NoWorker, live_workers
 from corral.store import Run
 from corral.store.rows import check_user
 
@@ -162,6 +163,7 @@ def show(corral: Corral, name: str, as_json: bool) -> None:
 @click.option("--input", "input_", default="{}", show_default=True, help="The input, as JSON.")
 @click.option("--wait", is_flag=True, help="Wait for the run to end; exit 1 unless it succeeds.")
 @click.option("--wait-timeout", type=float, help="With --wait: stop waiting after this long.")
+@click.option("--here", is_flag=True, help="Execute the run in this process, and wait for it.")
 @click.option("--idempotency-key", help="The same key and input within 24 h: the same run.")
 @click.option("--user", default="local", show_default=True, help="Whose credits pay for it.")
 @json_option
@@ -173,18 +175,37 @@ def run(
     input_: str,
     wait: bool,
     wait_timeout: float | None,
+    here: bool,
     idempotency_key: str | None,
     user: str,
     as_json: bool,
 ) -> None:
-    """Run app NAME's agent (trigger cli). A `corral serve` or `corral worker` executes it."""
+    """Run app NAME's agent (trigger cli). A `corral serve` or `corral worker` executes it, or
+    this process with --here."""
     value = _json_option("--input", input_)
     check_user(user)
+    alive = bool(live_workers(corral.store))
+    if wait and not here and not alive:
+        # Checked before admission: the wait would be silent for ever, and nothing is queued.
+        raise NoWorker(
+            "no worker is running to execute the run, so --wait would wait for ever; start one "
+            "with `corral worker` (or `corral serve`) sharing this store, or pass --here to "
+            "execute it in this process"
+        )
     admitted = corral.pipeline.execute_agent(name, value, Trigger("cli"), user=user,
-                                             idempotency_key=idempotency_key, wait=wait,
+                                             idempotency_key=idempotency_key,
+                                             wait=wait and not here,
                                              wait_timeout=wait_timeout)  # fmt: skip
+    if here:
+        admitted = corral.execute_here(admitted, wait_timeout)
     emit(as_json, run_json(admitted), lambda: _summary(admitted))
-    if wait and admitted.status != RunStatus.SUCCEEDED:
+    if not wait and not here and not alive:
+        click.echo(
+            f"corral: no worker is running: {admitted.id} waits in the queue until "
+            "`corral worker` or `corral serve` starts (or run it with --here)",
+            err=True,
+        )
+    if (wait or here) and admitted.status != RunStatus.SUCCEEDED:
         sys.exit(1)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -45,8 +46,17 @@ def cli(ctx: click.Context) -> None:
     ctx.call_on_close(corral.close)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM ends a command the way Ctrl-C does: the sandbox it holds is torn down, a worker
+    drains. A second SIGTERM during that teardown is ignored, so it cannot cut it short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     from corral.cli import app, bridge, env, run, sandbox, schedule, secret, serve, worker
+
+    signal.signal(signal.SIGTERM, _terminated)
 
     env.register(cli)
     run.register(cli)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from corral.cli.worker import grace_option
 from corral.context import Corral
 
 
@@ -19,10 +20,14 @@ from corral.context import Corral
     show_default=True,
     help="Fire cron schedules from this process (any number of schedulers may run).",
 )
+@grace_option
 @click.pass_obj
-def serve(corral: Corral, host: str, port: int, workers: int, schedules: bool) -> None:
+def serve(
+    corral: Corral, host: str, port: int, workers: int, schedules: bool, grace: float
+) -> None:
     """Serve the HTTP API (OpenAPI document at /openapi.json), the web UI (/ui/), the sandbox
-    bridge, and workers that execute queued runs."""
+    bridge, and workers that execute queued runs. SIGTERM or Ctrl-C drains: the server stops,
+    the workers take no more runs and hand back what is unfinished after --grace seconds."""
     import uvicorn
 
     from corral.api.app import create_app
@@ -34,10 +39,12 @@ def serve(corral: Corral, host: str, port: int, workers: int, schedules: bool) -
         click.echo(f"corral: {len(started)} workers executing runs", err=True)
     scheduler = corral.scheduler().start() if schedules else None
     try:
+        # uvicorn stops on SIGTERM/SIGINT itself, then raises the signal again (KeyboardInterrupt).
         uvicorn.run(create_app(corral), host=host, port=port, log_level="info")
     finally:
         if scheduler is not None:
             scheduler.stop()
+        corral.stop_workers(grace)
 
 
 def register(cli: click.Group) -> None:

@@ -4,26 +4,51 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from corral.cli.main import handled
 from corral.context import Corral
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+GRACE_S = 20.0  # under what container runtimes and init systems wait before SIGKILL
+
+
+def grace_option(func: F) -> F:
+    return click.option(
+        "--grace",
+        default=GRACE_S,
+        show_default=True,
+        type=click.FloatRange(min=0),
+        help="On SIGTERM or Ctrl-C: seconds the runs in hand have to finish before they are "
+        "handed back to the queue (and their sandboxes torn down).",
+    )(func)
+
 
 @click.command("worker")
 @click.option("--workers", default=2, show_default=True, help="Worker threads in this process.")
 @click.option("--lease", default=10.0, show_default=True, help="Seconds a lease lasts unrenewed.")
+@grace_option
 @click.pass_obj
 @handled
-def worker(corral: Corral, workers: int, lease: float) -> None:
-    """Run workers until interrupted; a killed worker's runs go to another after its lease."""
+def worker(corral: Corral, workers: int, lease: float, grace: float) -> None:
+    """Run workers until SIGTERM or Ctrl-C, then drain: take no more runs, let those in hand
+    finish for --grace seconds, hand the rest back to the queue. A killed worker's runs go to
+    another once its lease runs out."""
     started = corral.start_workers(workers, lease=lease)
     click.echo(
         f"{len(started)} workers leasing runs ({', '.join(w.name for w in started)})", err=True
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+        click.echo(f"corral: draining (up to {grace:g} s for the runs in hand)", err=True)
+    finally:
+        corral.stop_workers(grace)
 
 
 def register(cli: click.Group) -> None:

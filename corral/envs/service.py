@@ -38,6 +38,7 @@ from corral.errors import (
     NothingToFreeze,
 )
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
+from corral.snapshots import temporaries
 from corral.snapshots.images import Image, Images
 from corral.snapshots.layout import Layout
 from corral.store import Environment, Snapshot, Store
@@ -77,6 +78,7 @@ class Environments:
         self.settings = settings
         self.store = store
         self.layout = Layout(settings.oci_dir).init()
+        temporaries.sweep(settings.data_dir)  # platform layers a killed process was building
         self.images = Images(self.layout, settings.data_dir / "layers")
         self.drafts = Drafts(settings.data_dir / "envs", settings.draft_limit_bytes)
         self._sandboxes = sandboxes
@@ -116,7 +118,7 @@ class Environments:
                 return self.images.load(cached["digest"])
         except (FileNotFoundError, ValueError, KeyError):
             pass
-        image = self.images.import_rootfs(tar, created_by=f"corral import {tar}")
+        image = self.images.import_rootfs(tar)  # no host path: the image is content only
         st = tar.stat()
         marker.write_text(
             json.dumps(
@@ -167,7 +169,8 @@ class Environments:
                 raise NothingToFreeze(name, env.head)
             upper = self._draft(name) / "upper"
             parent = self.images.load(env.head)
-            image = self.images.commit(parent, upper, created_by=f"corral env freeze {name}")
+            # Not the environment's name: the same change to the same parent is the same image.
+            image = self.images.commit(parent, upper, created_by="corral env freeze")
             self._try_unpack(image)
             snap = self.store.add_snapshot(
                 name,
@@ -209,7 +212,9 @@ class Environments:
         if self.store.get_environment(name).head != parent:
             return None
         base = self.images.load(parent)
-        with tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".platform-") as tmp:
+        with tempfile.TemporaryDirectory(
+            dir=self.settings.data_dir, prefix=temporaries.prefix("platform")
+        ) as tmp:
             upper = Path(tmp) / "upper"
             build(upper)
             image = self.images.commit(base, upper, created_by=f"corral: {message}")

@@ -18,6 +18,13 @@ Failures are sorted by whether a fresh sandbox could end differently:
 
 After a successful run in which the runner was swapped, the release is folded into the
 environment as one new top layer, so the next run boots straight into it.
+
+The database may blink while a run is under way (a restart, a failover). Every store call on
+a run's path is made ``patiently`` (``corral.store.engine``): the run waits the outage out, up
+to ``engine.OUTAGE_BUDGET_S``, and goes on. A longer outage ends the execution with
+``StoreUnavailable`` and leaves the run to its lease: another delivery picks it up. So nothing
+an interrupted execution does may outlast it: each attempt's token is revoked when the attempt
+ends, and the run's tokens as a whole only once the run's final status is stored.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from corral.bridge import tokens
 from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.errors import CommandNotFound, InvalidInput, SandboxError, StoreUnavailable
 from corral.limits import RUNNER_LIMITS
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
@@ -51,9 +58,13 @@ from corral.sandbox.session import (
     agent_session,
 )
 from corral.snapshots.fsattr import Immutability
-from corral.store import Release, Run, RunEvent, Store
+from corral.store import Release, Run, RunEvent, Store, engine
+from corral.store.engine import patiently
 
 BOOT_TIMEOUT_S = 20.0
+# After the sandbox exits, how long its last events (in flight through the bridge) have to reach
+# the log; counted from the end of any database outage, which holds them up in the bridge.
+EXIT_GRACE_S = 1.0
 SANDBOX_EVENTS = frozenset({"runner.started", "log", "progress", "metric", "result", "error"})
 WORKDIR = "/home/user"
 
@@ -91,14 +102,32 @@ class Finish(Protocol):
     def __call__(self, run_id: str, *, lease_owner: str | None, **fields: Any) -> Run: ...
 
 
+@dataclass(frozen=True)
+class Issued:
+    """A token minted for one attempt of a run."""
+
+    token: str
+    token_id: str
+    expires: float
+
+
 class TokenIssuer:
-    """Mints a run's token once its sandbox's address is known; revokes it when the run ends."""
+    """Mints a token per attempt once its sandbox's address is known; revokes that token when
+    the attempt ends, and the run's tokens once the run has ended (see ``bridge.tokens``).
+
+    Revocation here reaches this process's bridge at once; bridges in other processes learn
+    of ended runs from the store within their poll interval.
+    """
 
     def __init__(self, ring: KeyRing, verifier: Verifier | None = None) -> None:
         self.ring, self.verifier = ring, verifier
 
-    def mint(self, run: Run, request: AgentRequest, address: str, lifetime: float) -> str:
-        return tokens.mint(
+    def mint(
+        self, run: Run, request: AgentRequest, address: str, lifetime: float, attempt: int
+    ) -> Issued:
+        token_id = f"{run.id}.{run.deliveries}.{attempt}.{secrets.token_hex(4)}"
+        now = time.time()
+        token = tokens.mint(
             self.ring,
             user=request.user,
             app=request.app,
@@ -107,11 +136,21 @@ class TokenIssuer:
             connections=request.connections,
             address=address,
             lifetime=lifetime,
+            now=now,
+            token_id=token_id,
         )
+        return Issued(token, token_id, now + lifetime)
 
-    def revoke(self, run: Run) -> None:
+    def revoke(self, issued: Issued) -> None:
+        """The attempt ``issued`` was minted for is over, however it ended."""
         if self.verifier is not None:
-            self.verifier.revoke_run(run.id)  # this process's bridge, at once; others poll
+            self.verifier.revoke_token(issued.token_id, issued.expires)
+
+    def ended(self, run: Run) -> None:
+        """``run``'s final status is stored: none of its tokens may be used again. Never for a
+        run that may be redelivered (its next attempt is served under the same run id)."""
+        if self.verifier is not None:
+            self.verifier.revoke_run(run.id)
 
 
 class Hooks(Protocol):
@@ -198,22 +237,34 @@ class Executor:
         finish: Finish | None = None,
     ) -> Run:
         """Run a recorded run to its end: attempts, events, fold-in, usage, the final record
-        (written by ``finish``; without it, straight to the store: ``corral run``)."""
-        env = self.envs.get(run.environment)
+        (written by ``finish``; without it, straight to the store: ``corral run``).
+
+        ``StoreUnavailable`` leaves only after the database stayed out of reach longer than
+        ``engine.OUTAGE_BUDGET_S``; the run is then still ``running`` under its lease."""
+        env = patiently(lambda: self.envs.get(run.environment), f"run {run.id}")
         digest = run.snapshot
-        release = self.releases.current()
-        run = self.store.runs.update(
-            run.id,
-            lease_owner=run.lease_owner,
-            status=str(RunStatus.RUNNING),
-            started_at=run.started_at or datetime.now(UTC),
-            runner_version=release.version,
-            runner_digest=release.digest,
+        release = patiently(self.releases.current, f"run {run.id}")
+        started_at = run.started_at or datetime.now(UTC)
+        run = patiently(
+            lambda: self.store.runs.update(
+                run.id,
+                lease_owner=run.lease_owner,
+                status=str(RunStatus.RUNNING),
+                started_at=started_at,
+                runner_version=release.version,
+                runner_digest=release.digest,
+            ),
+            f"run {run.id}",
         )
 
+        self._local.stop = stop
+
         def emit(kind: str, **data: Any) -> None:
-            event = self.store.runs.append_event(
-                run.id, datetime.now(UTC), kind, json.dumps(data, default=repr)
+            encoded = json.dumps(data, default=repr)
+            event = patiently(
+                lambda: self.store.runs.append_event(run.id, datetime.now(UTC), kind, encoded),
+                f"run {run.id}: recording {kind}",
+                check=self._interrupt,
             )
             if on_event is not None:
                 on_event(event)
@@ -229,41 +280,46 @@ class Executor:
             self.ensure_bridge()  # the sandbox's only way out must be open before it boots
         started = time.monotonic()
         deadline = started + (request.timeout or self.settings.sandbox_timeout)
-        try:
-            self._local.stop = stop
-            outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
-        finally:
-            self.tokens.revoke(run)
+        outcome, attempts = self._attempts(run, request, release, deadline, emit, on_event)
 
         folded = None
         if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
-            folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
+            try:
+                folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
+            except StoreUnavailable as exc:  # an optimisation: a later run folds it in
+                emit("fold_in.skipped", reason=exc.detail)
         emit("run.finished", status=str(outcome.status), attempts=attempts)
-        self.store.bridge.add_usage(
-            [
-                {
-                    "at": datetime.now(UTC),
-                    "run": run.id,
-                    "user": request.user,
-                    "connection": None,
-                    "kind": "sandbox_seconds",
-                    "quantity": round(time.monotonic() - started, 3),
-                }
-            ]
-        )
+        usage = {
+            "at": datetime.now(UTC),
+            "run": run.id,
+            "user": request.user,
+            "connection": None,
+            "kind": "sandbox_seconds",
+            "quantity": round(time.monotonic() - started, 3),
+        }
+        patiently(lambda: self.store.bridge.add_usage([usage]), f"run {run.id}: usage",
+                  check=self._interrupt)  # fmt: skip
+        finished_at = datetime.now(UTC)
         end = finish or self.store.runs.update
-        return end(
-            run.id,
-            lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run
-            status=str(outcome.status),
-            result=None if outcome.result is None else json.dumps(outcome.result),
-            error_code=outcome.error_code,
-            error=outcome.error,
-            swapped=outcome.swapped,
-            attempts=attempts,
-            folded_snapshot=folded,
-            finished_at=datetime.now(UTC),
+        finished = patiently(
+            lambda: end(
+                run.id,
+                lease_owner=run.lease_owner,  # fenced: only while this worker still holds it
+                status=str(outcome.status),
+                result=None if outcome.result is None else json.dumps(outcome.result),
+                error_code=outcome.error_code,
+                error=outcome.error,
+                swapped=outcome.swapped,
+                attempts=attempts,
+                folded_snapshot=folded,
+                finished_at=finished_at,
+            ),
+            f"run {run.id}: its final record",
+            check=self._interrupt,
         )
+        if RunStatus(finished.status).terminal:
+            self.tokens.ended(finished)
+        return finished
 
     def _attempts(
         self,
@@ -313,7 +369,7 @@ class Executor:
         emit: Callable[..., None],
         notify: Callable[[RunEvent], None] | None,
     ) -> _Outcome:
-        image = self.envs.images.load(run.snapshot)
+        image = self.envs.images.load(run.snapshot)  # the layout on disk: no database
         sandboxes = self.sandboxes()
         boot = SandboxRequest(
             layers=tuple(self.envs.images.unpacked(image)),
@@ -355,11 +411,16 @@ class Executor:
                     self.attrs,
                 )
             lifetime = max(1.0, deadline - time.monotonic()) + 30
-            token = self.tokens.mint(run, request, session.started.address, lifetime)
-            cursor = self._last_seq(run)
-            sent = datetime.now(UTC)
-            session.send({"op": "run", "spec": self._spec(run, request, token, attempt)})
+            address = session.started.address
+            issued = patiently(  # a new signing key is stored before it signs
+                lambda: self.tokens.mint(run, request, address, lifetime, attempt),
+                f"run {run.id}: its token",
+                check=self._interrupt,
+            )
             try:
+                cursor = self._last_seq(run)
+                sent = datetime.now(UTC)
+                session.send({"op": "run", "spec": self._spec(run, request, issued.token, attempt)})
                 final = self._follow(run, session, attempt, cursor, sent, deadline, emit, notify)
             except Stopped as stopped:
                 sandboxes.kill(session.started)
@@ -374,6 +435,8 @@ class Executor:
                     error="the run's deadline passed",
                     swapped=swapped,
                 )
+            finally:
+                self.tokens.revoke(issued)  # however the attempt ended, its token is done
         if final["type"] == "result":
             return _Outcome(
                 RunStatus.SUCCEEDED, result=final.get("output"), swapped=swapped, replaced=present
@@ -401,6 +464,7 @@ class Executor:
         oversized event outranks anything after it), forwarding the sandbox's raw output."""
         final: dict[str, Any] | None = None
         exited_at: float | None = None
+        unreachable_since: float | None = None  # the store's, while it is out of reach
         checked = 0.0
         while True:
             stop = getattr(self._local, "stop", None)
@@ -409,13 +473,29 @@ class Executor:
                 stopped = stop()
                 if stopped is not None:
                     raise stopped
-            for event in self.store.runs.events(run.id, after=cursor):
+            try:
+                events = self.store.runs.events(run.id, after=cursor)
+            except StoreUnavailable:
+                # The sandbox runs on; the bridge keeps its events until the store is back.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > engine.OUTAGE_BUDGET_S:
+                    raise
+                events = []
+                if exited_at is not None:
+                    exited_at = now  # its last events are held up: the grace starts later
+            else:
+                unreachable_since = None
+            for event in events:
                 cursor = event.seq
                 data = json.loads(event.data)
                 if notify is not None and event.kind in SANDBOX_EVENTS:
                     notify(event)
-                if (final is None and event.kind in ("result", "error")
-                        and data.get("attempt") == attempt):  # fmt: skip
+                if (
+                    final is None
+                    and event.kind in ("result", "error")
+                    and data.get("attempt") == attempt
+                ):
                     final = {"type": event.kind, **data}
             if final is not None:
                 return final
@@ -423,14 +503,14 @@ class Executor:
             now = time.monotonic()
             if session.started.process.poll() is not None:
                 exited_at = exited_at or now
-                if now - exited_at > 1.0:  # the bridge's last batch has had its time
+                if now - exited_at > EXIT_GRACE_S:  # the bridge's last batch has had its time
                     refused = self._refused(run, sent)
                     if refused is not None:
                         return refused
                     raise SessionEnded("the sandbox ended without reporting a result")
             if now >= deadline:
                 raise SessionTimeout("the run's deadline passed")
-            time.sleep(0.01)
+            time.sleep(0.01 if unreachable_since is None else 0.1)
 
     def _drain_output(self, session: AgentSession, attempt: int, emit: Callable[..., None]) -> None:
         """What the sandbox wrote outside the runner (before it started, or if it crashed)."""
@@ -442,21 +522,31 @@ class Executor:
             if event.get("type") == "log":
                 emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
 
+    def _last_seq(self, run: Run) -> int:
+        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}",
+                           check=self._interrupt)  # fmt: skip
+        return events[-1].seq if events else 0
+
     def _refused(self, run: Run, since: datetime) -> dict[str, Any] | None:
         """An error for the attempt if the bridge refused the events it sent since ``since``:
         the same events from a fresh sandbox would be refused the same way."""
         for call in self.store.bridge.calls(run.id):
-            if (call["path"] == "/_corral/events" and 400 <= int(call["status"]) < 500
-                    and call["at"] >= since):  # fmt: skip
-                return {"type": "error", "code": "events_refused",
-                        "message": f"the bridge refused the sandbox's events "
-                                   f"({call['status']} {call['error'] or ''}) and it ended "
-                                   "without a result"}  # fmt: skip
+            status, path = int(call["status"]), call["path"]
+            if path == "/_corral/events" and 400 <= status < 500 and call["at"] >= since:
+                return {
+                    "type": "error",
+                    "code": "events_refused",
+                    "message": "the bridge refused the sandbox's events "
+                    f"({status} {call['error'] or ''}) and it ended without a result",
+                }
         return None
 
-    def _last_seq(self, run: Run) -> int:
-        events = self.store.runs.events(run.id)
-        return events[-1].seq if events else 0
+    def _interrupt(self) -> None:
+        """While a store call waits out an outage: the run's stop check, for what it raises
+        (a worker whose lease ran out, or that is shutting down, must not wait on)."""
+        stop = getattr(self._local, "stop", None)
+        if stop is not None:
+            stop()
 
     @staticmethod
     def _forward(events: list[dict[str, Any]], attempt: int, emit: Callable[..., None]) -> None:

@@ -270,6 +270,7 @@ class Pipeline:
         )
         if ended is None:
             return self.store.runs.get(run_id)
+        self.executor.tokens.ended(ended)  # none of its tokens works any more, on any bridge
         # Again, for the bridge's last batch of usage (billing is idempotent per usage event).
         self.ledger.bill(ended.id, ended.user, ended.app)
         with self.run_finished:

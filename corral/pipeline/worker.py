@@ -15,14 +15,32 @@ them itself; each callee lends to its own callees the same way, so any chain com
 single worker. Each lent run is an ordinary lease (heartbeats, takeover, resume from the log);
 the worker takes nothing new from the queue until what it lent has ended.
 
-Every run ends through ``Pipeline.finish`` (see ``service.py``), which fires the completion
-hooks once; workers also announce runs that another process ended without hooks.
+Every run ends through ``Pipeline.finish`` (see ``service.py``), which bills it and fires the
+completion hooks once; workers also announce runs that another process ended without hooks.
+
+A worker told to stop (``stop``, ``Corral.stop_workers``; ``corral worker`` and ``corral serve``
+on SIGTERM or SIGINT) drains: it takes no more runs, lets the run in hand finish for a grace
+period, then hands it back to the queue (its sandbox torn down, its lease released at once so
+another worker takes it without waiting for the lease to run out).
+
+A worker announces itself in the store while it runs (``workers``: renewed every
+``SEEN_EVERY_S``, deleted when it stops), so a caller about to wait for a run can tell that
+no worker is alive to execute it (``live_workers``).
+
+A database outage is not a lost lease: while the store is unavailable a worker keeps its run
+going, retries its heartbeat every half second and its other store calls ``patiently``. It
+stops the run when the store answers a heartbeat with "not yours" (another worker took it
+over), or when its lease has run out by its own clock without a renewal: past that, another
+worker that *can* reach the store (this one may be cut off from it alone) is free to requeue
+the run, and the takeover backoff gives this worker the time to tear its sandbox down first.
+Such a run is handed back (``hand_back``, once the store answers), not failed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -30,17 +48,42 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from corral.errors import CorralError, StoreUnavailable
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
 from corral.sandbox.sandboxes import Sandboxes
-from corral.store import Run
+from corral.store import Run, Store
+from corral.store.engine import patiently
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
+STOP_GRACE_S = 60.0  # how long ``stop`` lets a run in hand finish before handing it back
+SEEN_EVERY_S = 2.0  # how often a worker renews its row in ``workers``
+ALIVE_WITHIN_S = 15.0  # a worker unseen for longer is taken for dead
 SWEEP_EVERY = 1.0  # seconds between a worker's sweeps for runs ended without hooks
 LEND_POLL = 0.25  # seconds between looks for the awaited callees of a run being executed
+
+
+class NoWorker(CorralError):
+    """No worker is alive to execute a run someone is about to wait for."""
+
+    code = "no_worker"
+
+
+def live_workers(store: Store) -> list[str]:
+    """Names of the workers alive now, in any process on any host sharing ``store``."""
+    return store.pipeline.live_workers(ALIVE_WITHIN_S)
+
+
+class HandedBack(Exception):
+    """Raised into a run's execution when its worker gives it back: it is shutting down past
+    its grace period, or its lease ran out while the store was out of reach."""
+
+    def __init__(self, run: str, reason: str) -> None:
+        super().__init__(f"run {run}: {reason}")
+        self.reason = reason
 
 
 class Worker:
@@ -59,30 +102,77 @@ class Worker:
         self.name = name or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.lease = lease
         self.poll = poll
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self._swept = 0.0
+        self._stopping = threading.Event()  # take no more runs
+        self._abandon = threading.Event()  # hand the run in hand back now
+        self._thread: threading.Thread | None = None
+        self._presence: threading.Thread | None = None
+        self._gone = threading.Event()
 
     def start(self) -> Worker:
         self._thread = threading.Thread(
             target=self.run_forever, name=f"worker-{self.name}", daemon=True
         )
         self._thread.start()
+        self._presence = threading.Thread(
+            target=self._announce, name=f"worker-{self.name}-presence", daemon=True
+        )
+        self._presence.start()
         return self
 
-    def stop(self) -> None:
+    def _announce(self) -> None:
+        """Renew this worker's row in ``workers`` until it stops, then delete it."""
+        started, host, pid = datetime.now(UTC), socket.gethostname(), os.getpid()
+        while True:
+            try:
+                self.store.pipeline.worker_seen(self.name, host, pid, started)
+            except Exception:  # a supervisor: an outage only makes it look dead for a while
+                log.debug("worker %s: could not announce itself", self.name, exc_info=True)
+            if self._gone.wait(SEEN_EVERY_S):
+                break
+        try:
+            self.store.pipeline.worker_gone(self.name)
+        except Exception:  # it ages out instead
+            log.debug("worker %s: could not sign off", self.name, exc_info=True)
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Take no more runs; give the run in hand ``grace`` seconds to end, then hand it back."""
+        self.drain()
+        self.join(time.monotonic() + grace)
+
+    def drain(self) -> None:
+        """Take no more runs (the run in hand goes on)."""
         self._stopping.set()
         with self.pipeline.work_available:
             self.pipeline.work_available.notify_all()
-        if self._thread is not None:
+
+    def join(self, deadline: float) -> None:
+        """Wait for the run in hand until ``deadline`` (monotonic); then hand it back to the
+        queue and wait for its sandbox to be torn down. Call ``drain`` first."""
+        if self._thread is None:
+            return
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._abandon.set()
+            # A sandbox still booting (at most the boot timeout) hands back once it has booted.
             self._thread.join(timeout=60)
+        self._gone.set()
+        if self._presence is not None:
+            self._presence.join(timeout=10)
 
     def run_forever(self) -> None:
+        outage = 0.0  # backoff while the store is unavailable
         while not self._stopping.is_set():
             try:
                 if not self.run_once():
                     with self.pipeline.work_available:
                         self.pipeline.work_available.wait(self.poll)
+                outage = 0.0
+            except StoreUnavailable as exc:  # no claim is lost: try again once it is back
+                if not outage:
+                    log.warning("worker %s: %s; waiting for it", self.name, exc.detail)
+                outage = min(max(outage * 2, self.poll), 1.0)
+                self._stopping.wait(outage)
             except Exception:  # a supervisor: record, pause, carry on
                 log.exception("worker %s: an iteration failed", self.name)
                 time.sleep(self.poll)
@@ -93,10 +183,11 @@ class Worker:
         if time.monotonic() - self._swept >= SWEEP_EVERY:
             self._swept = time.monotonic()
             self.pipeline.announce_pending()
+        asked = time.monotonic()  # the lease runs from no later than this
         run = self.store.pipeline.claim(self.name, self.lease)
         if run is None:
             return False
-        self.execute(run)
+        self.execute(run, leased_at=asked)
         return True
 
     def requeue_expired(self) -> None:
@@ -123,7 +214,8 @@ class Worker:
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
         the runner's last event reached the log) is finished from the log, not run again."""
-        finals = [e for e in self.store.runs.events(run.id) if e.kind in ("result", "error")]
+        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}: resuming")
+        finals = [e for e in events if e.kind in ("result", "error")]
         if not finals:
             return False
         # The last attempt's first outcome, as the executor reads it: an error the bridge put
@@ -133,55 +225,82 @@ class Worker:
         data = json.loads(final.data)
         ok = final.kind == "result"
         status = RunStatus.SUCCEEDED if ok else RunStatus.FAILED
-        self.store.runs.append_event(
-            run.id,
-            datetime.now(UTC),
-            "run.resumed",
-            json.dumps({"worker": self.name, "from_seq": final.seq, "status": str(status)}),
+        resumed = json.dumps({"worker": self.name, "from_seq": final.seq, "status": str(status)})
+        patiently(
+            lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.resumed", resumed),
+            f"run {run.id}",
         )
-        self.pipeline.executor.tokens.revoke(run)
-        self.pipeline.finish(
-            run.id,
-            lease_owner=self.name,
-            status=str(status),
-            result=json.dumps(data.get("output")) if ok else None,
-            error_code=None if ok else str(data.get("code", "agent_error")),
-            error=None if ok else str(data.get("message", "")),
+        patiently(
+            lambda: self.pipeline.finish(
+                run.id,
+                lease_owner=self.name,
+                status=str(status),
+                result=json.dumps(data.get("output")) if ok else None,
+                error_code=None if ok else str(data.get("code", "agent_error")),
+                error=None if ok else str(data.get("message", "")),
+            ),
+            f"run {run.id}: its final record",
         )
         return True
 
-    def execute(self, run: Run) -> None:
+    def execute(self, run: Run, leased_at: float | None = None) -> None:
+        """Execute a run this worker has just claimed (its lease granted at ``leased_at``)."""
+        leased_at = time.monotonic() if leased_at is None else leased_at
         assert run.app is not None and run.app_version is not None
-        _, spec = self.pipeline.apps.get(run.app, run.app_version)
+        app, version = run.app, run.app_version
+        _, spec = patiently(lambda: self.pipeline.apps.get(app, version), f"run {run.id}")
         limited = spec.concurrency == "enqueue" and spec.max_concurrent
-        if limited and self.store.pipeline.running_count(run.user, run.app) > spec.max_concurrent:
-            self.store.pipeline.release(run.id, self.name, delay=0.2)
-            return
+        if limited:
+            running = patiently(
+                lambda: self.store.pipeline.running_count(run.user, app), f"run {run.id}"
+            )
+            if running > spec.max_concurrent:
+                patiently(lambda: self.store.pipeline.release(run.id, self.name, delay=0.2),
+                          f"run {run.id}")  # fmt: skip
+                return
         if run.deliveries > 1:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
                 return
-        over = self.pipeline.budgets.overspent(run)
+        over = patiently(lambda: self.pipeline.budgets.overspent(run), f"run {run.id}")
         if over is not None:  # its tree spent its budget while it queued: never boot it
-            self.pipeline.finish(
-                run.id,
-                lease_owner=self.name,
-                status=str(RunStatus.FAILED),
-                error_code="budget_exhausted",
-                error=over.reason("it was not started"),
+            patiently(
+                lambda: self.pipeline.finish(
+                    run.id,
+                    lease_owner=self.name,
+                    status=str(RunStatus.FAILED),
+                    error_code="budget_exhausted",
+                    error=over.reason("it was not started"),
+                ),
+                f"run {run.id}: its final record",
             )
             return
         request = self.pipeline.request(
             run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
         )
-        lost = threading.Event()
+        lost = threading.Event()  # the store says another worker holds the run
+        lapsed = threading.Event()  # the lease ran out before this worker could renew it
         beating = threading.Event()
 
         def heartbeat() -> None:
-            while not beating.wait(self.lease / 3):
-                if not self.store.pipeline.heartbeat(run.id, self.name, self.lease):
+            renewed = leased_at  # when the lease last ran from, by this worker's clock
+            pause = self.lease / 3
+            while not beating.wait(pause):
+                asked = time.monotonic()
+                try:
+                    held = self.store.pipeline.heartbeat(run.id, self.name, self.lease)
+                except Exception as exc:  # the store is out of reach: retry soon
+                    if not isinstance(exc, StoreUnavailable):
+                        log.exception("run %s: a heartbeat failed", run.id)
+                    if time.monotonic() - renewed >= self.lease:
+                        lapsed.set()
+                        return
+                    pause = min(0.5, self.lease / 3)
+                    continue
+                if not held:
                     lost.set()
                     return
+                renewed, pause = asked, self.lease / 3
 
         def lend() -> None:
             # While this run executes, its awaited callees run here, one at a time.
@@ -190,6 +309,8 @@ class Worker:
                     callee = self.store.pipeline.claim(self.name, self.lease, awaited_by=run.id)
                     if callee is not None:
                         self.execute(callee)
+                except StoreUnavailable:
+                    continue  # the callee waits in the queue until the store is back
                 except Exception:  # a supervisor: record, carry on
                     log.exception("run %s: lending to a callee failed", run.id)
 
@@ -202,9 +323,19 @@ class Worker:
         def stop() -> Stopped | None:
             if lost.is_set():
                 return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
+            if lapsed.is_set():
+                raise HandedBack(run.id, "its lease ran out while the store was out of reach")
+            if self._abandon.is_set():
+                raise HandedBack(run.id, "its worker is shutting down")
             if time.monotonic() - checked[0] < 0.5:
                 return None
             checked[0] = time.monotonic()
+            try:
+                return should_stop()
+            except StoreUnavailable:
+                return None  # asked again in half a second; the run goes on meanwhile
+
+        def should_stop() -> Stopped | None:
             current = self.store.runs.get(run.id)
             if current.cancel_requested:
                 return Stopped(RunStatus.CANCELLED, "cancelled", "the run was cancelled")
@@ -216,11 +347,31 @@ class Worker:
 
         try:
             with run_context(run.id):
-                self.pipeline.executor.execute(run, request, stop=stop,
-                                               finish=self.pipeline.finish)  # fmt: skip
+                self.pipeline.executor.execute(run, request, stop=stop, finish=self.pipeline.finish)
+        except HandedBack as back:
+            self._hand_back(run, back.reason)
+        except StoreUnavailable:
+            pass  # still ``running``: its lease runs out and another delivery takes it
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
         finally:
             beating.set()
             pulse.join(timeout=5)
             lender.join()  # a callee it lent to runs to its end before this worker moves on
+
+    def _hand_back(self, run: Run, reason: str) -> None:
+        """The run goes back to the queue for another worker, now (if it is still this
+        worker's: after a lapsed lease another may have taken it already)."""
+        try:
+            handed = patiently(lambda: self.store.pipeline.hand_back(run.id, self.name),
+                               f"run {run.id}: handing it back")  # fmt: skip
+        except StoreUnavailable:
+            return  # its lease runs out and another worker requeues it
+        if handed:
+            note = json.dumps({"worker": self.name, "reason": reason})
+            patiently(
+                lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.handed_back",
+                                                     note),
+                f"run {run.id}",
+            )  # fmt: skip
+            log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)

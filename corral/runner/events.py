@@ -3,15 +3,16 @@
 Events are JSON objects with ``type`` and ``at``; they are batched and POSTed to
 ``<bridge>/_corral/events`` with the run token, from a background thread, every
 ``FLUSH_S`` or as soon as a batch fills. ``close()`` sends what is left and waits for it: the
-result and error events are always delivered before the runner exits. The host treats all of
-it as untrusted input.
+result and error events are always delivered before the runner exits. A batch the bridge
+cannot take yet (unreachable, or a 5xx while its database restarts) is retried for
+``RETRY_S``. The host treats all of it as untrusted input.
 
 Sizes have limits, which the host states in the run spec (``LIMITS`` holds the same numbers
 for a host that does not): a result or any other event over its limit is never sent; an
 ``error`` event naming it (``result_too_large``, ``event_too_large``) takes its place, and the
 run fails for good. A batch the bridge refuses (any 4xx) would be refused again, so it is not
 sent again either: an ``error`` event ``events_refused`` says so. Only a bridge that did not
-answer is tried again.
+answer (or answered 5xx) is tried again.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ LIMITS = {"result": 1 << 20, "event": 64 << 10, "log_line": 8 << 10, "batch": 4 
 def json_size(value: Any) -> int:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+RETRY_S = 25.0  # how long a batch is retried while the bridge is unreachable or answers 5xx
 
 
 class Channel:
@@ -137,7 +141,11 @@ class Channel:
             headers={"authorization": "Bearer " + self._token,
                      "content-type": "application/json"},
         )  # fmt: skip
-        for attempt in range(3):
+        # The bridge answers 5xx while it cannot reach its database (a restart): keep the
+        # batch and try again, for as long as an outage may last. A 4xx will not change.
+        give_up = time.monotonic() + RETRY_S
+        pause = 0.05
+        while True:
             try:
                 with urllib.request.urlopen(request, timeout=10) as response:
                     response.read()
@@ -145,10 +153,12 @@ class Channel:
             except urllib.error.HTTPError as exc:
                 if 400 <= exc.code < 500:  # the same bytes would be refused again
                     return "%d %s" % (exc.code, exc.read(300).decode("utf-8", "replace"))
-                time.sleep(0.05 * (attempt + 1))
             except (urllib.error.URLError, OSError):
-                time.sleep(0.05 * (attempt + 1))
-        return None
+                pass
+            if time.monotonic() + pause > give_up:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 class LogStream(io.TextIOBase):

@@ -4,6 +4,12 @@ A snapshot *is* an OCI image manifest; its digest is the snapshot's name. ``Imag
 images (a base rootfs tar, an ``oci:`` layout or an ``oci-archive:``), commits an edit session's
 upper directory as one new layer on top of a parent, unpacks layers for overlayfs (once per layer,
 shared by every environment that has it) and re-hashes every blob on demand.
+
+An image Corral writes depends on its content and lineage only, never on when or where it was
+written: equal content gets an equal digest, on any host. Every time in a config is
+``EPOCH`` (as with ``SOURCE_DATE_EPOCH=0`` in reproducible builds); when a snapshot was taken
+is the store's business (``snapshots.created_at``, ``corral env history``). History entries
+name the Corral step that made a layer, never a host path or an environment's name.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from corral.errors import (
     SnapshotError,
     SnapshotNotFound,
 )
-from corral.snapshots import digests
+from corral.snapshots import digests, temporaries
 from corral.snapshots.fsattr import Immutability, unlock_everything
 from corral.snapshots.layers import unpack_layer, write_layer
 from corral.snapshots.layout import (
@@ -42,6 +47,7 @@ from corral.snapshots.layout import (
 # to them in every sandbox (lifting the flag needs CAP_LINUX_IMMUTABLE; no sandbox has it).
 PROTECTED = ("opt/corral",)
 DEFAULT_PATH = "/home/user/.local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EPOCH = "1970-01-01T00:00:00Z"  # every time an image config records (see above)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Images:
     def __init__(self, layout: Layout, cache: Path) -> None:
         self.layout = layout
         self.cache = cache
+        temporaries.sweep(cache)  # unpacks and imports a killed process left half done
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -97,8 +104,9 @@ class Images:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def import_rootfs(self, tar: Path, created_by: str) -> Image:
-        """A plain rootfs tarball as a one-layer image (how the base image enters the store)."""
+    def import_rootfs(self, tar: Path, created_by: str = "corral: base image") -> Image:
+        """A plain rootfs tarball as a one-layer image (how the base image enters the store).
+        The same tarball, wherever it lies, gives the same image."""
         if not tar.is_file():
             raise RequirementMissing(
                 f"the base image {tar}",
@@ -106,6 +114,7 @@ class Images:
             )
         layer = self.layout.put_file(tar, MEDIA_LAYER)
         config = {
+            "created": EPOCH,
             "architecture": "amd64",
             "os": "linux",
             "config": {
@@ -114,7 +123,7 @@ class Images:
                 "Env": [f"PATH={DEFAULT_PATH}", "HOME=/home/user", "LANG=C.UTF-8"],
             },
             "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
-            "history": [{"created": "1970-01-01T00:00:00Z", "created_by": created_by}],
+            "history": [{"created": EPOCH, "created_by": created_by}],
         }
         return self._write_image(config, [layer])
 
@@ -131,7 +140,8 @@ class Images:
         with contextlib.ExitStack() as stack:
             root = Path(path)
             if kind == "oci-archive":
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.cache)))
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=temporaries.prefix("import"), dir=self.cache)))  # fmt: skip
                 proc = subprocess.run(
                     ["tar", "-x", "-f", path, "-C", str(tmp)], capture_output=True, text=True
                 )
@@ -149,9 +159,10 @@ class Images:
         rootfs = dict(config.get("rootfs") or {"type": "layers", "diff_ids": []})
         rootfs["diff_ids"] = [*rootfs.get("diff_ids", []), layer.digest]
         config["rootfs"] = rootfs
+        config["created"] = EPOCH
         config["history"] = [
             *config.get("history", []),
-            {"created": _now(), "created_by": created_by},
+            {"created": EPOCH, "created_by": created_by},
         ]
         return self._write_image(config, [*parent.layers, layer])
 
@@ -216,7 +227,7 @@ class Images:
         if dest.is_dir():
             return dest
         self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.cache))
+        tmp = Path(tempfile.mkdtemp(prefix=temporaries.prefix("unpack"), dir=self.cache))
         try:
             os.chmod(tmp, 0o755)
             unpack_layer(self.layout.blob_path(layer.digest), tmp)
@@ -241,7 +252,3 @@ def _pick_platform(index: dict[str, Any], source: str) -> Descriptor:
         if platform.get("os") == "linux" and platform.get("architecture") == "amd64":
             return Descriptor.from_json(raw)
     raise ImportFailed(f"{source}: no linux/amd64 image in its index")
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

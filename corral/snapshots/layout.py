@@ -5,7 +5,8 @@ fsynced, and renamed onto its digest, so a reader sees either no blob or the who
 that exists is never rewritten. ``index.json`` names manifests with the standard
 ``org.opencontainers.image.ref.name`` annotation, so ``skopeo inspect oci:<layout>:<tag>`` reads
 any snapshot. Running out of space abandons the write and raises DiskFull: nothing already stored
-is touched.
+is touched. Temporaries are named after their writer (``temporaries``): opening the layout
+removes those of writers that died mid-write.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from corral.errors import BlobMissing, CorruptBlob, DiskFull, SnapshotError, SnapshotNotFound
-from corral.snapshots import digests
+from corral.snapshots import digests, temporaries
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -79,6 +80,8 @@ class Layout:
 
     def init(self) -> Layout:
         self.blobs.mkdir(parents=True, exist_ok=True)
+        for directory in (self.blobs, self.root):
+            temporaries.sweep(directory)  # a writer killed mid-write left these
         marker = self.root / "oci-layout"
         if not marker.exists():
             _atomic_write(marker, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
@@ -139,7 +142,7 @@ class Layout:
     def _write_blob(
         self, produce: Callable[[BinaryIO], object], expect: str | None
     ) -> tuple[str, int]:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.blobs)
+        fd, tmp = tempfile.mkstemp(prefix=temporaries.prefix("tmp"), dir=self.blobs)
         try:
             with os.fdopen(fd, "wb") as raw:
                 writer = digests.HashingWriter(raw)
@@ -237,7 +240,7 @@ def canonical_json(obj: dict[str, Any]) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporaries.prefix("tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

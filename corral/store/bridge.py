@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
-from corral.store.engine import is_unique_violation, transaction
+from corral.store.engine import transaction
 from corral.store.schema import bridge_calls, connections, runs, signing_keys, usage_events
 
 
@@ -82,8 +83,15 @@ class BridgeRecords:
         row = {"name": name, "base_url": base_url, "auth": auth, "meter": meter,
                "updated_at": datetime.now(UTC)}  # fmt: skip
         with transaction(self._engine, write=True) as conn:
-            conn.execute(delete(connections).where(connections.c.name == name))
-            conn.execute(insert(connections).values(row))
+            # One statement: two processes putting the same new profile cannot collide.
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            statement = dialect.insert(connections).values(row)
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["name"],
+                    set_={k: statement.excluded[k] for k in row if k != "name"},
+                )
+            )
 
     def connection(self, name: str) -> dict[str, Any] | None:
         with transaction(self._engine) as conn:
@@ -102,15 +110,15 @@ class BridgeRecords:
     # -- signing keys ------------------------------------------------------------------------
 
     def add_signing_key(self, kid: str, sealed: bytes, created_at: datetime) -> None:
-        from sqlalchemy.exc import IntegrityError
-
-        try:
-            with transaction(self._engine, write=True) as conn:
-                conn.execute(insert(signing_keys).values(
-                    kid=kid, sealed_private_key=sealed, created_at=created_at))  # fmt: skip
-        except IntegrityError as exc:
-            if not is_unique_violation(exc):
-                raise
+        """Store a signing key; storing the same key id again is a no-op (one statement, so
+        it holds between processes too)."""
+        with transaction(self._engine, write=True) as conn:
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            conn.execute(
+                dialect.insert(signing_keys)
+                .values(kid=kid, sealed_private_key=sealed, created_at=created_at)
+                .on_conflict_do_nothing(index_elements=["kid"])
+            )
 
     def signing_keys(self, since: datetime) -> list[tuple[str, bytes, datetime]]:
         with transaction(self._engine) as conn:

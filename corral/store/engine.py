@@ -10,17 +10,25 @@ This module owns everything engine-specific, so ``store.py`` can stay portable:
 * ``migrate`` brings the schema to Alembic ``head`` in one transaction, serialised between
   processes by ``pg_advisory_xact_lock`` on PostgreSQL and the database file lock on SQLite.
 * ``translating`` is the one place SQLAlchemy and Alembic exceptions become
-  ``corral.errors``; ``is_unique_violation`` lets callers say which conflict it was.
+  ``corral.errors``; ``is_unique_violation`` lets callers say which conflict it was. A
+  transient failure (the server unreachable, starting up or shutting down, a session dropped,
+  SQLite's lock still busy) becomes ``StoreUnavailable``, which ``patiently`` retries.
+
+The store itself never retries: a one-shot command should say at once that the database is
+down. The long-running parts that hold runs (workers, the executor, the bridge) call it
+``patiently``, so a database restart costs them latency and never a run.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -28,7 +36,19 @@ from alembic.util import CommandError
 from sqlalchemy import create_engine, event, exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from corral.errors import InvalidInput, StoreError
+from corral.errors import InvalidInput, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+log = logging.getLogger("corral.store")
+
+# How long the long-running parts wait out an unreachable database before giving up: far
+# longer than a restart or a failover takes, far shorter than a run's lease backoff allows.
+OUTAGE_BUDGET_S = 60.0
+
+# PostgreSQL SQLSTATEs after which the same transaction, run again, may well succeed: the
+# server shutting down or starting up, too many connections, a serialization failure or a
+# deadlock (both rolled back). Class 08 (connection exceptions) is transient as a whole.
+_TRANSIENT_SQLSTATES: Final = frozenset({"40001", "40P01", "53300", "57P01", "57P02", "57P03"})
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
@@ -184,12 +204,66 @@ def translating(url: URL) -> Iterator[None]:
     """Turn any SQLAlchemy error raised inside into ``StoreError`` naming the masked URL."""
     try:
         yield
-    except exc.OperationalError as e:
-        raise StoreError(
-            f"database {shown(url)} is unreachable or refused the operation: {_reason(e, url)}"
-        ) from e
     except exc.SQLAlchemyError as e:
+        if is_transient(e):
+            raise StoreUnavailable(
+                f"database {shown(url)} is unavailable: {_reason(e, url)}"
+            ) from e
+        if isinstance(e, exc.OperationalError):
+            raise StoreError(
+                f"database {shown(url)} is unreachable or refused the operation: {_reason(e, url)}"
+            ) from e
         raise StoreError(f"database {shown(url)} refused the operation: {_reason(e, url)}") from e
+
+
+def is_transient(error: exc.SQLAlchemyError) -> bool:
+    """Whether running the same transaction again a moment later may succeed."""
+    if isinstance(error, exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    if error.connection_invalidated:  # SQLAlchemy saw the session drop
+        return True
+    orig = error.orig
+    errorname = str(getattr(orig, "sqlite_errorname", ""))
+    if errorname:
+        return errorname.startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+    if not isinstance(error, exc.OperationalError | exc.InterfaceError):
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    # No SQLSTATE: the server never answered (refused, reset, timed out).
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _TRANSIENT_SQLSTATES
+
+
+def patiently(
+    call: Callable[[], T],
+    what: str,
+    budget: float | None = None,
+    check: Callable[[], object] | None = None,
+) -> T:
+    """``call()``, retried with backoff while the database is unavailable, for up to ``budget``
+    seconds (``OUTAGE_BUDGET_S``); then the last ``StoreUnavailable`` propagates. Any other
+    error propagates at once. ``check`` is called before every pause: whatever it raises
+    (a worker whose lease ran out meanwhile) ends the wait.
+
+    Only for operations that are safe to repeat: reads, and writes that are idempotent or
+    fenced (a lease heartbeat, a run's final record). A transaction whose session dropped
+    during COMMIT may have committed; repeating an append then adds it twice.
+    """
+    deadline = time.monotonic() + (OUTAGE_BUDGET_S if budget is None else budget)
+    pause = 0.05
+    while True:
+        try:
+            return call()
+        except StoreUnavailable as e:
+            if time.monotonic() + pause > deadline:
+                raise
+            if check is not None:
+                check()
+            level = logging.WARNING if pause == 0.05 else logging.DEBUG  # once per outage
+            log.log(level, "%s: %s; retrying until it is back", what, e.detail)
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 def _reason(error: exc.SQLAlchemyError, url: URL) -> str:

@@ -34,6 +34,7 @@ from corral.store.schema import (
     ledger,
     runs,
     usage_events,
+    workers,
 )
 
 
@@ -153,17 +154,21 @@ class PipelineRecords:
         now: datetime | None = None,
         *,
         awaited_by: str | None = None,
+        only: str | None = None,
     ) -> Run | None:
         """Lease the oldest runnable queued run to ``worker``, or None if there is none.
 
         With ``awaited_by``, only a run that the run ``awaited_by`` called and is waiting on:
-        the caller's worker lends it the capacity the waiting caller holds.
+        the caller's worker lends it the capacity the waiting caller holds. With ``only``,
+        only that run, if it is runnable and queued (``corral app run --here``).
         """
         now = now or datetime.now(UTC)
         where = [runs.c.status == "queued",
                  or_(runs.c.available_at.is_(None), runs.c.available_at <= now)]  # fmt: skip
         if awaited_by is not None:
             where += [runs.c.parent_run == awaited_by, runs.c.awaited.is_(True)]
+        if only is not None:
+            where.append(runs.c.id == only)
         with transaction(self._engine, write=True) as conn:
             candidate = conn.execute(
                 select(runs.c.id)
@@ -171,7 +176,7 @@ class PipelineRecords:
                 .order_by(runs.c.created_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
-            ).first()  # fmt: skip
+            ).first()
             if candidate is None:
                 return None
             row = conn.execute(
@@ -207,6 +212,45 @@ class PipelineRecords:
                         deliveries=runs.c.deliveries - 1,
                         available_at=datetime.now(UTC) + timedelta(seconds=delay))
             )  # fmt: skip
+
+    def hand_back(self, run_id: str, worker: str) -> bool:
+        """A worker shutting down gives its run back, claimable at once. The delivery still
+        counts: the next one checks the log for an outcome the agent reported meanwhile."""
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.lease_owner == worker,
+                       runs.c.status == "running")
+                .values(status="queued", lease_owner=None, lease_expires=None,
+                        available_at=datetime.now(UTC))
+            )  # fmt: skip
+            return done.rowcount == 1
+
+    # -- who is working ---------------------------------------------------------------------
+
+    def worker_seen(self, name: str, host: str, pid: int, started_at: datetime) -> None:
+        """``name`` is alive now (inserted on its first call, renewed on every later one)."""
+        now = datetime.now(UTC)
+        values = {"name": name, "host": host, "pid": pid, "started_at": started_at,
+                  "seen_at": now}  # fmt: skip
+        upsert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        with transaction(self._engine, write=True) as conn:
+            statement = upsert(workers).values(values)
+            conn.execute(statement.on_conflict_do_update(index_elements=["name"],
+                                                         set_={"seen_at": now}))  # fmt: skip
+
+    def worker_gone(self, name: str) -> None:
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(delete(workers).where(workers.c.name == name))
+
+    def live_workers(self, within: float) -> list[str]:
+        """Names of the workers seen in the last ``within`` seconds; older rows are the dead's,
+        and are cleared."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=within)
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(delete(workers).where(workers.c.seen_at < cutoff))
+            rows = conn.execute(select(workers.c.name).order_by(workers.c.name)).all()
+        return [r.name for r in rows]
 
     def expired(self, now: datetime | None = None) -> list[Run]:
         """Running runs whose worker stopped renewing its lease (it died, or hangs)."""

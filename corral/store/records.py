@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, Row
-from sqlalchemy.exc import IntegrityError
 
 from corral.errors import Conflict, NotFound
-from corral.store.engine import is_unique_violation, transaction
+from corral.store.engine import transaction
 from corral.store.rows import Release, Run, RunEvent
 from corral.store.schema import run_events, runner_releases, runs
 
@@ -51,18 +51,21 @@ class Releases:
         self._engine = engine
 
     def publish(self, release: Release) -> Release:
-        """Record ``release`` and make it current; publishing the same bytes again re-activates."""
+        """Record ``release`` and make it current; publishing the same bytes again re-activates.
+
+        One statement (INSERT ... ON CONFLICT DO UPDATE), so any number of processes may
+        publish the same release at once: each either inserts it or re-activates it, and none
+        meets a unique violation (which on PostgreSQL would abort its whole transaction).
+        """
         with transaction(self._engine, write=True) as conn:
-            try:
-                conn.execute(insert(runner_releases).values(dataclasses.asdict(release)))
-            except IntegrityError as exc:
-                if not is_unique_violation(exc):
-                    raise
-                conn.execute(
-                    update(runner_releases)
-                    .where(runner_releases.c.digest == release.digest)
-                    .values(activated_at=release.activated_at)
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            statement = dialect.insert(runner_releases).values(dataclasses.asdict(release))
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["digest"],
+                    set_={"activated_at": statement.excluded.activated_at},
                 )
+            )
         return self.get(release.digest)
 
     def activate(self, ref: str, at: datetime) -> Release:

@@ -363,3 +363,15 @@ spans = Table(
     Column("attributes", Text, nullable=False),  # JSON
     Column("status", Text, nullable=False),
 )
+
+# Workers announce themselves: one row per live worker, its ``seen_at`` renewed as it polls and
+# deleted when it stops. A row not renewed for a while is a worker that died.
+workers = Table(
+    "workers",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("seen_at", UTCDateTime, nullable=False),
+)

@@ -304,7 +304,7 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
         "alg_none": (401, "token_forged"),
         "expired": (401, "token_expired"),
         # Revocation is checked before the address (Verifier.verify), and the executor revoked
-        # the finished run in this process's verifier as it ended (TokenIssuer.revoke): so
+        # the finished run in this process's verifier as it ended (TokenIssuer.ended): so
         # token_revoked, whether or not this sandbox got the finished one's address again.
         "revoked": (401, "token_revoked"),
         "out_of_scope": (403, "out_of_scope"),
