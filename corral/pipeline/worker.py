@@ -110,26 +110,29 @@ class Worker:
         self._gone = threading.Event()
 
     def start(self) -> Worker:
+        started = datetime.now(UTC)
+        self._seen(started)  # a started worker is visible at once, not one renewal later
         self._thread = threading.Thread(
             target=self.run_forever, name=f"worker-{self.name}", daemon=True
         )
         self._thread.start()
         self._presence = threading.Thread(
-            target=self._announce, name=f"worker-{self.name}-presence", daemon=True
-        )
+            target=self._announce, args=(started,), name=f"worker-{self.name}-presence",
+            daemon=True,
+        )  # fmt: skip
         self._presence.start()
         return self
 
-    def _announce(self) -> None:
+    def _seen(self, started: datetime) -> None:
+        try:
+            self.store.pipeline.worker_seen(self.name, socket.gethostname(), os.getpid(), started)
+        except Exception:  # a supervisor: an outage only makes it look dead for a while
+            log.debug("worker %s: could not announce itself", self.name, exc_info=True)
+
+    def _announce(self, started: datetime) -> None:
         """Renew this worker's row in ``workers`` until it stops, then delete it."""
-        started, host, pid = datetime.now(UTC), socket.gethostname(), os.getpid()
-        while True:
-            try:
-                self.store.pipeline.worker_seen(self.name, host, pid, started)
-            except Exception:  # a supervisor: an outage only makes it look dead for a while
-                log.debug("worker %s: could not announce itself", self.name, exc_info=True)
-            if self._gone.wait(SEEN_EVERY_S):
-                break
+        while not self._gone.wait(SEEN_EVERY_S):
+            self._seen(started)
         try:
             self.store.pipeline.worker_gone(self.name)
         except Exception:  # it ages out instead
