@@ -112,6 +112,9 @@ class Settings:
     # CORRAL_MASTER_KEY: base64 AES-256 keys, comma-separated, the first one primary.
     # None: the vault keeps its keys in a file under ``vault_dir`` instead.
     master_key: Secret | None = None
+    # Seconds a run's lease lasts unrenewed (workers and `corral run` renew it every third):
+    # how long a dead owner's run waits before another process takes it over or ends it.
+    run_lease: float = 10.0
 
     @property
     def oci_dir(self) -> Path:
@@ -166,6 +169,7 @@ class Settings:
             import_dir=Path(env.get("CORRAL_IMPORT_DIR", str(data_dir / "imports"))),
             sandbox_timeout=_float(env, "CORRAL_SANDBOX_TIMEOUT", 600.0),
             master_key=_master_key(env),
+            run_lease=_float(env, "CORRAL_RUN_LEASE", 10.0),
         )
 
 

@@ -149,6 +149,7 @@ class Corral:
         self.bridge()
         hooks = [self.metrics.finished_run, self.tracing.finished_run, self.webhooks.on_finished]
         options.setdefault("on_finished", hooks)
+        options.setdefault("lease", self.settings.run_lease)
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         if self._deliverer is not None and webhook_policy is not None:

@@ -13,12 +13,16 @@ from corral.context import Corral
 
 @click.command("worker")
 @click.option("--workers", default=2, show_default=True, help="Worker threads in this process.")
-@click.option("--lease", default=10.0, show_default=True, help="Seconds a lease lasts unrenewed.")
+@click.option(
+    "--lease",
+    type=float,
+    help="Seconds a lease lasts unrenewed.  [default: CORRAL_RUN_LEASE or 10]",
+)
 @click.pass_obj
 @handled
-def worker(corral: Corral, workers: int, lease: float) -> None:
+def worker(corral: Corral, workers: int, lease: float | None) -> None:
     """Run workers until interrupted; a killed worker's runs go to another after its lease."""
-    started = corral.start_workers(workers, lease=lease)
+    started = corral.start_workers(workers, lease=lease or corral.settings.run_lease)
     click.echo(
         f"{len(started)} workers leasing runs ({', '.join(w.name for w in started)})", err=True
     )

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
 from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.pipeline.leases import held, owner_name
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
@@ -147,8 +148,20 @@ class Executor:
         self.max_attempts = max_attempts
 
     def run(self, request: AgentRequest, on_event: Callable[[RunEvent], None] | None = None) -> Run:
-        """Record a run and execute it here and now (``corral run``)."""
-        return self.execute(self.prepare(request), request, on_event)
+        """Record a run and execute it here and now (``corral run``), holding its lease like a
+        worker: if this process dies, the run is ended by whoever next finds the lease expired
+        (``worker.recover_expired``) instead of reading ``running`` forever."""
+        owner, lease = owner_name("run"), self.settings.run_lease
+        run = self.prepare(request, lease_owner=owner,
+                           lease_expires=datetime.now(UTC) + timedelta(seconds=lease))  # fmt: skip
+        with held(self.store, run.id, owner, lease) as lost:
+
+            def stop() -> Stopped | None:
+                if lost.is_set():
+                    return Stopped(RunStatus.FAILED, "lease_lost", "this process lost the run")
+                return None
+
+            return self.execute(run, request, on_event, stop=stop)
 
     def prepare(self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING,
                 **fields: Any) -> Run:  # fmt: skip
@@ -226,7 +239,6 @@ class Executor:
         folded = None
         if outcome.status is RunStatus.SUCCEEDED and outcome.swapped and digest == env.head:
             folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
-        emit("run.finished", status=str(outcome.status), attempts=attempts)
         self.store.bridge.add_usage(
             [
                 {
@@ -241,18 +253,24 @@ class Executor:
         )
         if bill is not None:
             bill(run)  # before the run reads as finished: a waiter never sees it unbilled
-        return self.store.runs.update(
+        ended = self.store.runs.finish(
             run.id,
+            str(outcome.status),
+            datetime.now(UTC),
             lease_owner=run.lease_owner,  # fenced: only while this worker still holds the run
-            status=str(outcome.status),
+            detail={"attempts": attempts},
             result=None if outcome.result is None else json.dumps(outcome.result),
             error_code=outcome.error_code,
             error=outcome.error,
             swapped=outcome.swapped,
             attempts=attempts,
             folded_snapshot=folded,
-            finished_at=datetime.now(UTC),
         )
+        if ended is None:  # another worker holds the run now, or has ended it
+            return self.store.runs.get(run.id)
+        if on_event is not None:
+            on_event(ended[1])
+        return ended[0]
 
     def _attempts(
         self,

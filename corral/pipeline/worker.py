@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,10 +19,11 @@ from datetime import UTC, datetime
 
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
+from corral.pipeline.leases import held, owner_name
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
 from corral.sandbox.sandboxes import Sandboxes
-from corral.store import Run
+from corral.store import Run, Store
 
 log = logging.getLogger("corral.worker")
 MAX_DELIVERIES = 5
@@ -47,7 +46,7 @@ class Worker:
         self.pipeline = pipeline
         self.store = pipeline.store
         self.sandboxes = sandboxes
-        self.name = name or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.name = name or owner_name("worker")
         self.lease = lease
         self.poll = poll
         self.on_finished = on_finished or []
@@ -88,23 +87,7 @@ class Worker:
         return True
 
     def requeue_expired(self) -> None:
-        expired = self.store.pipeline.expired()
-        if expired:
-            self.sandboxes().reap()  # the dead workers' sandboxes on this host die first
-        for run in expired:
-            if run.deliveries >= MAX_DELIVERIES:
-                self.store.runs.update(
-                    run.id,
-                    status=str(RunStatus.FAILED),
-                    error_code="worker_lost",
-                    error=f"{run.deliveries} workers lost this run",
-                    finished_at=datetime.now(UTC),
-                )
-                continue
-            # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
-            backoff = self.lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
-            if self.store.pipeline.requeue(run, backoff):
-                log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)
+        recover_expired(self.store, self.sandboxes, self.lease)
 
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
@@ -117,23 +100,26 @@ class Worker:
             return False
         data = json.loads(final.data)
         ok = final.kind == "result"
-        finished = self.store.runs.update(
-            run.id,
-            lease_owner=self.name,
-            status=str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED),
-            result=json.dumps(data.get("output")) if ok else None,
-            error_code=None if ok else str(data.get("code", "agent_error")),
-            error=None if ok else str(data.get("message", "")),
-            finished_at=datetime.now(UTC),
-        )
+        status = str(RunStatus.SUCCEEDED if ok else RunStatus.FAILED)
         self.store.runs.append_event(
             run.id,
             datetime.now(UTC),
             "run.resumed",
-            json.dumps({"worker": self.name, "from_seq": final.seq, "status": finished.status}),
+            json.dumps({"worker": self.name, "from_seq": final.seq, "status": status}),
+        )
+        ended = self.store.runs.finish(
+            run.id,
+            status,
+            datetime.now(UTC),
+            lease_owner=self.name,
+            detail={"attempts": data.get("attempt"), "resumed": True},
+            result=json.dumps(data.get("output")) if ok else None,
+            error_code=None if ok else str(data.get("code", "agent_error")),
+            error=None if ok else str(data.get("message", "")),
         )
         self.pipeline.executor.tokens.revoke(run)
-        self._finish(finished)
+        if ended is not None:
+            self._finish(ended[0])
         return True
 
     def execute(self, run: Run) -> None:
@@ -150,17 +136,6 @@ class Worker:
         request = self.pipeline.request(
             run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
         )
-        lost = threading.Event()
-        beating = threading.Event()
-
-        def heartbeat() -> None:
-            while not beating.wait(self.lease / 3):
-                if not self.store.pipeline.heartbeat(run.id, self.name, self.lease):
-                    lost.set()
-                    return
-
-        pulse = threading.Thread(target=heartbeat, daemon=True)
-        pulse.start()
         checked = [0.0]
 
         def stop() -> Stopped | None:
@@ -184,7 +159,7 @@ class Worker:
             return None
 
         try:
-            with run_context(run.id):
+            with run_context(run.id), held(self.store, run.id, self.name, self.lease) as lost:
                 finished = self.pipeline.executor.execute(
                     run,
                     request,
@@ -194,9 +169,6 @@ class Worker:
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
             finished = self.store.runs.get(run.id)
-        finally:
-            beating.set()
-            pulse.join(timeout=5)
         if finished.lease_owner != self.name or not RunStatus(finished.status).terminal:
             return  # another worker owns it now
         self._finish(finished)
@@ -211,3 +183,35 @@ class Worker:
                 hook(finished)
             except Exception:  # one failing hook must not keep the others from running
                 log.exception("run %s: a completion hook failed", finished.id)
+
+
+def recover_expired(store: Store, sandboxes: Callable[[], Sandboxes], lease: float) -> None:
+    """Runs whose owner stopped renewing its lease (it died, or hangs): reap the dead owners'
+    sandboxes on this host, then put each run back in the queue, or end it if nobody can run
+    it again: an app run delivered ``MAX_DELIVERIES`` times, or a ``corral run`` (its caller,
+    a terminal, is gone with it). ``lease`` is the caller's own, for the requeue's backoff."""
+    expired = store.pipeline.expired()
+    if expired:
+        sandboxes().reap()  # the dead owners' sandboxes on this host die first
+    for run in expired:
+        if run.app is None or run.deliveries >= MAX_DELIVERIES:
+            why = (
+                f"{run.deliveries} workers lost this run"
+                if run.app is not None
+                else f"the `corral run` process running it ({run.lease_owner}) died"
+            )
+            store.runs.finish(
+                run.id,
+                str(RunStatus.FAILED),
+                datetime.now(UTC),
+                lease_owner=run.lease_owner,
+                lease_expires=run.lease_expires,  # not if the owner has just renewed it
+                detail={"attempts": run.attempts},
+                error_code="worker_lost",
+                error=why,
+            )
+            continue
+        # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
+        backoff = lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
+        if store.pipeline.requeue(run, backoff):
+            log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)

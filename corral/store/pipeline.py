@@ -22,10 +22,9 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.errors import Conflict, NotFound
 from corral.store.engine import is_unique_violation, transaction
+from corral.store.records import ACTIVE, finished_event
 from corral.store.rows import Run
 from corral.store.schema import app_versions, apps, idempotency_keys, ledger, runs
-
-ACTIVE = ("queued", "running")
 
 
 class AppNotFound(NotFound):
@@ -205,7 +204,8 @@ class PipelineRecords:
             )  # fmt: skip
 
     def cancel(self, run_id: str) -> Run | None:
-        """Cancel a queued run outright, or flag a running one for its worker; None if neither."""
+        """Cancel a queued run outright (it ends: ``run.finished`` in the same transaction),
+        or flag a running one for its worker; None if neither."""
         now = datetime.now(UTC)
         with transaction(self._engine, write=True) as conn:
             queued = conn.execute(
@@ -213,7 +213,9 @@ class PipelineRecords:
                 .values(status="cancelled", finished_at=now, error_code="cancelled",
                         error="cancelled before it started")
             )  # fmt: skip
-            if queued.rowcount == 0:
+            if queued.rowcount == 1:
+                finished_event(conn, run_id, "cancelled", now, {"attempts": 0})
+            else:
                 conn.execute(
                     update(runs).where(runs.c.id == run_id, runs.c.status == "running")
                     .values(cancel_requested=True)

@@ -4,22 +4,31 @@ Like ``store.py``, every public method is one transaction and every database err
 as a ``corral.errors`` exception. A run's event log is append-only: ``append_event`` assigns
 the next sequence number inside its transaction, so concurrent writers of one run's log
 serialise and readers can follow the log with ``events(run_id, after=seq)``.
+
+A run ends exactly once, through ``finish`` (or, for a run cancelled while queued, through
+``PipelineRecords.cancel``): the terminal status and the ``run.finished`` event are written
+in one transaction, and only while the run has not ended, so no path can end a run twice or
+end it without its event, whoever (a worker, its successor, a sweeper) gets there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import Conflict, NotFound
 from corral.store.engine import is_unique_violation, transaction
 from corral.store.rows import Release, Run, RunEvent
 from corral.store.schema import run_events, runner_releases, runs
+
+# Statuses of a run that has not ended (see corral/pipeline/states.py).
+ACTIVE = ("queued", "running")
 
 
 class RunNotFound(NotFound):
@@ -128,6 +137,42 @@ class Runs:
                 raise RunNotFound(run_id)
         return self.get(run_id)
 
+    def finish(
+        self,
+        run_id: str,
+        status: str,
+        at: datetime,
+        *,
+        lease_owner: str | None = None,
+        lease_expires: datetime | None = None,
+        detail: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> tuple[Run, RunEvent] | None:
+        """End a run that has not ended: its terminal ``status``, ``finished_at`` and
+        ``fields``, and its ``run.finished`` event (``status`` and ``detail``), in one
+        transaction. With ``lease_owner`` (and ``lease_expires``), only while the lease is
+        still exactly that. None if the run had ended or the lease was not that (someone
+        else ended it, or holds it now); nothing is written then."""
+        unknown = set(fields) - {c.name for c in runs.columns}
+        if unknown:
+            raise ValueError(f"runs has no columns {sorted(unknown)}")
+        where = [runs.c.id == run_id, runs.c.status.in_(ACTIVE)]
+        if lease_owner is not None:
+            where.append(runs.c.lease_owner == lease_owner)
+        if lease_expires is not None:
+            where.append(runs.c.lease_expires == lease_expires)
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(runs).where(*where).values(status=status, finished_at=at, **fields)
+            )
+            if done.rowcount == 0:
+                if not conn.scalar(select(runs.c.id).where(runs.c.id == run_id)):
+                    raise RunNotFound(run_id)
+                return None
+            event = finished_event(conn, run_id, status, at, detail)
+            row = conn.execute(select(runs).where(runs.c.id == run_id)).one()
+        return Run(**row._asdict()), event
+
     def get(self, run_id: str) -> Run:
         with transaction(self._engine) as conn:
             row = conn.execute(select(runs).where(runs.c.id == run_id)).first()
@@ -164,14 +209,7 @@ class Runs:
 
     def append_event(self, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
         with transaction(self._engine, write=True) as conn:
-            last = conn.scalar(
-                select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
-            )
-            seq = (last or 0) + 1
-            conn.execute(
-                insert(run_events).values(run_id=run_id, seq=seq, at=at, kind=kind, data=data)
-            )
-        return RunEvent(run_id, seq, at, kind, data)
+            return _append(conn, run_id, at, kind, data)
 
     def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         with transaction(self._engine) as conn:
@@ -181,6 +219,21 @@ class Runs:
                 .order_by(run_events.c.seq)
             ).all()
         return [RunEvent(**r._asdict()) for r in rows]
+
+
+def finished_event(
+    conn: Connection, run_id: str, status: str, at: datetime, detail: dict[str, Any] | None
+) -> RunEvent:
+    """Append the run's ``run.finished`` event, inside the transaction that ends it."""
+    data = json.dumps({"status": status, **(detail or {})}, default=repr)
+    return _append(conn, run_id, at, "run.finished", data)
+
+
+def _append(conn: Connection, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
+    last = conn.scalar(select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id))
+    seq = (last or 0) + 1
+    conn.execute(insert(run_events).values(run_id=run_id, seq=seq, at=at, kind=kind, data=data))
+    return RunEvent(run_id, seq, at, kind, data)
 
 
 def _release(row: Row[Any]) -> Release:
