@@ -33,7 +33,7 @@ from corral.bridge import tokens
 from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, InvalidInput, SandboxError
+from corral.errors import CommandNotFound, DiskFull, InvalidInput, SandboxError
 from corral.pipeline.leases import held, owner_name
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
@@ -287,7 +287,8 @@ class Executor:
             try:
                 outcome = self._attempt(run, request, release, attempt, deadline, emit, notify)
                 return outcome, attempt
-            except (RunnerInvalid, CommandNotFound, ProtocolError) as exc:
+            except (RunnerInvalid, CommandNotFound, ProtocolError, DiskFull) as exc:
+                # A fresh sandbox would meet the same interpreter, command, code or full disk.
                 return _Outcome(RunStatus.FAILED, error_code=exc.code, error=exc.detail), attempt
             except SandboxError as exc:
                 emit("attempt.failed", attempt=attempt, code=exc.code, detail=exc.detail)
@@ -479,7 +480,11 @@ class Executor:
             self.releases.fold_in_tree(release, replaced, upper)
 
         message = f"runner {release.version} ({release.short_id}) folded in"
-        snapshot = self.envs.commit_platform_layer(name, parent, build, message)
+        try:
+            snapshot = self.envs.commit_platform_layer(name, parent, build, message)
+        except DiskFull as exc:  # the run succeeded; the next one swaps again and folds in
+            emit("fold_in.skipped", reason=exc.detail)
+            return None
         if snapshot is None:
             emit("fold_in.skipped", reason="the environment's head moved during the run")
             return None

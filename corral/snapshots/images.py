@@ -9,10 +9,12 @@ shared by every environment that has it) and re-hashes every blob on demand.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ from corral.errors import (
     RequirementMissing,
     SnapshotError,
     SnapshotNotFound,
+    out_of_space,
 )
 from corral.snapshots import digests
 from corral.snapshots.fsattr import Immutability, unlock_everything
@@ -40,6 +43,7 @@ from corral.snapshots.layout import (
 # Platform-owned trees: immutable in the layer cache, so that overlayfs refuses every change
 # to them in every sandbox (lifting the flag needs CAP_LINUX_IMMUTABLE; no sandbox has it).
 PROTECTED = ("opt/corral",)
+UNPACKING = ".unpack-"  # prefix of a layer being unpacked into the cache
 DEFAULT_PATH = "/home/user/.local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -64,6 +68,7 @@ class Images:
     def __init__(self, layout: Layout, cache: Path) -> None:
         self.layout = layout
         self.cache = cache
+        self.sweep()  # like every start reaps sandboxes: what a killed unpacker left
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -212,8 +217,8 @@ class Images:
         dest = self.cache / digests.hex_of(layer.digest)
         if dest.is_dir():
             return dest
-        self.cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=self.cache))
+        with out_of_space(self.cache):
+            tmp, held = self._temporary()
         try:
             os.chmod(tmp, 0o755)
             unpack_layer(self.layout.blob_path(layer.digest), tmp)
@@ -229,7 +234,51 @@ class Images:
             if tmp.exists():
                 unlock_everything(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
+            os.close(held)
         return dest
+
+    # An unpack works in ``.unpack-<random>`` and renames it onto the layer's digest when it
+    # is whole. A process killed in between leaves it behind, with the runner's immutable
+    # tree in it; the unpacker holds an flock on it for as long as it lives, so a sweeper
+    # removes exactly the ones whose unpacker died. Creating and locking one, and sweeping,
+    # happen under the cache's own lock: a sweeper never sees a live one not yet locked.
+
+    def _temporary(self) -> tuple[Path, int]:
+        """A fresh unpack directory, and the descriptor whose flock marks it as in use."""
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with self._cache_lock():
+            tmp = Path(tempfile.mkdtemp(prefix=UNPACKING, dir=self.cache))
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return tmp, fd
+
+    def sweep(self) -> int:
+        """Remove the unpack directories of unpackers that died; returns how many."""
+        if not self.cache.is_dir():
+            return 0
+        removed = 0
+        with self._cache_lock():
+            for tmp in self.cache.glob(f"{UNPACKING}*"):
+                try:
+                    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its unpacker is alive
+                finally:
+                    os.close(fd)
+                unlock_everything(tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed += 1
+        return removed
+
+    @contextlib.contextmanager
+    def _cache_lock(self) -> Iterator[None]:
+        with open(self.cache / ".unpack.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
 
 def _pick_platform(index: dict[str, Any], source: str) -> Descriptor:
