@@ -46,12 +46,10 @@ def corral_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[st
 
 
 def assert_whole(corral: Corral, env: str) -> None:
-    """Every snapshot verifies (``corral env verify``), and the OCI layout's tags say what the
-    database says: the environment's tag is its head, ``<env>+<seq>`` each snapshot."""
-    verified = corral_cli(corral.settings, "env", "verify", env, "--json")
-    assert verified.returncode == 0, verified.stderr
+    """Every snapshot verifies, and the OCI layout's tags say what the database says: the
+    environment's tag is its head, ``<env>+<seq>`` each snapshot."""
     history = corral.envs.history(env)
-    assert json.loads(verified.stdout)["snapshots"] == len(history)
+    assert corral.envs.verify(env).snapshots == len(history)
     layout = Layout(corral.settings.oci_dir)
     assert layout.resolve(env).digest == corral.envs.get(env).head
     for snap in history:

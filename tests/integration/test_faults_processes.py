@@ -36,6 +36,7 @@ from tests.integration.faults import (
 )
 from tests.integration.leftovers import Leftovers
 from tests.integration.test_http_trigger import agent_environment
+from tests.integration.test_resilience import wait_for_record
 from tests.integration.test_webhooks import Receiver
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -83,6 +84,27 @@ def assert_webhook_once(corral: Corral, receiver: Receiver, run_id: str, path: s
     hits = receiver.at(path)
     assert len(hits) == 1, f"{len(hits)} webhook POSTs for one run"
     assert json.loads(hits[0].body)["run_id"] == run_id
+
+
+# -- the leak check itself ---------------------------------------------------------------
+
+
+def test_the_leak_check_names_what_a_killed_corral_leaves(
+    corral: Corral, env: str, tmp_path: Path
+) -> None:
+    leaks = Leftovers(corral.settings)
+    sandbox = CorralProcess(corral.settings, "sandbox", "run", env, "--", "sleep", "60",
+                            log=tmp_path / "sandbox.log")  # fmt: skip
+    try:
+        wait_for_record(corral, sandbox.pid, set())
+    finally:
+        sandbox.kill()  # its sandbox outlives it until someone reaps it
+    with pytest.raises(AssertionError) as found:
+        leaks.assert_none(settle=0)
+    named = str(found.value)
+    for kind in ("container", "runc", "slot", "netns", "veth", "mount", "cgroup", "bundle"):
+        assert f"  {kind}: " in named, f"the leak check missed the {kind}:\n{named}"
+    leaks.assert_none(reap=True)
 
 
 # -- a worker killed ---------------------------------------------------------------------
@@ -218,9 +240,9 @@ def test_a_killed_sandbox_is_replaced_and_the_run_ends_once(
 
 def serve(corral: Corral, tmp_path: Path, name: str, bridge: int) -> tuple[CorralProcess, str]:
     port = free_port()
+    environ = {"CORRAL_BRIDGE_PORT": str(bridge), "CORRAL_RUN_LEASE": "3"}
     proc = CorralProcess(corral.settings, "serve", "--port", str(port), "--workers", "1",
-                         "--no-schedules", log=tmp_path / f"{name}.log",
-                         env={"CORRAL_BRIDGE_PORT": str(bridge)})  # fmt: skip
+                         "--no-schedules", log=tmp_path / f"{name}.log", env=environ)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
 
     def answering() -> bool:
