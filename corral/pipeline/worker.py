@@ -139,7 +139,7 @@ class Worker:
         checked = [0.0]
 
         def stop() -> Stopped | None:
-            if lost.is_set():
+            if lost.is_set():  # set by `held` (below) once the lease is no longer this worker's
                 return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
             if time.monotonic() - checked[0] < 0.5:
                 return None

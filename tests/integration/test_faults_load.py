@@ -82,7 +82,7 @@ def client_session(
                 if time.monotonic() > deadline:
                     errors.append(f"{run_id} did not end")
                     break
-                time.sleep(0.2)
+                time.sleep(0.5)
     ids.extend(mine)
 
 
