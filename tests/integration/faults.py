@@ -13,7 +13,9 @@ billed.
 
 from __future__ import annotations
 
+import errno
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -98,6 +100,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_bridge_port(settings: Settings) -> int:
+    """A bridge port no process serves on this host. Bridges share a port (SO_REUSEPORT) and
+    the kernel spreads connections over them: a bridge of another test's Corral, on another
+    store, would refuse our sandboxes' tokens."""
+    gateway = str(settings.network.gateway)
+    for port in random.sample(range(8800, 8880), 80):
+        with socket.socket() as s:
+            try:
+                s.bind((gateway, port))  # without SO_REUSEPORT: fails if any bridge listens
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:  # no sandbox network yet: no bridge either
+                    return port
+                continue
+            return port
+    raise AssertionError("every bridge port 8800-8879 is taken")
 
 
 def kinds(store: Store, run_id: str) -> list[str]:

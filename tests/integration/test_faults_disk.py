@@ -31,7 +31,13 @@ from corral.errors import DiskFull
 from corral.snapshots.fsattr import unlock_everything
 from corral.snapshots.layout import Layout
 from tests.integration.conftest import run
-from tests.integration.faults import CorralProcess, assert_ended_once, kinds, wait_for
+from tests.integration.faults import (
+    CorralProcess,
+    assert_ended_once,
+    free_bridge_port,
+    kinds,
+    wait_for,
+)
 from tests.integration.leftovers import Leftovers, environ_for
 from tests.integration.test_http_trigger import agent_environment
 from tests.integration.test_resilience import small_disk
@@ -189,9 +195,9 @@ def small(small_disk: Path, tmp_path: Path) -> Iterator[Corral]:
     a full data disk still lets it record what happened."""
     (tmp_path / "db").mkdir()
     environ = {**os.environ, "CORRAL_DATA_DIR": str(small_disk),
-               "CORRAL_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'corral.db'}",
-               "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80))}  # fmt: skip
-    corral = Corral(Settings.from_env(environ))
+               "CORRAL_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'corral.db'}"}  # fmt: skip
+    port = free_bridge_port(Settings.from_env(environ))
+    corral = Corral(Settings.from_env({**environ, "CORRAL_BRIDGE_PORT": str(port)}))
     try:
         yield corral
     finally:

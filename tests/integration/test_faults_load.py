@@ -13,7 +13,6 @@ Afterwards: the app has exactly 200 runs (retries made none), each ended exactly
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,13 @@ import pytest
 from corral.config import Settings
 from corral.context import Corral
 from corral.pipeline.apps import AppSpec
-from tests.integration.faults import CorralProcess, assert_ended_once, free_port, wait_for
+from tests.integration.faults import (
+    CorralProcess,
+    assert_ended_once,
+    free_bridge_port,
+    free_port,
+    wait_for,
+)
 from tests.integration.leftovers import Leftovers
 from tests.integration.test_http_trigger import agent_environment
 
@@ -40,9 +45,9 @@ TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 def world(store_url: str, tmp_path: Path) -> Iterator[Corral]:
     """A Corral of its own (data directory, database on either engine) with a greeting app."""
     environ = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"),
-               "CORRAL_DATABASE_URL": store_url,
-               "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80))}  # fmt: skip
-    corral = Corral(Settings.from_env(environ))
+               "CORRAL_DATABASE_URL": store_url}  # fmt: skip
+    port = free_bridge_port(Settings.from_env(environ))
+    corral = Corral(Settings.from_env({**environ, "CORRAL_BRIDGE_PORT": str(port)}))
     try:
         env = agent_environment(corral)
         corral.pipeline.apps.create("greet", AppSpec(env, "agent.py:greet", timeout=300))

@@ -29,6 +29,7 @@ from tests.integration.conftest import run
 from tests.integration.faults import (
     CorralProcess,
     assert_ended_once,
+    free_bridge_port,
     free_port,
     kinds,
     until_ended,
@@ -263,7 +264,7 @@ def test_a_killed_serve_s_run_ends_exactly_once(
     app, path = hooked_app(corral, agent_env, receiver)
     user = user_with_credits(corral)
     # Its own bridge port: serve A holds the sandbox's bridge, and it dies with A.
-    bridge = 8800 + (corral.settings.network.bridge_port - 8800 + 1 + secrets.randbelow(78)) % 80
+    bridge = free_bridge_port(corral.settings)
     serve_a, url_a = serve(corral, tmp_path, "a", bridge)
     try:
         started = httpx.post(f"{url_a}/v1/apps/{app}/runs", headers={"X-Corral-User": user},
