@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,12 +35,14 @@ from corral.errors import (
     out_of_space,
 )
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
+from corral.snapshots import temporaries
 from corral.snapshots.images import Image, Images
 from corral.snapshots.layers import is_empty
 from corral.snapshots.layout import Layout
 from corral.store import Environment, Snapshot, Store
 
 BASE_SOURCE = "base:bookworm"
+BUILDING = ".platform-"  # prefix of a fold-in layer's upper directory being built
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Environments:
         self.layout = Layout(settings.oci_dir).init()
         self.images = Images(self.layout, settings.data_dir / "layers")
         self._sandboxes = sandboxes
+        temporaries.sweep(settings.data_dir, BUILDING)  # what a killed fold-in left
 
     # -- create ------------------------------------------------------------------------------
 
@@ -199,9 +201,9 @@ class Environments:
         base = self.images.load(parent)
         with (
             out_of_space(self.settings.data_dir),  # DiskFull: nothing is stored, head unmoved
-            tempfile.TemporaryDirectory(dir=self.settings.data_dir, prefix=".platform-") as tmp,
+            temporaries.working_dir(self.settings.data_dir, BUILDING) as tmp,
         ):
-            upper = Path(tmp) / "upper"
+            upper = tmp / "upper"
             build(upper)
             image = self.images.commit(base, upper, created_by=f"corral: {message}")
         self._try_unpack(image)

@@ -9,12 +9,8 @@ shared by every environment that has it) and re-hashes every blob on demand.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,8 +24,8 @@ from corral.errors import (
     SnapshotNotFound,
     out_of_space,
 )
-from corral.snapshots import digests
-from corral.snapshots.fsattr import Immutability, unlock_everything
+from corral.snapshots import digests, temporaries
+from corral.snapshots.fsattr import Immutability
 from corral.snapshots.layers import unpack_layer, write_layer
 from corral.snapshots.layout import (
     LAYER_TYPES,
@@ -44,6 +40,7 @@ from corral.snapshots.layout import (
 # to them in every sandbox (lifting the flag needs CAP_LINUX_IMMUTABLE; no sandbox has it).
 PROTECTED = ("opt/corral",)
 UNPACKING = ".unpack-"  # prefix of a layer being unpacked into the cache
+IMPORTING = ".import-"  # prefix of an oci-archive being read
 DEFAULT_PATH = "/home/user/.local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -68,7 +65,8 @@ class Images:
     def __init__(self, layout: Layout, cache: Path) -> None:
         self.layout = layout
         self.cache = cache
-        self.sweep()  # like every start reaps sandboxes: what a killed unpacker left
+        for prefix in (UNPACKING, IMPORTING):  # like every start reaps sandboxes
+            temporaries.sweep(cache, prefix)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -133,7 +131,7 @@ class Images:
         with contextlib.ExitStack() as stack:
             root = Path(path)
             if kind == "oci-archive":
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.cache)))
+                tmp = stack.enter_context(temporaries.working_dir(self.cache, IMPORTING))
                 proc = subprocess.run(
                     ["tar", "-x", "-f", path, "-C", str(tmp)], capture_output=True, text=True
                 )
@@ -217,9 +215,9 @@ class Images:
         dest = self.cache / digests.hex_of(layer.digest)
         if dest.is_dir():
             return dest
-        with out_of_space(self.cache):
-            tmp, held = self._temporary()
-        try:
+        # Unpacked whole, then renamed onto the digest; a killed unpacker's directory (the
+        # runner's immutable tree in it) is swept by the next start (``temporaries``).
+        with out_of_space(self.cache), temporaries.working_dir(self.cache, UNPACKING) as tmp:
             os.chmod(tmp, 0o755)
             unpack_layer(self.layout.blob_path(layer.digest), tmp)
             for tree in PROTECTED:
@@ -230,55 +228,7 @@ class Images:
             except OSError:
                 if not dest.is_dir():  # anything but "another process unpacked it first"
                     raise
-        finally:
-            if tmp.exists():
-                unlock_everything(tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
-            os.close(held)
         return dest
-
-    # An unpack works in ``.unpack-<random>`` and renames it onto the layer's digest when it
-    # is whole. A process killed in between leaves it behind, with the runner's immutable
-    # tree in it; the unpacker holds an flock on it for as long as it lives, so a sweeper
-    # removes exactly the ones whose unpacker died. Creating and locking one, and sweeping,
-    # happen under the cache's own lock: a sweeper never sees a live one not yet locked.
-
-    def _temporary(self) -> tuple[Path, int]:
-        """A fresh unpack directory, and the descriptor whose flock marks it as in use."""
-        self.cache.mkdir(parents=True, exist_ok=True)
-        with self._cache_lock():
-            tmp = Path(tempfile.mkdtemp(prefix=UNPACKING, dir=self.cache))
-            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return tmp, fd
-
-    def sweep(self) -> int:
-        """Remove the unpack directories of unpackers that died; returns how many."""
-        if not self.cache.is_dir():
-            return 0
-        removed = 0
-        with self._cache_lock():
-            for tmp in self.cache.glob(f"{UNPACKING}*"):
-                try:
-                    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # its unpacker is alive
-                finally:
-                    os.close(fd)
-                unlock_everything(tmp)
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed += 1
-        return removed
-
-    @contextlib.contextmanager
-    def _cache_lock(self) -> Iterator[None]:
-        with open(self.cache / ".unpack.lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
 
 
 def _pick_platform(index: dict[str, Any], source: str) -> Descriptor:

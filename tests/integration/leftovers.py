@@ -16,8 +16,9 @@ veth           host ends of sandbox links, ``cr<slot>`` and ``ce<slot>``
 mount          mounts at or under a watched data directory (overlay roots, scratch tmpfs)
 cgroup         ``/sys/fs/cgroup/<controller>/corral/<container>`` (v1 and the unified tree)
 bundle         ``<data>/sandboxes/<id>``
-temporary      a freeze's or an unpack's temporary files: ``.tmp-*`` in the OCI layout,
-               ``.unpack-*`` in the layer cache, ``.platform-*`` in the data directory
+temporary      working files of a write that did not finish: ``.tmp-*`` in the OCI layout,
+               ``.unpack-*`` and ``.import-*`` in the layer cache, ``.platform-*`` (a
+               runner fold-in) in the data directory
 =============  =========================================================================
 
 Other Corral processes share this machine (other tests, other checkouts): whatever a slot
@@ -101,6 +102,7 @@ class Leftovers:
                     (data / "oci" / "blobs" / "sha256", ".tmp-"),
                     (data / "oci", ".tmp-"),
                     (data / "layers", ".unpack-"),
+                    (data / "layers", ".import-"),
                     (data, ".platform-"),
                 )
                 for p in _children(folder)

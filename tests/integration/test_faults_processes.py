@@ -112,11 +112,14 @@ def test_the_leak_check_names_what_a_killed_corral_leaves(
 
 # Where worker A dies. "running": the test kills it once the agent runs. The others are
 # points in the worker's code: right after it saw the agent's result in the run's log (the
-# run is not yet recorded as ended), and after the run was recorded as ended, before its
-# completion hooks (webhook, metrics, traces) ran.
+# run is not yet recorded as ended); folding the runner into the environment (the layer is
+# written, the head not moved: the first run of an environment swaps and folds in); and
+# after the run was recorded as ended, before its completion hooks (webhook, metrics,
+# traces) ran.
 WORKER_DEATHS = {
     "running": None,
     "after the result": "corral.pipeline.executor:Executor._follow",
+    "folding in": "corral.snapshots.images:Images.commit",
     "before the hooks": "corral.pipeline.worker:Worker._finish@before",
 }
 
@@ -125,8 +128,11 @@ WORKER_DEATHS = {
 def test_a_killed_worker_s_run_ends_exactly_once(
     corral: Corral, agent_env: str, receiver: Receiver, tmp_path: Path, death: str
 ) -> None:
+    fresh = death == "folding in"
+    env = agent_environment(corral) if fresh else agent_env  # fresh: never swapped into
+    head = corral.envs.get(env).head
     leaks = Leftovers(corral.settings)
-    app, path = hooked_app(corral, agent_env, receiver)
+    app, path = hooked_app(corral, env, receiver)
     user = user_with_credits(corral)
     seconds = 4 if death == "running" else 0.2
     queued = corral.pipeline.execute_agent(app, {"seconds": seconds}, Trigger("http"), user=user)
@@ -155,6 +161,8 @@ def test_a_killed_worker_s_run_ends_exactly_once(
     assert_ended_once(corral.store, queued.id)
     results = [e for e in corral.store.runs.events(queued.id) if e.kind == "result"]
     assert len(results) == 1, "the agent completed more than once"
+    if fresh:  # the fold-in died with A: the next run swaps again
+        assert corral.envs.get(env).head == head and done.folded_snapshot is None
     leaks.assert_none()
 
 
