@@ -25,6 +25,7 @@ from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker
 from corral.sandbox.sandboxes import CGROUP_PARENT
 from corral.sandbox.slots import Record
+from corral.snapshots.fsattr import Immutability
 from tests.integration.conftest import run
 from tests.integration.faults import (
     CorralProcess,
@@ -300,6 +301,19 @@ def test_a_killed_serve_s_run_ends_exactly_once(
 # -- a hot swap killed -------------------------------------------------------------------
 
 
+def locked_runner_trees(corral: Corral, env: str) -> list[bool]:
+    """For each of the head's unpacked layers holding /opt/corral: is every entry of that
+    tree still immutable in the shared layer cache?"""
+    attrs = Immutability()
+    image = corral.envs.images.load(corral.envs.get(env).head)
+    trees = [layer / "opt/corral" for layer in corral.envs.images.unpacked(image)]
+    return [
+        all(attrs.is_set(p) for p in (tree, *tree.rglob("*")) if not p.is_symlink())
+        for tree in trees
+        if tree.is_dir()
+    ]
+
+
 def runner_view(corral: Corral, env: str) -> str:
     """/opt/corral as a fresh sandbox of the environment's head sees it."""
     script = "ls -lan --time-style=+ /opt/corral; readlink /opt/corral/runner; true"
@@ -316,6 +330,8 @@ def test_a_run_killed_mid_swap_leaves_the_runner_whole(
     try:
         leaks = Leftovers(corral.settings)
         head, seen = corral.envs.get(env).head, runner_view(corral, env)
+        locked = locked_runner_trees(corral, env)
+        assert locked and all(locked)
         args = ("run", env, "agent.py:greet", "--input", '{"who": "ada"}', "--json")
         lease = {"CORRAL_RUN_LEASE": "1.5"}
         killed = CorralProcess(corral.settings, *args, log=tmp_path / "killed.log",
@@ -325,8 +341,10 @@ def test_a_run_killed_mid_swap_leaves_the_runner_whole(
         (victim,) = corral.store.runs.for_environment(env)
         assert f"swap.{step}" in kinds(corral.store, victim.id)
 
-        # Never half-upgraded: the snapshot and what a fresh sandbox sees are untouched.
+        # Never half-upgraded: the snapshot, the shared layers' locked runner trees and what
+        # a fresh sandbox sees are untouched.
         assert corral.envs.get(env).head == head
+        assert locked_runner_trees(corral, env) == locked
         assert runner_view(corral, env) == seen
 
         # The next run, in a process of its own, once the dead one's lease has run out: it
@@ -339,6 +357,7 @@ def test_a_run_killed_mid_swap_leaves_the_runner_whole(
         assert (latest.status, latest.swapped) == ("succeeded", True)
         assert latest.folded_snapshot == corral.envs.get(env).head
         assert f"releases/{corral.releases.current().short_id}" in runner_view(corral, env)
+        assert all(locked_runner_trees(corral, env))
 
         ended = assert_ended_once(corral.store, victim.id)
         assert (ended.status, ended.error_code) == ("failed", "worker_lost")
