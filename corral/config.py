@@ -116,6 +116,9 @@ class Settings:
     master_key: Secret | None = None
     # What one environment's draft (its unfrozen edits) may hold: CORRAL_DRAFT_LIMIT_MB.
     draft_limit_bytes: int = DEFAULT_DRAFT_LIMIT_MB << 20
+    # Seconds a run's lease lasts unrenewed (workers and `corral run` renew it every third):
+    # how long a dead owner's run waits before another process takes it over or ends it.
+    run_lease: float = 10.0
 
     @property
     def oci_dir(self) -> Path:
@@ -176,6 +179,7 @@ class Settings:
             sandbox_timeout=_float(env, "CORRAL_SANDBOX_TIMEOUT", 600.0),
             master_key=_master_key(env),
             draft_limit_bytes=draft_mb << 20,
+            run_lease=_float(env, "CORRAL_RUN_LEASE", 10.0),
         )
 
 

@@ -150,6 +150,7 @@ class Corral:
         run this process ends is announced here: metrics, traces, webhooks."""
         self.bridge()
         self._announce_finished_runs()
+        options.setdefault("lease", self.settings.run_lease)
         workers = [Worker(self.pipeline, self.sandboxes, **options).start() for _ in range(count)]
         self._workers.extend(workers)
         if self._deliverer is not None and webhook_policy is not None:

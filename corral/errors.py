@@ -46,7 +46,10 @@ The HTTP status for each ``code`` lives in one table: ``corral/api/errors.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import errno
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 
 class CorralError(Exception):
@@ -207,6 +210,17 @@ class DraftFull(SnapshotError):
             f"the draft of environment {name!r} is full: a draft holds at most "
             f"{limit_bytes >> 20} MB (CORRAL_DRAFT_LIMIT_MB); {detail}"
         )
+
+
+@contextlib.contextmanager
+def out_of_space(path: str | Path) -> Iterator[None]:
+    """Writes under ``path`` in this block: running out of space (or quota) is DiskFull."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(str(path)) from exc
+        raise
 
 
 class SandboxError(CorralError):

@@ -14,6 +14,7 @@ from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline import shapes
 from corral.pipeline.executor import AgentRequest
+from corral.pipeline.worker import recover_expired
 from corral.store import Release, Run, RunEvent
 
 
@@ -47,6 +48,8 @@ def run(
         raise InvalidInput(f"--input is not JSON: {exc}") from exc
     request = AgentRequest(env, entrypoint, value, timeout=timeout, snapshot=snapshot, user=user,
                            connections=connections)  # fmt: skip
+    # Like every start, first end what a dead `corral run` or worker left running.
+    recover_expired(corral.pipeline, corral.sandboxes, corral.settings.run_lease)
     finished = corral.executor.run(request, on_event=None if as_json else _show)
     emit(as_json, run_json(finished, corral.store.runs.events(finished.id)),
          lambda: _summary(finished))  # fmt: skip

@@ -31,15 +31,19 @@ def grace_option(func: F) -> F:
 
 @click.command("worker")
 @click.option("--workers", default=2, show_default=True, help="Worker threads in this process.")
-@click.option("--lease", default=10.0, show_default=True, help="Seconds a lease lasts unrenewed.")
+@click.option(
+    "--lease",
+    type=float,
+    help="Seconds a lease lasts unrenewed.  [default: CORRAL_RUN_LEASE or 10]",
+)
 @grace_option
 @click.pass_obj
 @handled
-def worker(corral: Corral, workers: int, lease: float, grace: float) -> None:
+def worker(corral: Corral, workers: int, lease: float | None, grace: float) -> None:
     """Run workers until SIGTERM or Ctrl-C, then drain: take no more runs, let those in hand
     finish for --grace seconds, hand the rest back to the queue. A killed worker's runs go to
     another once its lease runs out."""
-    started = corral.start_workers(workers, lease=lease)
+    started = corral.start_workers(workers, lease=lease or corral.settings.run_lease)
     click.echo(
         f"{len(started)} workers leasing runs ({', '.join(w.name for w in started)})", err=True
     )

@@ -36,6 +36,7 @@ from corral.errors import (
     EnvironmentExists,
     EnvironmentNotFound,
     NothingToFreeze,
+    out_of_space,
 )
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
 from corral.snapshots import temporaries
@@ -102,7 +103,7 @@ class Environments:
             message=f"created from {source or BASE_SOURCE}",
         )
         env = self.store.create_environment(name, source or BASE_SOURCE, first)
-        self._tag(name, 1, image)
+        self._tag(name)
         self._reset_draft(name)
         return env
 
@@ -186,7 +187,7 @@ class Environments:
                 ),
                 expected_head=env.head,
             )
-            self._tag(name, snap.seq, image)
+            self._tag(name)
             self._reset_draft(name)
             return snap
 
@@ -212,9 +213,12 @@ class Environments:
         if self.store.get_environment(name).head != parent:
             return None
         base = self.images.load(parent)
-        with tempfile.TemporaryDirectory(
-            dir=self.settings.data_dir, prefix=temporaries.prefix("platform")
-        ) as tmp:
+        with (
+            out_of_space(self.settings.data_dir),  # DiskFull: nothing is stored, head unmoved
+            tempfile.TemporaryDirectory(
+                dir=self.settings.data_dir, prefix=temporaries.prefix("platform")
+            ) as tmp,
+        ):
             upper = Path(tmp) / "upper"
             build(upper)
             image = self.images.commit(base, upper, created_by=f"corral: {message}")
@@ -233,7 +237,7 @@ class Environments:
             stored = self.store.add_snapshot(name, snapshot, expected_head=parent)
         except Conflict:
             return None
-        self._tag(name, stored.seq, image)
+        self._tag(name)
         return stored
 
     def discard(self, name: str) -> None:
@@ -309,9 +313,19 @@ class Environments:
             self.drafts.clear(name)  # unmounted before its directory goes
         shutil.rmtree(self._env_dir(name), ignore_errors=True)
 
-    def _tag(self, name: str, seq: int, image: Image) -> None:
-        self.layout.tag(name, image.manifest)
-        self.layout.tag(f"{name}+{seq}", image.manifest)
+    def _tag(self, name: str) -> None:
+        """Make the layout's tags say what the database says: ``name`` is the head and
+        ``name+<seq>`` each snapshot. Only what differs is written, in one rewrite of the
+        index, so a tag a crash left behind (after the head moved, before the tags did) is
+        put right by the next freeze or fold-in."""
+        head = self.store.get_environment(name).head
+        wanted = {f"{name}+{s.seq}": s.digest for s in self.store.history(name)}
+        wanted[name] = head
+        current = self.layout.tags()
+        stale = {tag: self.images.load(digest).manifest for tag, digest in wanted.items()
+                 if current.get(tag) != digest}  # fmt: skip
+        if stale:
+            self.layout.tag_many(stale)
 
     def _env_dir(self, name: str) -> Path:
         return self.settings.data_dir / "envs" / name

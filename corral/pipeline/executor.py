@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,8 +43,9 @@ from corral.bridge import tokens
 from corral.bridge.tokens import KeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, InvalidInput, SandboxError, StoreUnavailable
+from corral.errors import CommandNotFound, DiskFull, InvalidInput, SandboxError, StoreUnavailable
 from corral.limits import RUNNER_LIMITS
+from corral.pipeline.leases import held, owner_name
 from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
@@ -197,8 +198,20 @@ class Executor:
         self.max_attempts = max_attempts
 
     def run(self, request: AgentRequest, on_event: Callable[[RunEvent], None] | None = None) -> Run:
-        """Record a run and execute it here and now (``corral run``)."""
-        return self.execute(self.prepare(request), request, on_event)
+        """Record a run and execute it here and now (``corral run``), holding its lease like a
+        worker: if this process dies, the run is ended by whoever next finds the lease expired
+        (``worker.recover_expired``) instead of reading ``running`` forever."""
+        owner, lease = owner_name("run"), self.settings.run_lease
+        run = self.prepare(request, lease_owner=owner,
+                           lease_expires=datetime.now(UTC) + timedelta(seconds=lease))  # fmt: skip
+        with held(self.store, run.id, owner, lease) as holding:
+
+            def stop() -> Stopped | None:
+                if holding.lost.is_set() or holding.lapsed.is_set():
+                    return Stopped(RunStatus.FAILED, "lease_lost", "this process lost the run")
+                return None
+
+            return self.execute(run, request, on_event, stop=stop)
 
     def prepare(self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING,
                 **fields: Any) -> Run:  # fmt: skip
@@ -288,7 +301,6 @@ class Executor:
                 folded = self._fold_in(env.name, digest, release, outcome.replaced, emit)
             except StoreUnavailable as exc:  # an optimisation: a later run folds it in
                 emit("fold_in.skipped", reason=exc.detail)
-        emit("run.finished", status=str(outcome.status), attempts=attempts)
         usage = {
             "at": datetime.now(UTC),
             "run": run.id,
@@ -297,14 +309,18 @@ class Executor:
             "kind": "sandbox_seconds",
             "quantity": round(time.monotonic() - started, 3),
         }
-        patiently(lambda: self.store.bridge.add_usage([usage]), f"run {run.id}: usage",
-                  check=self._interrupt)  # fmt: skip
+        patiently(
+            lambda: self.store.bridge.add_usage([usage]),
+            f"run {run.id}: usage",
+            check=self._interrupt,
+        )
+        end = finish or self._finish_here
         finished_at = datetime.now(UTC)
-        end = finish or self.store.runs.update
         finished = patiently(
             lambda: end(
                 run.id,
                 lease_owner=run.lease_owner,  # fenced: only while this worker still holds it
+                detail={"attempts": attempts},  # for its run.finished event
                 status=str(outcome.status),
                 result=None if outcome.result is None else json.dumps(outcome.result),
                 error_code=outcome.error_code,
@@ -319,7 +335,17 @@ class Executor:
         )
         if RunStatus(finished.status).terminal:
             self.tokens.ended(finished)
+            if on_event is not None:
+                last = self.store.runs.events(run.id, after=self._last_seq(run) - 1)
+                for event in last:
+                    if event.kind == "run.finished":
+                        on_event(event)
         return finished
+
+    def _finish_here(self, run_id: str, *, lease_owner: str | None, **fields: Any) -> Run:
+        """A run's end written straight to the store (``corral run``, outside the pipeline)."""
+        done = self.store.runs.finish(run_id, lease_owner=lease_owner, **fields)
+        return self.store.runs.get(run_id) if done is None else done[0]
 
     def _attempts(
         self,
@@ -336,7 +362,8 @@ class Executor:
             try:
                 outcome = self._attempt(run, request, release, attempt, deadline, emit, notify)
                 return outcome, attempt
-            except (RunnerInvalid, CommandNotFound, ProtocolError) as exc:
+            except (RunnerInvalid, CommandNotFound, ProtocolError, DiskFull) as exc:
+                # A fresh sandbox would meet the same interpreter, command, code or full disk.
                 return _Outcome(RunStatus.FAILED, error_code=exc.code, error=exc.detail), attempt
             except SandboxError as exc:
                 emit("attempt.failed", attempt=attempt, code=exc.code, detail=exc.detail)
@@ -582,7 +609,11 @@ class Executor:
             self.releases.fold_in_tree(release, replaced, upper)
 
         message = f"runner {release.version} ({release.short_id}) folded in"
-        snapshot = self.envs.commit_platform_layer(name, parent, build, message)
+        try:
+            snapshot = self.envs.commit_platform_layer(name, parent, build, message)
+        except DiskFull as exc:  # the run succeeded; the next one swaps again and folds in
+            emit("fold_in.skipped", reason=exc.detail)
+            return None
         if snapshot is None:
             emit("fold_in.skipped", reason="the environment's head moved during the run")
             return None

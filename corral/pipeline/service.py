@@ -250,26 +250,30 @@ class Pipeline:
         lease_owner: str | None = None,
         lease_expires: datetime | None = None,
         from_status: tuple[str, ...] = ACTIVE,
+        detail: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Run:
         """End a run and announce it: the one way any run reaches a terminal state.
 
         The write is conditional (``Runs.finish``): only while the run is in ``from_status``
-        and, when given, leased by ``lease_owner``. The path that wins bills the run and
+        and, when given, leased by ``lease_owner``; it records the run's ``run.finished``
+        event (with ``detail``) in the same transaction. The path that wins bills the run and
         fires the completion hooks; a loser changes nothing. Returns the run's record.
         """
         fields.setdefault("finished_at", datetime.now(UTC))
         run = self.store.runs.get(run_id)
         self.ledger.bill(run.id, run.user, run.app)  # before it reads as ended: see wait()
-        ended = self.store.runs.finish(
+        done = self.store.runs.finish(
             run_id,
             lease_owner=lease_owner,
             lease_expires=lease_expires,
             from_status=from_status,
+            detail=detail,
             **fields,
         )
-        if ended is None:
+        if done is None:
             return self.store.runs.get(run_id)
+        ended = done[0]
         self.executor.tokens.ended(ended)  # none of its tokens works any more, on any bridge
         # Again, for the bridge's last batch of usage (billing is idempotent per usage event).
         self.ledger.bill(ended.id, ended.user, ended.app)

@@ -8,10 +8,14 @@ stateDiagram-v2
     queued --> cancelled: cancelled before it started
     running --> queued: its worker died (lease expired): retried with backoff
     running --> succeeded: result
-    running --> failed: agent error, invalid runner, attempts exhausted, budget spent
+    running --> failed: agent error, invalid runner, attempts, budget, disk full, worker lost
     running --> timed_out: deadline passed
     running --> cancelled: cancelled
 ```
+
+Every arrow into a terminal state is one transaction that also records the run's
+``run.finished`` event (``Runs.finish``): a run ends exactly once. ``worker lost``: its lease
+ran out ``MAX_DELIVERIES`` times, or the ``corral run`` process running it died.
 """
 
 from __future__ import annotations

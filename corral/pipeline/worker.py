@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -51,6 +50,7 @@ from datetime import UTC, datetime
 from corral.errors import CorralError, StoreUnavailable
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
+from corral.pipeline.leases import Lease, held, owner_name
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
 from corral.sandbox.sandboxes import Sandboxes
@@ -99,7 +99,7 @@ class Worker:
         self.pipeline = pipeline
         self.store = pipeline.store
         self.sandboxes = sandboxes
-        self.name = name or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.name = name or owner_name("worker")
         self.lease = lease
         self.poll = poll
         self._swept = 0.0
@@ -194,25 +194,7 @@ class Worker:
         return True
 
     def requeue_expired(self) -> None:
-        expired = self.store.pipeline.expired()
-        if expired:
-            self.sandboxes().reap()  # the dead workers' sandboxes on this host die first
-        for run in expired:
-            if run.deliveries >= MAX_DELIVERIES:
-                self.pipeline.finish(  # only while the dead worker's lease is still the one
-                    run.id,
-                    lease_owner=run.lease_owner,
-                    lease_expires=run.lease_expires,
-                    from_status=(str(RunStatus.RUNNING),),
-                    status=str(RunStatus.FAILED),
-                    error_code="worker_lost",
-                    error=f"{run.deliveries} workers lost this run",
-                )
-                continue
-            # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
-            backoff = self.lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
-            if self.store.pipeline.requeue(run, backoff):
-                log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)
+        recover_expired(self.pipeline, self.sandboxes, self.lease)
 
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
@@ -237,6 +219,7 @@ class Worker:
             lambda: self.pipeline.finish(
                 run.id,
                 lease_owner=self.name,
+                detail={"attempts": data.get("attempt"), "resumed": True},
                 status=str(status),
                 result=json.dumps(data.get("output")) if ok else None,
                 error_code=None if ok else str(data.get("code", "agent_error")),
@@ -281,33 +264,11 @@ class Worker:
         request = self.pipeline.request(
             run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
         )
-        lost = threading.Event()  # the store says another worker holds the run
-        lapsed = threading.Event()  # the lease ran out before this worker could renew it
-        beating = threading.Event()
-
-        def heartbeat() -> None:
-            renewed = leased_at  # when the lease last ran from, by this worker's clock
-            pause = self.lease / 3
-            while not beating.wait(pause):
-                asked = time.monotonic()
-                try:
-                    held = self.store.pipeline.heartbeat(run.id, self.name, self.lease)
-                except Exception as exc:  # the store is out of reach: retry soon
-                    if not isinstance(exc, StoreUnavailable):
-                        log.exception("run %s: a heartbeat failed", run.id)
-                    if time.monotonic() - renewed >= self.lease:
-                        lapsed.set()
-                        return
-                    pause = min(0.5, self.lease / 3)
-                    continue
-                if not held:
-                    lost.set()
-                    return
-                renewed, pause = asked, self.lease / 3
+        lending = threading.Event()
 
         def lend() -> None:
             # While this run executes, its awaited callees run here, one at a time.
-            while not beating.wait(LEND_POLL):
+            while not lending.wait(LEND_POLL):
                 try:
                     callee = self.store.pipeline.claim(self.name, self.lease, awaited_by=run.id)
                     if callee is not None:
@@ -317,16 +278,15 @@ class Worker:
                 except Exception:  # a supervisor: record, carry on
                     log.exception("run %s: lending to a callee failed", run.id)
 
-        pulse = threading.Thread(target=heartbeat, daemon=True)
-        pulse.start()
         lender = threading.Thread(target=lend, name=f"lender-{run.id}", daemon=True)
-        lender.start()
+        holding: list[Lease] = []  # the lease ``held`` renews (below)
         checked = [0.0]
 
         def stop() -> Stopped | None:
-            if lost.is_set():
+            lease = holding[0] if holding else None
+            if lease is not None and lease.lost.is_set():
                 return Stopped(RunStatus.FAILED, "lease_lost", "this worker lost the run's lease")
-            if lapsed.is_set():
+            if lease is not None and lease.lapsed.is_set():
                 raise HandedBack(run.id, "its lease ran out while the store was out of reach")
             if self._abandon.is_set():
                 raise HandedBack(run.id, "its worker is shutting down")
@@ -349,7 +309,12 @@ class Worker:
             return None
 
         try:
-            with run_context(run.id):
+            with (
+                run_context(run.id),
+                held(self.store, run.id, self.name, self.lease, leased_at) as lease,
+            ):
+                holding.append(lease)
+                lender.start()
                 self.pipeline.executor.execute(run, request, stop=stop, finish=self.pipeline.finish)
         except HandedBack as back:
             self._hand_back(run, back.reason)
@@ -358,9 +323,9 @@ class Worker:
         except Exception:
             log.exception("run %s failed in worker %s", run.id, self.name)
         finally:
-            beating.set()
-            pulse.join(timeout=5)
-            lender.join()  # a callee it lent to runs to its end before this worker moves on
+            lending.set()
+            if lender.is_alive():
+                lender.join()  # a callee it lent to runs to its end before this worker moves on
 
     def _hand_back(self, run: Run, reason: str) -> None:
         """The run goes back to the queue for another worker, now (if it is still this
@@ -378,3 +343,36 @@ class Worker:
                 f"run {run.id}",
             )  # fmt: skip
             log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)
+
+
+def recover_expired(pipeline: Pipeline, sandboxes: Callable[[], Sandboxes], lease: float) -> None:
+    """Runs whose owner stopped renewing its lease (it died, or hangs): reap the dead owners'
+    sandboxes on this host, then put each run back in the queue, or end it if nobody can run
+    it again: an app run delivered ``MAX_DELIVERIES`` times, or a ``corral run`` (its caller,
+    a terminal, is gone with it). ``lease`` is the caller's own, for the requeue's backoff."""
+    store = pipeline.store
+    expired = store.pipeline.expired()
+    if expired:
+        sandboxes().reap()  # the dead owners' sandboxes on this host die first
+    for run in expired:
+        if run.app is None or run.deliveries >= MAX_DELIVERIES:
+            why = (
+                f"{run.deliveries} workers lost this run"
+                if run.app is not None
+                else f"the `corral run` process running it ({run.lease_owner}) died"
+            )
+            pipeline.finish(  # only while the dead owner's lease is still the one
+                run.id,
+                lease_owner=run.lease_owner,
+                lease_expires=run.lease_expires,
+                from_status=(str(RunStatus.RUNNING),),
+                detail={"attempts": run.attempts},
+                status=str(RunStatus.FAILED),
+                error_code="worker_lost",
+                error=why,
+            )
+            continue
+        # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
+        backoff = lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
+        if store.pipeline.requeue(run, backoff):
+            log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)

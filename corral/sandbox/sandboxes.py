@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from corral.config import Settings
+from corral.errors import out_of_space
 from corral.sandbox import host
 from corral.sandbox.network import Network
 from corral.sandbox.runc import Runc
@@ -169,37 +170,38 @@ class Sandboxes:
         )
         self.slots.write(record)
         try:
-            rootfs = bundle / "rootfs"
-            rootfs.mkdir(parents=True)
-            upper, work = request.upper, request.work
-            if upper is None or work is None:
-                scratch = bundle / "scratch"
-                scratch.mkdir()
-                overlay.mount_scratch(scratch, self.settings.limits.scratch_bytes)
-                upper, work = scratch / "upper", scratch / "work"
-            for d in (upper, work):
-                d.mkdir(parents=True, exist_ok=True)
-            overlay.mount(request.layers, upper, work, rootfs)
-            self.network.create(link)
-            mounts = list(request.mounts)
-            if request.edit:
-                mounts.append(self._resolv_conf(bundle))
-            config = runtime_config(
-                rootfs=rootfs,
-                process=ProcessSpec(
-                    argv=request.argv,
-                    env=request.env,
-                    cwd=request.cwd,
-                    uid=request.uid,
-                    gid=request.gid,
-                ),
-                hostname="sandbox",
-                netns=link.netns_path,
-                cgroups_path=f"/{CGROUP_PARENT}/{record.container}",
-                limits=self.settings.limits,
-                mounts=mounts,
-            )
-            _write_json(bundle / "config.json", config)
+            with out_of_space(self.bundles):  # the bundle and an edit's draft: the data disk
+                rootfs = bundle / "rootfs"
+                rootfs.mkdir(parents=True)
+                upper, work = request.upper, request.work
+                if upper is None or work is None:
+                    scratch = bundle / "scratch"
+                    scratch.mkdir()
+                    overlay.mount_scratch(scratch, self.settings.limits.scratch_bytes)
+                    upper, work = scratch / "upper", scratch / "work"
+                for d in (upper, work):
+                    d.mkdir(parents=True, exist_ok=True)
+                overlay.mount(request.layers, upper, work, rootfs)
+                self.network.create(link)
+                mounts = list(request.mounts)
+                if request.edit:
+                    mounts.append(self._resolv_conf(bundle))
+                config = runtime_config(
+                    rootfs=rootfs,
+                    process=ProcessSpec(
+                        argv=request.argv,
+                        env=request.env,
+                        cwd=request.cwd,
+                        uid=request.uid,
+                        gid=request.gid,
+                    ),
+                    hostname="sandbox",
+                    netns=link.netns_path,
+                    cgroups_path=f"/{CGROUP_PARENT}/{record.container}",
+                    limits=self.settings.limits,
+                    mounts=mounts,
+                )
+                _write_json(bundle / "config.json", config)
             yield record, str(link.address)
         finally:
             self.teardown(record)

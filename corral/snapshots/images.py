@@ -30,6 +30,7 @@ from corral.errors import (
     RequirementMissing,
     SnapshotError,
     SnapshotNotFound,
+    out_of_space,
 )
 from corral.snapshots import digests, temporaries
 from corral.snapshots.fsattr import Immutability, unlock_everything
@@ -229,16 +230,17 @@ class Images:
         self.cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=temporaries.prefix("unpack"), dir=self.cache))
         try:
-            os.chmod(tmp, 0o755)
-            unpack_layer(self.layout.blob_path(layer.digest), tmp)
-            for tree in PROTECTED:
-                if (tmp / tree).is_dir() and not (tmp / tree).is_symlink():
-                    Immutability().set_tree(tmp / tree, True)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                if not dest.is_dir():  # anything but "another process unpacked it first"
-                    raise
+            with out_of_space(self.cache):
+                os.chmod(tmp, 0o755)
+                unpack_layer(self.layout.blob_path(layer.digest), tmp)
+                for tree in PROTECTED:
+                    if (tmp / tree).is_dir() and not (tmp / tree).is_symlink():
+                        Immutability().set_tree(tmp / tree, True)
+                try:
+                    os.rename(tmp, dest)
+                except OSError:
+                    if not dest.is_dir():  # anything but "another process unpacked it first"
+                        raise
         finally:
             if tmp.exists():
                 unlock_everything(tmp)

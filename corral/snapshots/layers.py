@@ -26,12 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from corral.errors import SnapshotError
+from corral.errors import DiskFull, SnapshotError, out_of_space
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE = "trusted.overlay.opaque"
 _SKIP_XATTR_PREFIXES = ("trusted.overlay.",)
+# How GNU tar says it ran out of space (in English; _no_room covers the other locales).
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
 
 
 def is_empty(upper: Path) -> bool:
@@ -79,8 +81,17 @@ def unpack_layer(blob: Path, dest: Path) -> None:
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
+        if any(s in proc.stderr for s in _NO_SPACE) or _no_room(dest):
+            raise DiskFull(str(dest))
         raise SnapshotError(f"could not unpack layer {blob.name}: {proc.stderr.strip()}")
-    _overlay_whiteouts(dest)
+    with out_of_space(dest):
+        _overlay_whiteouts(dest)
+
+
+def _no_room(path: Path) -> bool:
+    """Less than a MiB left for ``path``'s filesystem: what a write that failed there met."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def _overlay_whiteouts(root: Path) -> None:

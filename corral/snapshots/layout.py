@@ -200,14 +200,29 @@ class Layout:
 
     def tag(self, tag: str, manifest: Descriptor) -> None:
         """Point ``tag`` at ``manifest`` (one atomic rewrite of index.json under a lock)."""
+        self.tag_many({tag: manifest})
+
+    def tags(self) -> dict[str, str]:
+        """Every tag and the digest of the manifest it points at."""
+        return {
+            m["annotations"][REF_NAME]: m.get("digest", "")
+            for m in self.index()["manifests"]
+            if REF_NAME in (m.get("annotations") or {})
+        }
+
+    def tag_many(self, tags: dict[str, Descriptor]) -> None:
+        """Point each tag at its manifest, in one atomic rewrite of index.json under a lock."""
         with self._index_lock():
             index = self.index()
             kept = [
-                m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != tag
+                m
+                for m in index["manifests"]
+                if (m.get("annotations") or {}).get(REF_NAME) not in tags
             ]
-            entry = manifest.to_json()
-            entry["annotations"] = {**entry.get("annotations", {}), REF_NAME: tag}
-            kept.append(entry)
+            for tag, manifest in tags.items():
+                entry = manifest.to_json()
+                entry["annotations"] = {**entry.get("annotations", {}), REF_NAME: tag}
+                kept.append(entry)
             index["manifests"] = kept
             self._write_index(index)
 

@@ -4,23 +4,30 @@ Like ``store.py``, every public method is one transaction and every database err
 as a ``corral.errors`` exception. A run's event log is append-only: ``append_event`` assigns
 the next sequence number inside its transaction, so concurrent writers of one run's log
 serialise and readers can follow the log with ``events(run_id, after=seq)``.
+
+A run ends exactly once, through ``finish`` (or, for a run cancelled while queued, through
+``PipelineRecords.cancel``): the terminal status and the ``run.finished`` event are written
+in one transaction, and only while the run has not ended, so no path can end a run twice or
+end it without its event, whoever (a worker, its successor, a sweeper) gets there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 
 from corral.errors import Conflict, NotFound
 from corral.store.engine import transaction
 from corral.store.rows import Release, Run, RunEvent
 from corral.store.schema import run_events, runner_releases, runs
 
+# Statuses of a run that has not ended, and of one that has (see corral/pipeline/states.py).
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 
@@ -141,20 +148,28 @@ class Runs:
         lease_owner: str | None = None,
         lease_expires: datetime | None = None,
         from_status: tuple[str, ...] = ACTIVE,
+        detail: dict[str, Any] | None = None,
         **fields: Any,
-    ) -> Run | None:
+    ) -> tuple[Run, RunEvent] | None:
         """End a run: the one write that moves a run into a terminal state.
 
-        It happens only while the run is still in ``from_status`` (and, when given, while
+        The terminal ``status`` and the other ``fields`` (``finished_at`` among them), and
+        the run's ``run.finished`` event (its status and ``detail``), in one transaction. It
+        happens only while the run is still in ``from_status`` (and, when given, while
         ``lease_owner`` holds its lease, the one that expires at ``lease_expires``), so of two
-        paths racing to end one run exactly one wins. Returns the ended run, or None if this
-        call did not end it (it had ended already, or its lease belongs to another worker).
+        paths racing to end one run exactly one wins, and no run ends without its event.
+        Returns the ended run and that event, or None if this call did not end it (it had
+        ended already, or its lease belongs to another worker): nothing is written then.
         """
         unknown = set(fields) - {c.name for c in runs.columns}
         if unknown:
             raise ValueError(f"runs has no columns {sorted(unknown)}")
-        if fields.get("status") not in TERMINAL:
-            raise ValueError(f"finish needs a terminal status, not {fields.get('status')!r}")
+        status = fields.get("status")
+        if status not in TERMINAL:
+            raise ValueError(f"finish needs a terminal status, not {status!r}")
+        at = fields.get("finished_at")
+        if not isinstance(at, datetime):
+            raise ValueError("finish needs the time the run finished (finished_at)")
         where = [runs.c.id == run_id, runs.c.status.in_(from_status)]
         if lease_owner is not None:
             where.append(runs.c.lease_owner == lease_owner)
@@ -164,7 +179,12 @@ class Runs:
             row = conn.execute(
                 update(runs).where(*where).values(**fields).returning(*runs.c)
             ).first()
-        return None if row is None else Run(**row._asdict())
+            if row is None:
+                if not conn.scalar(select(runs.c.id).where(runs.c.id == run_id)):
+                    raise RunNotFound(run_id)
+                return None
+            event = finished_event(conn, run_id, str(status), at, detail)
+        return Run(**row._asdict()), event
 
     def claim_announcement(self, run_id: str, now: datetime) -> bool:
         """Mark an ended run's completion hooks as fired; True for the one caller that did."""
@@ -225,14 +245,7 @@ class Runs:
 
     def append_event(self, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
         with transaction(self._engine, write=True) as conn:
-            last = conn.scalar(
-                select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
-            )
-            seq = (last or 0) + 1
-            conn.execute(
-                insert(run_events).values(run_id=run_id, seq=seq, at=at, kind=kind, data=data)
-            )
-        return RunEvent(run_id, seq, at, kind, data)
+            return _append(conn, run_id, at, kind, data)
 
     def events(self, run_id: str, after: int = 0) -> list[RunEvent]:
         with transaction(self._engine) as conn:
@@ -242,6 +255,21 @@ class Runs:
                 .order_by(run_events.c.seq)
             ).all()
         return [RunEvent(**r._asdict()) for r in rows]
+
+
+def finished_event(
+    conn: Connection, run_id: str, status: str, at: datetime, detail: dict[str, Any] | None
+) -> RunEvent:
+    """Append the run's ``run.finished`` event, inside the transaction that ends it."""
+    data = json.dumps({"status": status, **(detail or {})}, default=repr)
+    return _append(conn, run_id, at, "run.finished", data)
+
+
+def _append(conn: Connection, run_id: str, at: datetime, kind: str, data: str) -> RunEvent:
+    last = conn.scalar(select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id))
+    seq = (last or 0) + 1
+    conn.execute(insert(run_events).values(run_id=run_id, seq=seq, at=at, kind=kind, data=data))
+    return RunEvent(run_id, seq, at, kind, data)
 
 
 def _release(row: Row[Any]) -> Release:

@@ -152,7 +152,7 @@ def test_a_waiting_callers_worker_claims_only_that_callers_awaited_callees(
 
 def test_a_run_ends_once_and_is_announced_once(store: Store) -> None:
     run = add_run(store, "run-1", status="running", started=NOW, owner="w1")
-    ended: list[Run | None] = []
+    ended: list[tuple[Run, object] | None] = []
     barrier = threading.Barrier(8)
 
     def end(status: str) -> Callable[[], None]:
@@ -168,12 +168,16 @@ def test_a_run_ends_once_and_is_announced_once(store: Store) -> None:
         t.start()
     for t in threads:
         t.join()
-    winners = [r for r in ended if r is not None]
+    winners = [r[0] for r in ended if r is not None]
     assert len(winners) == 1 and winners[0].status == store.runs.get(run.id).status
-    assert store.runs.finish(run.id, status="succeeded") is None  # ended is ended
+    finished = [e for e in store.runs.events(run.id) if e.kind == "run.finished"]
+    assert len(finished) == 1  # its event, once, with the status that won
+    assert json.loads(finished[0].data)["status"] == winners[0].status
+    assert store.runs.finish(run.id, status="succeeded", finished_at=NOW) is None  # ended
 
     lost = add_run(store, "run-2", status="running", owner="w2")
-    assert store.runs.finish(lost.id, lease_owner="w1", status="failed") is None  # not w1's
+    not_w1 = store.runs.finish(lost.id, lease_owner="w1", status="failed", finished_at=NOW)
+    assert not_w1 is None  # not w1's
     assert store.runs.get(lost.id).status == "running"
 
     assert store.runs.unannounced(NOW + timedelta(seconds=1)) == [store.runs.get(run.id)]
