@@ -121,7 +121,7 @@ WORKER_DEATHS = {
     "running": None,
     "after the result": "corral.pipeline.executor:Executor._follow",
     "folding in": "corral.snapshots.images:Images.commit",
-    "before the hooks": "corral.pipeline.worker:Worker._finish@before",
+    "before the hooks": "corral.pipeline.service:Pipeline.announce@before",
 }
 
 
