@@ -38,22 +38,27 @@ def main() -> None:
     try:
         env = "bench-boot"
         corral.envs.create(env)
-        corral.envs.exec(env, ("sh", "-c", "echo 'print(42)' > /home/user/plot.py"),
-                         stdout=subprocess.DEVNULL)  # fmt: skip
+        corral.envs.exec(
+            env, ("sh", "-c", "echo 'print(42)' > /home/user/plot.py"), stdout=subprocess.DEVNULL
+        )
         corral.envs.freeze(env)
         image = corral.envs.images.load(corral.envs.get(env).head)
         layers = tuple(corral.envs.images.unpacked(image))
         sandboxes = corral.sandboxes()
         bundle = plain_bundle(layers[-1], data)
         runc_root = data / "runc-floor"
-        request = SandboxRequest(layers=layers, argv=("/bin/true",),
-                                 env=(("PATH", "/usr/bin:/bin"),))  # fmt: skip
+        request = SandboxRequest(
+            layers=layers, argv=("/bin/true",), env=(("PATH", "/usr/bin:/bin"),)
+        )
 
         floor, ours = [], []
         for i in range(RUNS + 3):
             t = time.perf_counter()
-            subprocess.run(["runc", "--root", str(runc_root), "run", "--bundle", str(bundle),
-                            f"floor-{i}"], check=True, stdin=subprocess.DEVNULL)  # fmt: skip
+            subprocess.run(
+                ["runc", "--root", str(runc_root), "run", "--bundle", str(bundle), f"floor-{i}"],
+                check=True,
+                stdin=subprocess.DEVNULL,
+            )
             floor_s = time.perf_counter() - t
             t = time.perf_counter()
             result = sandboxes.run(request, stdin=subprocess.DEVNULL)

@@ -28,16 +28,22 @@ def main() -> None:
         envs = corral.envs
         envs.create(env)
         # Grow the environment past 300 MB: 128 MB of incompressible data over the ~200 MB base.
-        envs.exec(env, ("sh", "-c", "head -c 134217728 /dev/urandom > /home/user/data.bin"),
-                  stdout=subprocess.DEVNULL)  # fmt: skip
+        envs.exec(
+            env,
+            ("sh", "-c", "head -c 134217728 /dev/urandom > /home/user/data.bin"),
+            stdout=subprocess.DEVNULL,
+        )
         envs.freeze(env)
         size = envs.images.load(envs.get(env).head).size
         assert size >= 300 * 1024 * 1024, size
 
         freezes = []
         for i in range(ROUNDS):
-            envs.exec(env, ("sh", "-c", f"echo 'print({i})' > /home/user/plot.py"),
-                      stdout=subprocess.DEVNULL)  # fmt: skip
+            envs.exec(
+                env,
+                ("sh", "-c", f"echo 'print({i})' > /home/user/plot.py"),
+                stdout=subprocess.DEVNULL,
+            )
             t = time.perf_counter()
             envs.freeze(env)
             freezes.append(time.perf_counter() - t)

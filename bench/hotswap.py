@@ -29,8 +29,9 @@ def main() -> None:
     try:
         env = "bench-swap"
         corral.envs.create(env)
-        corral.envs.exec(env, ("sh", "-c", f"printf '{AGENT}' > /home/user/agent.py"),
-                         stdout=subprocess.DEVNULL)  # fmt: skip
+        corral.envs.exec(
+            env, ("sh", "-c", f"printf '{AGENT}' > /home/user/agent.py"), stdout=subprocess.DEVNULL
+        )
         before = corral.envs.freeze(env).digest
         first = corral.executor.run(AgentRequest(env, "agent.py:main"))
         assert first.status == "succeeded" and first.folded_snapshot, first.error

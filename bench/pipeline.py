@@ -49,21 +49,28 @@ def measure_once(label: str, database_url: str | None, callers: int, runs: int) 
     import tempfile
 
     data = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(data),
-               "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80))}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(data),
+        "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80)),
+    }
     if database_url:
         environ["CORRAL_DATABASE_URL"] = database_url
     corral = Corral(Settings.from_env(environ))
     try:
         corral.envs.create("bench")
-        corral.envs.exec("bench", ("sh", "-c", f'printf "{AGENT}" > /home/user/agent.py'),
-                         stdout=subprocess.DEVNULL)  # fmt: skip
+        corral.envs.exec(
+            "bench",
+            ("sh", "-c", f'printf "{AGENT}" > /home/user/agent.py'),
+            stdout=subprocess.DEVNULL,
+        )
         corral.envs.freeze("bench")
         corral.pipeline.apps.create("bench", AppSpec("bench", "agent.py:main"))
         corral.ledger.grant("bench", 1e9)
         corral.start_workers(WORKERS)
-        warm = corral.pipeline.execute_agent("bench", {}, Trigger("http"), user="bench", wait=True,
-                                             wait_timeout=120)  # fmt: skip
+        warm = corral.pipeline.execute_agent(
+            "bench", {}, Trigger("http"), user="bench", wait=True, wait_timeout=120
+        )
         assert warm.status == "succeeded", warm.error  # swap and fold-in happen here, once
 
         latencies: list[float] = []
@@ -73,8 +80,9 @@ def measure_once(label: str, database_url: str | None, callers: int, runs: int) 
         def caller() -> None:
             for _ in range(per_caller):
                 sent = time.time()
-                run = corral.pipeline.execute_agent("bench", {}, Trigger("http"), user="bench",
-                                                    wait=True, wait_timeout=300)  # fmt: skip
+                run = corral.pipeline.execute_agent(
+                    "bench", {}, Trigger("http"), user="bench", wait=True, wait_timeout=300
+                )
                 assert run.status == "succeeded", (run.error_code, run.error)
                 first = json.loads(run.result or "{}")["first"]
                 with lock:
@@ -90,9 +98,11 @@ def measure_once(label: str, database_url: str | None, callers: int, runs: int) 
         ordered = sorted(latencies)
         p50 = statistics.median(ordered) * 1000
         p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000
-        print(f"pipeline[{label}]: {len(ordered)} runs, {callers} callers, {WORKERS} workers: "
-              f"{len(ordered) / elapsed:5.1f} runs started/s; trigger -> first instruction "
-              f"p50 {p50:6.0f} ms, p99 {p99:6.0f} ms")  # fmt: skip
+        print(
+            f"pipeline[{label}]: {len(ordered)} runs, {callers} callers, {WORKERS} workers: "
+            f"{len(ordered) / elapsed:5.1f} runs started/s; trigger -> first instruction "
+            f"p50 {p50:6.0f} ms, p99 {p99:6.0f} ms"
+        )
     finally:
         corral.close()
         discard(data)

@@ -52,8 +52,17 @@ class PrivateCluster:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        self._as_postgres("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"),
-                          "-o", options, "-w", "start")  # fmt: skip
+        self._as_postgres(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         """Fast shutdown: every session is terminated, as in a real restart."""
@@ -67,8 +76,9 @@ class PrivateCluster:
 
     def destroy(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._as_postgres("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop",
-                              check=False)  # fmt: skip
+            self._as_postgres(
+                "pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False
+            )
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _as_postgres(self, tool: str, *args: str, check: bool = True) -> None:

@@ -55,9 +55,11 @@ def allowed(app: Any, scope: Scope) -> list[str]:
     methods = {
         method
         for method in PROBED
-        if any(route.matches({**scope, "method": method})[0] is Match.FULL
-               for route in app.router.routes)
-    }  # fmt: skip
+        if any(
+            route.matches({**scope, "method": method})[0] is Match.FULL
+            for route in app.router.routes
+        )
+    }
     if methods:
         methods.add("OPTIONS")
     return sorted(methods)

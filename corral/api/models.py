@@ -93,8 +93,9 @@ class CreateEnvironment(BaseModel):
         alias="from",
         description="oci:PATH[:TAG] or oci-archive:PATH[:TAG] on the server, under its import "
         "directory (403 elsewhere, 404 if nothing is there); null: the base image",
-        json_schema_extra={"anyOf": [{"type": "string", "pattern": "^(oci|oci-archive):."},
-                                     {"type": "null"}]},
+        json_schema_extra={
+            "anyOf": [{"type": "string", "pattern": "^(oci|oci-archive):."}, {"type": "null"}]
+        },
     )
 
 
@@ -170,11 +171,13 @@ class Exec(BaseModel):
 class RunSandbox(BaseModel):
     model_config = _STRICT
 
-    env: str = Field(description="the environment whose snapshot boots the sandbox",
-                     json_schema_extra=NAME)  # fmt: skip
+    env: str = Field(
+        description="the environment whose snapshot boots the sandbox", json_schema_extra=NAME
+    )
     argv: list[str] = _argv()
     snapshot: str | None = Field(
-        default=None, description="a digest from the environment's history; null: its head",
+        default=None,
+        description="a digest from the environment's history; null: its head",
         json_schema_extra={"anyOf": [{"type": "string", **DIGEST}, {"type": "null"}]},
     )
     timeout: float | None = _timeout()
@@ -232,24 +235,33 @@ class AppSettings(BaseModel):
 
     model_config = _STRICT
 
-    timeout: float = Field(default=_spec_default("timeout"), gt=0,
-                           description="seconds a run may take")  # fmt: skip
+    timeout: float = Field(
+        default=_spec_default("timeout"), gt=0, description="seconds a run may take"
+    )
     budget_per_run: Credits | None = Field(
-        default=None, ge=0, le=amounts.MAX_CREDITS, json_schema_extra=_CREDITS_SCHEMA,
+        default=None,
+        ge=0,
+        le=amounts.MAX_CREDITS,
+        json_schema_extra=_CREDITS_SCHEMA,
         description="credits one run may spend; 0 admits no run; null: none",
-    )  # fmt: skip
+    )
     budget_total: Credits | None = Field(
-        default=None, ge=0, le=amounts.MAX_CREDITS, json_schema_extra=_CREDITS_SCHEMA,
+        default=None,
+        ge=0,
+        le=amounts.MAX_CREDITS,
+        json_schema_extra=_CREDITS_SCHEMA,
         description="credits all the app's runs may spend; null: no limit",
-    )  # fmt: skip
+    )
     concurrency: Literal["allow", "enqueue", "reject", "cancel_previous"] = Field(
         default=_spec_default("concurrency"),
         description="what a user's run does while another of theirs is active",
     )
-    max_concurrent: Integer = Field(default=0, ge=0, le=1_000_000,
-                                    description="active runs per user; 0: no maximum")  # fmt: skip
+    max_concurrent: Integer = Field(
+        default=0, ge=0, le=1_000_000, description="active runs per user; 0: no maximum"
+    )
     connections: list[str] = Field(
-        default_factory=list, description="connections the runs' tokens may reach",
+        default_factory=list,
+        description="connections the runs' tokens may reach",
         json_schema_extra={"items": {"type": "string", **NAME}},
     )
     input_schema: dict[str, Any] | None = Field(
@@ -265,10 +277,12 @@ class AppSettings(BaseModel):
 
 class CreateApp(AppSettings):
     name: str = Field(description=NAME_RULE, json_schema_extra=NAME)
-    environment: str = Field(description="the environment whose head snapshot runs boot",
-                             json_schema_extra=NAME)  # fmt: skip
-    entrypoint: str = Field(description="file.py:function", examples=["agent.py:main"],
-                            json_schema_extra=ENTRYPOINT)  # fmt: skip
+    environment: str = Field(
+        description="the environment whose head snapshot runs boot", json_schema_extra=NAME
+    )
+    entrypoint: str = Field(
+        description="file.py:function", examples=["agent.py:main"], json_schema_extra=ENTRYPOINT
+    )
 
 
 class UpdateApp(AppSettings):
@@ -322,10 +336,12 @@ class StartRun(BaseModel):
     input: Any = Field(default=None, description="the agent's input: any JSON value")
     wait: bool = Field(default=False, description="answer once the run has ended")
     timeout: float | None = Field(
-        default=None, gt=0, le=3600,
+        default=None,
+        gt=0,
+        le=3600,
         description="with wait: answer after this many seconds even if the run goes on "
-                    "(202 with the run as it is then); default 600",
-    )  # fmt: skip
+        "(202 with the run as it is then); default 600",
+    )
 
 
 class Run(BaseModel):
@@ -358,11 +374,14 @@ class Grant(BaseModel):
     model_config = _STRICT
 
     credits: Credits = Field(
-        gt=0, le=amounts.MAX_CREDITS, json_schema_extra={"multipleOf": _MICRO},
+        gt=0,
+        le=amounts.MAX_CREDITS,
+        json_schema_extra={"multipleOf": _MICRO},
         description=f"credits to add to the user's balance: above 0, {_CREDITS_RULE}",
-    )  # fmt: skip
-    note: str | None = Field(default=None, max_length=1000,
-                             description="kept with the ledger entry")  # fmt: skip
+    )
+    note: str | None = Field(
+        default=None, max_length=1000, description="kept with the ledger entry"
+    )
 
 
 class Adjustment(BaseModel):
@@ -372,12 +391,14 @@ class Adjustment(BaseModel):
     model_config = _STRICT
 
     credits: Credits = Field(
-        ge=-amounts.MAX_CREDITS, le=amounts.MAX_CREDITS,
+        ge=-amounts.MAX_CREDITS,
+        le=amounts.MAX_CREDITS,
         json_schema_extra={"multipleOf": _MICRO, "not": {"const": 0}},
         description=f"credits to add (or, negative, to take away): not 0, {_CREDITS_RULE}",
-    )  # fmt: skip
-    note: str = Field(min_length=1, max_length=1000, pattern=r"\S",
-                      description="why: kept with the ledger entry")  # fmt: skip
+    )
+    note: str = Field(
+        min_length=1, max_length=1000, pattern=r"\S", description="why: kept with the ledger entry"
+    )
 
 
 class Balance(BaseModel):

@@ -49,8 +49,10 @@ def _corral(request: Request) -> Corral:
 def _user(
     x_corral_user: Annotated[
         str | None,
-        Header(description="the calling user (no authentication yet); default `local`. "
-                           + USER_RULE, json_schema_extra=models.header(models.USER)),
+        Header(
+            description="the calling user (no authentication yet); default `local`. " + USER_RULE,
+            json_schema_extra=models.header(models.USER),
+        ),
     ] = None,
 ) -> str:
     return check_user(x_corral_user if x_corral_user is not None else DEFAULT_USER)
@@ -65,17 +67,21 @@ _KEY_RE = re.compile(KEY_PATTERN)
 def _idempotency_key(
     idempotency_key: Annotated[
         str | None,
-        Header(description="the same key and body within 24 h give the same run, once; "
-                           f"1-{MAX_KEY} visible ASCII characters (no spaces)",
-               json_schema_extra=models.header({"pattern": f"^{KEY_PATTERN}$", "minLength": 1,
-                                                "maxLength": MAX_KEY})),
+        Header(
+            description="the same key and body within 24 h give the same run, once; "
+            f"1-{MAX_KEY} visible ASCII characters (no spaces)",
+            json_schema_extra=models.header(
+                {"pattern": f"^{KEY_PATTERN}$", "minLength": 1, "maxLength": MAX_KEY}
+            ),
+        ),
     ] = None,
 ) -> str | None:
     if idempotency_key is None:
         return None
     if _KEY_RE.fullmatch(idempotency_key) is None:
-        raise InvalidInput(f"Idempotency-Key must be 1-{MAX_KEY} visible ASCII characters, "
-                           f"not {idempotency_key!r}")  # fmt: skip
+        raise InvalidInput(
+            f"Idempotency-Key must be 1-{MAX_KEY} visible ASCII characters, not {idempotency_key!r}"
+        )
     return idempotency_key
 
 
@@ -113,8 +119,14 @@ async def start_run(
     201 with the queued run; with ``wait``, 200 with the ended run, or 202 with the run as it
     is if ``timeout`` passed first. A repeated idempotent request answers as the first did.
     """
-    run = await blocking(corral.pipeline.execute_agent, app, body.input, trigger, user=user,
-                         idempotency_key=idempotency_key)  # fmt: skip
+    run = await blocking(
+        corral.pipeline.execute_agent,
+        app,
+        body.input,
+        trigger,
+        user=user,
+        idempotency_key=idempotency_key,
+    )
     if body.wait:
         run = await stream.wait_for_end(corral.store, run.id, body.timeout)
         response.status_code = 200 if RunStatus(run.status).terminal else 202
@@ -232,9 +244,12 @@ async def run_events(
     corral: Service,
     last_event_id: Annotated[
         str | None,
-        Header(description="resume after this event's seq (EventSource sends it)",
-               json_schema_extra=models.header({"pattern": f"^{stream.LAST_EVENT_ID_PATTERN}$",
-                                                "maxLength": 18})),
+        Header(
+            description="resume after this event's seq (EventSource sends it)",
+            json_schema_extra=models.header(
+                {"pattern": f"^{stream.LAST_EVENT_ID_PATTERN}$", "maxLength": 18}
+            ),
+        ),
     ] = None,
 ) -> StreamingResponse:
     """The run's events live, as Server-Sent Events, until it ends; then ``end``."""
@@ -262,9 +277,11 @@ def _balance(corral: Corral, user: str) -> models.Balance:
 
 
 @router.post(
-    "/users/{user}/credits", status_code=201, tags=["credits"],
+    "/users/{user}/credits",
+    status_code=201,
+    tags=["credits"],
     responses=documented(400, 409, 422),
-)  # fmt: skip
+)
 def grant_credits(user: UserName, body: models.Grant, corral: Service) -> models.Balance:
     """Add credits to a user's balance (no authentication yet: anyone may); the new balance."""
     corral.ledger.grant(check_user(user), body.credits, body.note or "")

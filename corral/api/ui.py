@@ -113,8 +113,11 @@ def run_url(run_id: str) -> str:
 
 
 def _cells(*cells: object) -> Html:
-    return Html("<tr>" + "".join(f"<td>{c if isinstance(c, Html) else escape(c)}</td>"
-                                 for c in cells) + "</tr>")  # fmt: skip
+    return Html(
+        "<tr>"
+        + "".join(f"<td>{c if isinstance(c, Html) else escape(c)}</td>" for c in cells)
+        + "</tr>"
+    )
 
 
 def _empty(columns: int, text: str) -> Html:
@@ -178,8 +181,9 @@ def app_page(app: str, corral: Service) -> HTMLResponse:
     schema = Html("")
     if spec.input_schema is not None:
         shown = json.dumps(spec.input_schema, indent=2)
-        schema = Html(f"<details><summary>Input schema</summary><pre>{escape(shown)}</pre>"
-                      "</details>")  # fmt: skip
+        schema = Html(
+            f"<details><summary>Input schema</summary><pre>{escape(shown)}</pre></details>"
+        )
     return page(
         app,
         "app.html",

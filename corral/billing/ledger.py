@@ -98,40 +98,73 @@ class Ledger:
         """What usage totals cost: ``cost`` for totals summed elsewhere (a call tree's)."""
         p = self.prices
         seconds = Decimal(repr(float(sandbox_seconds)))  # as measured, not its binary double
-        return (input_tokens * p.input_token + output_tokens * p.output_token
-                + seconds * p.sandbox_second + bridge_calls * p.bridge_call)  # fmt: skip
+        return (
+            input_tokens * p.input_token
+            + output_tokens * p.output_token
+            + seconds * p.sandbox_second
+            + bridge_calls * p.bridge_call
+        )
 
     def bill(self, run: str, user: str, app: str | None) -> Decimal:
         """Post a deduction for every usage event of ``run`` not yet billed; returns credits."""
         now = datetime.now(UTC)
         entries = []
         for usage in self.store.bridge.usage(run):
-            entries.append({
-                "user": user, "run": run, "app": app, "source": f"usage:{usage['id']}",
-                "kind": "deduction", "micros": -micros_of(self._price(usage)),
-                "detail": json.dumps({"usage": usage["kind"], "connection": usage["connection"]}),
-                "at": now,
-            })  # fmt: skip
+            entries.append(
+                {
+                    "user": user,
+                    "run": run,
+                    "app": app,
+                    "source": f"usage:{usage['id']}",
+                    "kind": "deduction",
+                    "micros": -micros_of(self._price(usage)),
+                    "detail": json.dumps(
+                        {"usage": usage["kind"], "connection": usage["connection"]}
+                    ),
+                    "at": now,
+                }
+            )
         for call in self._billable_calls(run):
-            entries.append({
-                "user": user, "run": run, "app": app, "source": f"call:{call['id']}",
-                "kind": "deduction", "micros": -micros_of(self.prices.bridge_call),
-                "detail": json.dumps({"usage": "bridge_call", "connection": call["connection"]}),
-                "at": now,
-            })  # fmt: skip
+            entries.append(
+                {
+                    "user": user,
+                    "run": run,
+                    "app": app,
+                    "source": f"call:{call['id']}",
+                    "kind": "deduction",
+                    "micros": -micros_of(self.prices.bridge_call),
+                    "detail": json.dumps(
+                        {"usage": "bridge_call", "connection": call["connection"]}
+                    ),
+                    "at": now,
+                }
+            )
         self.store.pipeline.post(entries)
         return credits(self.store.pipeline.spent(run=run))
 
     def _post(self, user: str, kind: str, micros: int, note: str | None) -> None:
-        self.store.pipeline.post([{
-            "user": user, "run": None, "app": None, "source": f"{kind}:{secrets.token_hex(8)}",
-            "kind": kind, "micros": micros, "detail": note, "at": datetime.now(UTC),
-        }])  # fmt: skip
+        self.store.pipeline.post(
+            [
+                {
+                    "user": user,
+                    "run": None,
+                    "app": None,
+                    "source": f"{kind}:{secrets.token_hex(8)}",
+                    "kind": kind,
+                    "micros": micros,
+                    "detail": note,
+                    "at": datetime.now(UTC),
+                }
+            ]
+        )
 
     def _billable_calls(self, run: str) -> list[dict[str, object]]:
         """Calls the bridge forwarded for the run; its own endpoints and refusals are free."""
-        return [c for c in self.store.bridge.calls(run)
-                if c["connection"] not in ("_corral", None) and not c["error"]]  # fmt: skip
+        return [
+            c
+            for c in self.store.bridge.calls(run)
+            if c["connection"] not in ("_corral", None) and not c["error"]
+        ]
 
     def _price(self, usage: dict[str, Any]) -> Decimal:
         kind = usage["kind"]

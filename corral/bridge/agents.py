@@ -87,10 +87,22 @@ def describe(run: Run) -> dict[str, Any]:
     }
 
 
-_SHOWN_TO_AGENTS = frozenset({
-    "id", "app", "app_version", "status", "result", "error_code", "error", "trigger",
-    "parent_run", "depth", "created_at", "finished_at",
-})  # fmt: skip
+_SHOWN_TO_AGENTS = frozenset(
+    {
+        "id",
+        "app",
+        "app_version",
+        "status",
+        "result",
+        "error_code",
+        "error",
+        "trigger",
+        "parent_run",
+        "depth",
+        "created_at",
+        "finished_at",
+    }
+)
 
 
 def _parse(body: bytes) -> tuple[Any, bool, float]:
@@ -99,8 +111,9 @@ def _parse(body: bytes) -> tuple[Any, bool, float]:
     except ValueError:
         request = None
     if not isinstance(request, dict):
-        raise Refused(400, "bad_request", 'the body must be {"input": ..., "wait": ..., '
-                      '"timeout": ...}')  # fmt: skip
+        raise Refused(
+            400, "bad_request", 'the body must be {"input": ..., "wait": ..., "timeout": ...}'
+        )
     wait = request.get("wait", False)
     timeout = request.get("timeout", DEFAULT_WAIT)
     if not isinstance(wait, bool):

@@ -62,8 +62,9 @@ class StoreBackend:
 
     def credential(self, user: str, connection: str) -> Credential | None:
         try:
-            found = _patiently(lambda: self.vault.resolve(user, connection),
-                               f"credential {connection} of {user}")  # fmt: skip
+            found = _patiently(
+                lambda: self.vault.resolve(user, connection), f"credential {connection} of {user}"
+            )
         except (CredentialNotFound, CredentialRevoked):
             return None  # the gate refuses the call, naming the connection
         # Any other vault error (a tampered record, an unknown master key) is the host's

@@ -425,8 +425,9 @@ class BridgeGate:
             if head.method != b"POST":
                 raise Refused(405, "method_not_allowed", "POST a run of the app")
             if self.pipeline is None:
-                raise Refused(503, "agent_calls_unavailable",
-                              "this bridge was started without the pipeline")  # fmt: skip
+                raise Refused(
+                    503, "agent_calls_unavailable", "this bridge was started without the pipeline"
+                )
             return await call_agent(self.pipeline, claims, app, body, self._clock)
 
         return call

@@ -203,6 +203,8 @@ def _framing(
 
 def request_body(fields: list[tuple[bytes, bytes]], http10: bool) -> Framing:
     """How the request's body is delimited; ``Refused`` (400/501) when it is ambiguous."""
+    if not fields:
+        return NO_BODY  # the common case: a request without a body says nothing about one
     return _framing(fields, http10=http10, status=400, side="request") or NO_BODY
 
 
@@ -226,6 +228,8 @@ def head_framing(status: int, fields: list[tuple[bytes, bytes]], version: str) -
 
 def expects_continue(fields: list[tuple[bytes, bytes]]) -> bool:
     """True for ``Expect: 100-continue``; ``Refused`` (417) for any other expectation."""
+    if not fields:
+        return False
     values = _values(fields, b"expect")
     if not values:
         return False

@@ -40,14 +40,21 @@ def settings_options(func: F) -> F:
         click.option("--timeout", type=float, help="Seconds a run may take."),
         click.option("--budget-per-run", type=float, help="Credits one run may spend."),
         click.option("--budget-total", type=float, help="Credits all its runs may spend."),
-        click.option("--concurrency", type=click.Choice(POLICIES),
-                     help="What a user's run does while another of theirs is active."),
+        click.option(
+            "--concurrency",
+            type=click.Choice(POLICIES),
+            help="What a user's run does while another of theirs is active.",
+        ),
         click.option("--max-concurrent", type=int, help="Active runs per user; 0: no maximum."),
-        click.option("--connection", "connections", multiple=True,
-                     help="A connection its runs' tokens may reach (repeat for more)."),
+        click.option(
+            "--connection",
+            "connections",
+            multiple=True,
+            help="A connection its runs' tokens may reach (repeat for more).",
+        ),
         click.option("--input-schema", help="A JSON Schema for the input, or @FILE holding one."),
         click.option("--webhook-url", help="POSTed when a run ends."),
-    ]  # fmt: skip
+    ]
     for option in reversed(options):
         func = option(func)
     return func
@@ -88,13 +95,17 @@ def app_group() -> None:
 @json_option
 @click.pass_obj
 @handled
-def create(corral: Corral, /, name: str, environment: str, entrypoint: str, as_json: bool,
-           **settings: Any) -> None:  # fmt: skip
+def create(
+    corral: Corral, /, name: str, environment: str, entrypoint: str, as_json: bool, **settings: Any
+) -> None:
     """Create app NAME (version 1)."""
     raw = {"environment": environment, "entrypoint": entrypoint, **_changes(**settings)}
     version, spec = corral.pipeline.apps.create(name, AppSpec.from_json(raw))
-    emit(as_json, app_json(name, version, spec),
-         lambda: click.echo(f"created app {name} version {version}"))  # fmt: skip
+    emit(
+        as_json,
+        app_json(name, version, spec),
+        lambda: click.echo(f"created app {name} version {version}"),
+    )
 
 
 @app_group.command("update")
@@ -111,8 +122,11 @@ def update(corral: Corral, /, name: str, as_json: bool, **settings: Any) -> None
     if not changes:
         raise InvalidInput("nothing to change: give at least one option")
     version, spec = corral.pipeline.apps.update(name, **changes)
-    emit(as_json, app_json(name, version, spec),
-         lambda: click.echo(f"updated app {name}: version {version}"))  # fmt: skip
+    emit(
+        as_json,
+        app_json(name, version, spec),
+        lambda: click.echo(f"updated app {name}: version {version}"),
+    )
 
 
 @app_group.command("list")
@@ -125,8 +139,10 @@ def list_(corral: Corral, as_json: bool) -> None:
 
     def human() -> None:
         for name, version, spec in apps:
-            click.echo(f"{name:<24} v{version:<4} {spec.environment:<24} {spec.entrypoint:<24} "
-                       f"{spec.concurrency}")  # fmt: skip
+            click.echo(
+                f"{name:<24} v{version:<4} {spec.environment:<24} {spec.entrypoint:<24} "
+                f"{spec.concurrency}"
+            )
 
     emit(as_json, [app_json(n, v, s) for n, v, s in apps], human)
 
@@ -152,8 +168,10 @@ def show(corral: Corral, name: str, as_json: bool) -> None:
         for key, value in payload["spec"].items():
             click.echo(f"  {key:<20} {json.dumps(value)}")
         for r in runs:
-            click.echo(f"  {r.id}  {r.status:<10} {r.trigger:<8} {r.user:<16} "
-                       f"{r.created_at:%Y-%m-%d %H:%M:%S}")  # fmt: skip
+            click.echo(
+                f"  {r.id}  {r.status:<10} {r.trigger:<8} {r.user:<16} "
+                f"{r.created_at:%Y-%m-%d %H:%M:%S}"
+            )
 
     emit(as_json, payload, human)
 
@@ -192,10 +210,15 @@ def run(
             "with `corral worker` (or `corral serve`) sharing this store, or pass --here to "
             "execute it in this process"
         )
-    admitted = corral.pipeline.execute_agent(name, value, Trigger("cli"), user=user,
-                                             idempotency_key=idempotency_key,
-                                             wait=wait and not here,
-                                             wait_timeout=wait_timeout)  # fmt: skip
+    admitted = corral.pipeline.execute_agent(
+        name,
+        value,
+        Trigger("cli"),
+        user=user,
+        idempotency_key=idempotency_key,
+        wait=wait and not here,
+        wait_timeout=wait_timeout,
+    )
     if here:
         admitted = corral.execute_here(admitted, wait_timeout)
     emit(as_json, run_json(admitted), lambda: _summary(admitted))

@@ -18,14 +18,16 @@ def connection_group() -> None:
 @connection_group.command("add")
 @click.argument("name")
 @click.option("--base-url", required=True, help="e.g. https://api.example.com/v2")
-@click.option("--auth", default="bearer", show_default=True,
-              help="bearer | basic | header:NAME | query:PARAM")  # fmt: skip
+@click.option(
+    "--auth", default="bearer", show_default=True, help="bearer | basic | header:NAME | query:PARAM"
+)
 @click.option("--meter", type=click.Choice(["openai", "anthropic"]), help="Read model usage.")
 @json_option
 @click.pass_obj
 @handled
-def add(corral: Corral, name: str, base_url: str, auth: str, meter: str | None,
-        as_json: bool) -> None:  # fmt: skip
+def add(
+    corral: Corral, name: str, base_url: str, auth: str, meter: str | None, as_json: bool
+) -> None:
     """Add a connection, or point a built-in one (github, slack, openai, anthropic) elsewhere."""
     conn = Connection(name, base_url.rstrip("/"), auth, meter)  # validates
     corral.store.bridge.put_connection(conn.name, conn.base_url, conn.auth, conn.meter)
@@ -38,8 +40,10 @@ def add(corral: Corral, name: str, base_url: str, auth: str, meter: str | None,
 @handled
 def list_(corral: Corral, as_json: bool) -> None:
     """Built-in and stored connections (a stored one overrides the built-in of its name)."""
-    stored = {r["name"]: Connection(r["name"], r["base_url"], r["auth"], r["meter"])
-              for r in corral.store.bridge.all_connections()}  # fmt: skip
+    stored = {
+        r["name"]: Connection(r["name"], r["base_url"], r["auth"], r["meter"])
+        for r in corral.store.bridge.all_connections()
+    }
     rows = [_shape(c, "stored") for c in stored.values()]
     rows += [_shape(c, "built-in") for n, c in BUILTIN.items() if n not in stored]
     rows.sort(key=lambda r: str(r["name"]))
@@ -67,8 +71,13 @@ def rm(corral: Corral, name: str, as_json: bool) -> None:
 
 
 def _shape(conn: Connection, origin: str) -> dict[str, object]:
-    return {"name": conn.name, "base_url": conn.base_url, "auth": conn.auth,
-            "meter": conn.meter, "origin": origin}  # fmt: skip
+    return {
+        "name": conn.name,
+        "base_url": conn.base_url,
+        "auth": conn.auth,
+        "meter": conn.meter,
+        "origin": origin,
+    }
 
 
 @click.group("bridge")

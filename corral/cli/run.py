@@ -25,8 +25,12 @@ from corral.store import Release, Run, RunEvent
 @click.option("--timeout", type=float, help="Seconds for the whole run.")
 @click.option("--snapshot", help="Boot this snapshot of the history, not the head.")
 @click.option("--user", default="local", show_default=True, help="Whose credentials it uses.")
-@click.option("--connection", "connections", multiple=True,
-              help="A connection the run's token may use (repeat for more).")  # fmt: skip
+@click.option(
+    "--connection",
+    "connections",
+    multiple=True,
+    help="A connection the run's token may use (repeat for more).",
+)
 @json_option
 @click.pass_obj
 @handled
@@ -46,13 +50,23 @@ def run(
         value = json.loads(input_)
     except ValueError as exc:
         raise InvalidInput(f"--input is not JSON: {exc}") from exc
-    request = AgentRequest(env, entrypoint, value, timeout=timeout, snapshot=snapshot, user=user,
-                           connections=connections)  # fmt: skip
+    request = AgentRequest(
+        env,
+        entrypoint,
+        value,
+        timeout=timeout,
+        snapshot=snapshot,
+        user=user,
+        connections=connections,
+    )
     # Like every start, first end what a dead `corral run` or worker left running.
     recover_expired(corral.pipeline, corral.sandboxes, corral.settings.run_lease)
     finished = corral.executor.run(request, on_event=None if as_json else _show)
-    emit(as_json, run_json(finished, corral.store.runs.events(finished.id)),
-         lambda: _summary(finished))  # fmt: skip
+    emit(
+        as_json,
+        run_json(finished, corral.store.runs.events(finished.id)),
+        lambda: _summary(finished),
+    )
     sys.exit(0 if finished.status == "succeeded" else 1)
 
 
@@ -97,8 +111,11 @@ def runner_group() -> None:
 def publish(corral: Corral, path: Path, version: str | None, as_json: bool) -> None:
     """Publish the runner package at PATH as the current release."""
     release = corral.releases.publish(path.resolve(), version)
-    emit(as_json, release_json(release),
-         lambda: click.echo(f"published runner {release.version} {release.digest}"))  # fmt: skip
+    emit(
+        as_json,
+        release_json(release),
+        lambda: click.echo(f"published runner {release.version} {release.digest}"),
+    )
 
 
 @runner_group.command("list")
@@ -113,11 +130,16 @@ def list_(corral: Corral, as_json: bool) -> None:
     def human() -> None:
         for r in releases:
             mark = "*" if r.digest == current.digest else " "
-            click.echo(f"{mark} {r.version:<10} {r.digest}  {r.published_at:%Y-%m-%d %H:%M:%S}  "
-                       f"python>={r.requires_python}  {r.source}")  # fmt: skip
+            click.echo(
+                f"{mark} {r.version:<10} {r.digest}  {r.published_at:%Y-%m-%d %H:%M:%S}  "
+                f"python>={r.requires_python}  {r.source}"
+            )
 
-    emit(as_json, [{**release_json(r), "current": r.digest == current.digest} for r in releases],
-         human)  # fmt: skip
+    emit(
+        as_json,
+        [{**release_json(r), "current": r.digest == current.digest} for r in releases],
+        human,
+    )
 
 
 @runner_group.command("use")
@@ -128,8 +150,11 @@ def list_(corral: Corral, as_json: bool) -> None:
 def use(corral: Corral, ref: str, as_json: bool) -> None:
     """Make the release REF (a version or digest) current again."""
     release = corral.releases.activate(ref)
-    emit(as_json, release_json(release),
-         lambda: click.echo(f"current runner: {release.version} {release.digest}"))  # fmt: skip
+    emit(
+        as_json,
+        release_json(release),
+        lambda: click.echo(f"current runner: {release.version} {release.digest}"),
+    )
 
 
 def release_json(release: Release) -> dict[str, object]:

@@ -53,8 +53,16 @@ def schedule_group() -> None:
 @json_option
 @click.pass_obj
 @handled
-def add(corral: Corral, app: str, cron_expr: str, timezone: str, input_json: str, user: str,
-        misfire: str, as_json: bool) -> None:  # fmt: skip
+def add(
+    corral: Corral,
+    app: str,
+    cron_expr: str,
+    timezone: str,
+    input_json: str,
+    user: str,
+    misfire: str,
+    as_json: bool,
+) -> None:
     """Run APP on a cron schedule.
 
     \b
@@ -109,8 +117,11 @@ def resume(corral: Corral, schedule_id: str, as_json: bool) -> None:
     """Fire SCHEDULE_ID again from now on. Fire times missed while paused are not run, except
     the latest one under --misfire run_once."""
     schedule = corral.store.schedules.resume(schedule_id, now=datetime.now(UTC))
-    emit(as_json, schedule.to_dict(),
-         lambda: click.echo(f"resumed {schedule.id}: {_describe(schedule)}"))  # fmt: skip
+    emit(
+        as_json,
+        schedule.to_dict(),
+        lambda: click.echo(f"resumed {schedule.id}: {_describe(schedule)}"),
+    )
 
 
 @schedule_group.command("remove")
@@ -121,8 +132,9 @@ def resume(corral: Corral, schedule_id: str, as_json: bool) -> None:
 def remove(corral: Corral, schedule_id: str, as_json: bool) -> None:
     """Delete SCHEDULE_ID and its tick records; the runs it started are kept."""
     corral.store.schedules.remove(schedule_id)
-    emit(as_json, {"id": schedule_id, "removed": True},
-         lambda: click.echo(f"removed {schedule_id}"))  # fmt: skip
+    emit(
+        as_json, {"id": schedule_id, "removed": True}, lambda: click.echo(f"removed {schedule_id}")
+    )
 
 
 def _describe(s: Schedule) -> str:

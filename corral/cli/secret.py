@@ -47,9 +47,14 @@ def set_(corral: Corral, user: str, connection: str, kind: str, as_json: bool) -
     """
     fields = read_fields(kind, sys.stdin)
     info = corral.vault.put(user, connection, kind, fields)
-    emit(as_json, info.to_dict(),
-         lambda: click.echo(f"stored {kind} credential {connection!r} for {user} "
-                            f"(sealed under master key {info.key_id})"))  # fmt: skip
+    emit(
+        as_json,
+        info.to_dict(),
+        lambda: click.echo(
+            f"stored {kind} credential {connection!r} for {user} "
+            f"(sealed under master key {info.key_id})"
+        ),
+    )
 
 
 @secret_group.command("list")
@@ -64,8 +69,10 @@ def list_(corral: Corral, user: str | None, as_json: bool) -> None:
     def human() -> None:
         for i in infos:
             state = "revoked" if i.revoked else f"key {i.key_id}"
-            click.echo(f"{i.user:<20} {i.connection:<16} {i.kind:<8} {state:<20} "
-                       f"updated {i.updated_at:%Y-%m-%d %H:%M:%S}")  # fmt: skip
+            click.echo(
+                f"{i.user:<20} {i.connection:<16} {i.kind:<8} {state:<20} "
+                f"updated {i.updated_at:%Y-%m-%d %H:%M:%S}"
+            )
 
     emit(as_json, [i.to_dict() for i in infos], human)
 
@@ -79,8 +86,7 @@ def list_(corral: Corral, user: str | None, as_json: bool) -> None:
 def revoke(corral: Corral, user: str, connection: str, as_json: bool) -> None:
     """Revoke USER's credential for CONNECTION: its sealed bytes are destroyed."""
     info = corral.vault.revoke(user, connection)
-    emit(as_json, info.to_dict(),
-         lambda: click.echo(f"revoked {info.connection!r} of {info.user}"))  # fmt: skip
+    emit(as_json, info.to_dict(), lambda: click.echo(f"revoked {info.connection!r} of {info.user}"))
 
 
 @click.group("vault")
@@ -120,8 +126,11 @@ def rotate(corral: Corral, as_json: bool) -> None:
 def retire(corral: Corral, key_id: str, as_json: bool) -> None:
     """Remove old master key KEY_ID from the key file, once no credential uses it."""
     left = corral.vault.retire(key_id)
-    emit(as_json, {"retired": key_id, "keys": list(left)},
-         lambda: click.echo(f"retired master key {key_id}; {len(left)} key(s) left"))  # fmt: skip
+    emit(
+        as_json,
+        {"retired": key_id, "keys": list(left)},
+        lambda: click.echo(f"retired master key {key_id}; {len(left)} key(s) left"),
+    )
 
 
 @vault_group.command("keys")

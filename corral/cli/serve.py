@@ -12,8 +12,13 @@ from corral.context import Corral
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8700, show_default=True, type=int)
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Threads executing queued runs; 0 leaves them to `corral worker`.")  # fmt: skip
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Threads executing queued runs; 0 leaves them to `corral worker`.",
+)
 @click.option(
     "--schedules/--no-schedules",
     default=True,

@@ -135,8 +135,18 @@ class Drafts:
         image.unlink(missing_ok=True)
         with open(image, "wb") as f:
             f.truncate(self.limit_bytes)  # sparse: nothing is allocated yet
-        argv = ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", "corral-draft",
-                "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", str(image)]  # fmt: skip
+        argv = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-L",
+            "corral-draft",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            str(image),
+        ]
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         except FileNotFoundError:
@@ -160,8 +170,10 @@ class Drafts:
             (target / "upper").mkdir()
             done = subprocess.run(
                 ["cp", "-a", f"{legacy}/.", str(target / "upper")],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=False,
+            )
         finally:
             overlay.unmount(target)
             target.rmdir()

@@ -123,10 +123,14 @@ class Environments:
         st = tar.stat()
         marker.write_text(
             json.dumps(
-                {"path": str(tar), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                 "digest": image.digest}
+                {
+                    "path": str(tar),
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                    "digest": image.digest,
+                }
             )
-        )  # fmt: skip
+        )
         return image
 
     # -- edit sessions and freezing ----------------------------------------------------------
@@ -322,8 +326,11 @@ class Environments:
         wanted = {f"{name}+{s.seq}": s.digest for s in self.store.history(name)}
         wanted[name] = head
         current = self.layout.tags()
-        stale = {tag: self.images.load(digest).manifest for tag, digest in wanted.items()
-                 if current.get(tag) != digest}  # fmt: skip
+        stale = {
+            tag: self.images.load(digest).manifest
+            for tag, digest in wanted.items()
+            if current.get(tag) != digest
+        }
         if stale:
             self.layout.tag_many(stale)
 

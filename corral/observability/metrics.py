@@ -25,20 +25,38 @@ class Metrics:
         self.runs = Counter(
             "corral_runs", "Finished runs", ["app", "trigger", "status"], registry=r
         )
-        self.admitted = Counter("corral_runs_admitted", "Runs admitted", ["app", "trigger"],
-                                registry=r)  # fmt: skip
-        self.duration = Histogram("corral_run_duration_seconds", "Run wall time",
-                                  ["trigger"], buckets=_SECONDS, registry=r)  # fmt: skip
-        self.boot = Histogram("corral_sandbox_boot_seconds", "Sandbox boot to runner ready",
-                              buckets=_SECONDS, registry=r)  # fmt: skip
-        self.swap = Histogram("corral_runner_swap_seconds", "Runner hot swap, stage to lock",
-                              buckets=_SECONDS, registry=r)  # fmt: skip
-        self.bridge_calls = Counter("corral_bridge_calls", "Calls through the bridge",
-                                    ["connection", "status"], registry=r)  # fmt: skip
+        self.admitted = Counter(
+            "corral_runs_admitted", "Runs admitted", ["app", "trigger"], registry=r
+        )
+        self.duration = Histogram(
+            "corral_run_duration_seconds",
+            "Run wall time",
+            ["trigger"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.boot = Histogram(
+            "corral_sandbox_boot_seconds",
+            "Sandbox boot to runner ready",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.swap = Histogram(
+            "corral_runner_swap_seconds",
+            "Runner hot swap, stage to lock",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.bridge_calls = Counter(
+            "corral_bridge_calls", "Calls through the bridge", ["connection", "status"], registry=r
+        )
         self.credits = Counter("corral_credits_charged", "Credits deducted", ["app"], registry=r)
         queue = Gauge("corral_queue_depth", "Runs waiting for a worker", registry=r)
-        queue.set_function(lambda: float(len([x for x in store.pipeline.runs(limit=10_000)
-                                              if x.status == "queued"])))  # fmt: skip
+        queue.set_function(
+            lambda: float(
+                len([x for x in store.pipeline.runs(limit=10_000) if x.status == "queued"])
+            )
+        )
 
     def admitted_run(self, run: Run) -> None:
         self.admitted.labels(run.app or "", run.trigger).inc()

@@ -45,16 +45,18 @@ class AppSpec:
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, int | float):
             raise InvalidInput(f"timeout must be a number of seconds, not {self.timeout!r}")
         if not math.isfinite(self.timeout) or self.timeout <= 0:
-            raise InvalidInput(f"timeout must be a finite number of seconds above 0, "
-                               f"not {self.timeout!r}")  # fmt: skip
+            raise InvalidInput(
+                f"timeout must be a finite number of seconds above 0, not {self.timeout!r}"
+            )
         if self.concurrency not in POLICIES:
             raise InvalidInput(f"concurrency must be one of {', '.join(POLICIES)}")
         if self.max_concurrent < 0:
             raise InvalidInput("max_concurrent must be 0 (no maximum) or more")
         for what in ("budget_per_run", "budget_total"):
             budget = getattr(self, what)
-            if budget is not None and (isinstance(budget, bool) or
-                                       not isinstance(budget, int | float)):
+            if budget is not None and (
+                isinstance(budget, bool) or not isinstance(budget, int | float)
+            ):
                 raise InvalidInput(f"{what} must be a number of credits, not {budget!r}")
             # Exact, finite and within the ledger's bound, like every amount of credits.
             if budget is not None and to_micros(budget, what) < 0:

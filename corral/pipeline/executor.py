@@ -202,8 +202,9 @@ class Executor:
         worker: if this process dies, the run is ended by whoever next finds the lease expired
         (``worker.recover_expired``) instead of reading ``running`` forever."""
         owner, lease = owner_name("run"), self.settings.run_lease
-        run = self.prepare(request, lease_owner=owner,
-                           lease_expires=datetime.now(UTC) + timedelta(seconds=lease))  # fmt: skip
+        run = self.prepare(
+            request, lease_owner=owner, lease_expires=datetime.now(UTC) + timedelta(seconds=lease)
+        )
         with held(self.store, run.id, owner, lease) as holding:
 
             def stop() -> Stopped | None:
@@ -213,8 +214,9 @@ class Executor:
 
             return self.execute(run, request, on_event, stop=stop)
 
-    def prepare(self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING,
-                **fields: Any) -> Run:  # fmt: skip
+    def prepare(
+        self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING, **fields: Any
+    ) -> Run:
         """Check ``request`` and record its run; the pipeline records runs ``queued``."""
         env = self.envs.get(request.environment)
         digest = env.head
@@ -550,8 +552,9 @@ class Executor:
                 emit("sandbox.log", attempt=attempt, message=event.get("message", ""))
 
     def _last_seq(self, run: Run) -> int:
-        events = patiently(lambda: self.store.runs.events(run.id), f"run {run.id}",
-                           check=self._interrupt)  # fmt: skip
+        events = patiently(
+            lambda: self.store.runs.events(run.id), f"run {run.id}", check=self._interrupt
+        )
         return events[-1].seq if events else 0
 
     def _refused(self, run: Run, since: datetime) -> dict[str, Any] | None:

@@ -136,9 +136,8 @@ class Pipeline:
                 )
         if self.ledger.balance(user) <= 0:
             raise BudgetExhausted(f"user {user!r} has no credits left")
-        if (
-            spec.budget_total is not None
-            and self.store.pipeline.spent(app=app) >= to_micros(spec.budget_total)
+        if spec.budget_total is not None and self.store.pipeline.spent(app=app) >= to_micros(
+            spec.budget_total
         ):
             raise BudgetExhausted(
                 f"app {app!r} has spent its budget of {spec.budget_total} credits"

@@ -272,8 +272,9 @@ class Deliverer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> Deliverer:
-        self._thread = threading.Thread(target=self.run_forever, name=f"deliverer-{self.name}",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self.run_forever, name=f"deliverer-{self.name}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -322,10 +323,14 @@ class Deliverer:
         """One attempt at a leased delivery; returns the status it was left in."""
         attempt = delivery.attempts
         if attempt > self.policy.max_attempts:  # its last attempt's deliverer died mid-way
-            self._settle(self.store.webhooks.fail(
-                delivery.id, self.name,
-                f"{attempt - 1} attempts were started; the last one never reported back",
-            ), delivery)  # fmt: skip
+            self._settle(
+                self.store.webhooks.fail(
+                    delivery.id,
+                    self.name,
+                    f"{attempt - 1} attempts were started; the last one never reported back",
+                ),
+                delivery,
+            )
             return "failed"
         body = delivery.body.encode()
         headers = {
@@ -342,8 +347,9 @@ class Deliverer:
         except DeliveryFailed as failed:
             return self._failed(delivery, failed)
         self._settle(self.store.webhooks.delivered(delivery.id, self.name), delivery)
-        log.info("webhook %s for run %s delivered (attempt %d)", delivery.id, delivery.run_id,
-                 attempt)  # fmt: skip
+        log.info(
+            "webhook %s for run %s delivered (attempt %d)", delivery.id, delivery.run_id, attempt
+        )
         return "delivered"
 
     def _failed(self, delivery: Delivery, failed: DeliveryFailed) -> str:
@@ -355,10 +361,15 @@ class Deliverer:
             return "failed"
         delay = self.policy.delay(attempt)
         at = datetime.now(UTC) + timedelta(seconds=delay)
-        self._settle(self.store.webhooks.retry(delivery.id, self.name, failed.reason, at),
-                     delivery)  # fmt: skip
-        log.info("webhook %s for run %s: attempt %d failed (%s); next in %.1fs", delivery.id,
-                 delivery.run_id, attempt, failed.reason, delay)  # fmt: skip
+        self._settle(self.store.webhooks.retry(delivery.id, self.name, failed.reason, at), delivery)
+        log.info(
+            "webhook %s for run %s: attempt %d failed (%s); next in %.1fs",
+            delivery.id,
+            delivery.run_id,
+            attempt,
+            failed.reason,
+            delay,
+        )
         return "pending"
 
     def _secret(self, delivery: Delivery) -> str | None:
@@ -371,5 +382,8 @@ class Deliverer:
 
     def _settle(self, settled: bool, delivery: Delivery) -> None:
         if not settled:
-            log.warning("webhook %s: deliverer %s lost its lease before recording the outcome",
-                        delivery.id, self.name)  # fmt: skip
+            log.warning(
+                "webhook %s: deliverer %s lost its lease before recording the outcome",
+                delivery.id,
+                self.name,
+            )

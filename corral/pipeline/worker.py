@@ -117,9 +117,11 @@ class Worker:
         )
         self._thread.start()
         self._presence = threading.Thread(
-            target=self._announce, args=(started,), name=f"worker-{self.name}-presence",
+            target=self._announce,
+            args=(started,),
+            name=f"worker-{self.name}-presence",
             daemon=True,
-        )  # fmt: skip
+        )
         self._presence.start()
         return self
 
@@ -241,8 +243,10 @@ class Worker:
                 lambda: self.store.pipeline.running_count(run.user, app), f"run {run.id}"
             )
             if running > spec.max_concurrent:
-                patiently(lambda: self.store.pipeline.release(run.id, self.name, delay=0.2),
-                          f"run {run.id}")  # fmt: skip
+                patiently(
+                    lambda: self.store.pipeline.release(run.id, self.name, delay=0.2),
+                    f"run {run.id}",
+                )
                 return
         if run.deliveries > 1:
             self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
@@ -331,17 +335,20 @@ class Worker:
         """The run goes back to the queue for another worker, now (if it is still this
         worker's: after a lapsed lease another may have taken it already)."""
         try:
-            handed = patiently(lambda: self.store.pipeline.hand_back(run.id, self.name),
-                               f"run {run.id}: handing it back")  # fmt: skip
+            handed = patiently(
+                lambda: self.store.pipeline.hand_back(run.id, self.name),
+                f"run {run.id}: handing it back",
+            )
         except StoreUnavailable:
             return  # its lease runs out and another worker requeues it
         if handed:
             note = json.dumps({"worker": self.name, "reason": reason})
             patiently(
-                lambda: self.store.runs.append_event(run.id, datetime.now(UTC), "run.handed_back",
-                                                     note),
+                lambda: self.store.runs.append_event(
+                    run.id, datetime.now(UTC), "run.handed_back", note
+                ),
                 f"run {run.id}",
-            )  # fmt: skip
+            )
             log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)
 
 

@@ -48,9 +48,10 @@ def build(source: Path, version: str | None = None) -> Bundle:
     ):
         raise InvalidInput(f"{init}: REQUIRES_PYTHON must be a (major, minor) tuple of ints")
     files = sorted(
-        p for p in source.rglob("*")
+        p
+        for p in source.rglob("*")
         if "__pycache__" not in p.parts and p.suffix != ".pyc" and not p.is_symlink()
-    )  # fmt: skip
+    )
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_dir(PACKAGE))

@@ -125,8 +125,13 @@ class Channel:
                 return
 
     def _error(self, code: str, message: str) -> Dict[str, Any]:
-        return {"type": "error", "at": round(time.time(), 6), "attempt": self._attempt,
-                "code": code, "message": message}  # fmt: skip
+        return {
+            "type": "error",
+            "at": round(time.time(), 6),
+            "attempt": self._attempt,
+            "code": code,
+            "message": message,
+        }
 
     def _post(self, chunk: List[Dict[str, Any]]) -> Optional[str]:
         """Deliver ``chunk``: None once delivered (or given up on), else why it was refused."""
@@ -138,9 +143,8 @@ class Channel:
             self._url,
             data=body,
             method="POST",
-            headers={"authorization": "Bearer " + self._token,
-                     "content-type": "application/json"},
-        )  # fmt: skip
+            headers={"authorization": "Bearer " + self._token, "content-type": "application/json"},
+        )
         # The bridge answers 5xx while it cannot reach its database (a restart): keep the
         # batch and try again, for as long as an outage may last. A 4xx will not change.
         give_up = time.monotonic() + RETRY_S

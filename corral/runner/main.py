@@ -36,8 +36,9 @@ class AgentError(Exception):
 def run(spec: dict[str, Any]) -> int:
     import platform  # here, not at the top: importing the runner stays cheap for validation
 
-    channel = Channel(str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)),
-                      spec.get("limits"))  # fmt: skip
+    channel = Channel(
+        str(spec["bridge"]), str(spec["token"]), int(spec.get("attempt", 0)), spec.get("limits")
+    )
     channel.emit(
         "runner.started",
         version=__version__,

@@ -96,9 +96,13 @@ def swap(
 
     # 2. validate, with the sandbox's own interpreter
     session.send(
-        {"op": "validate", "path": f"/{STAGE_PARENT}/{stage.name}",
-         "package": bundle.PACKAGE, "requires": list(requires)}
-    )  # fmt: skip
+        {
+            "op": "validate",
+            "path": f"/{STAGE_PARENT}/{stage.name}",
+            "package": bundle.PACKAGE,
+            "requires": list(requires),
+        }
+    )
     reply, _ = session.expect(
         ("boot.validated", "boot.invalid"), time.monotonic() + VALIDATE_TIMEOUT_S
     )

@@ -52,8 +52,16 @@ class Runc:
         stderr: IO[bytes] | int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``runc run`` in the foreground of a child process; ``wait`` reaps it."""
-        argv = self._argv("--log", str(bundle / "runc.log"), "--log-format", "json", "run",
-                          "--bundle", str(bundle), container_id)  # fmt: skip
+        argv = self._argv(
+            "--log",
+            str(bundle / "runc.log"),
+            "--log-format",
+            "json",
+            "run",
+            "--bundle",
+            str(bundle),
+            container_id,
+        )
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr)
 
     def wait(

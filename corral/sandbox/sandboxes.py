@@ -145,9 +145,12 @@ class Sandboxes:
         """After a started sandbox ended unexpectedly: raise if runc never started its command
         (CommandNotFound, SandboxDied, RuncError); return if the command itself ended."""
         self.runc.wait(
-            started.process, started.record.container, Path(started.record.bundle),
-            timeout=30, env_name=label,
-        )  # fmt: skip
+            started.process,
+            started.record.container,
+            Path(started.record.bundle),
+            timeout=30,
+            env_name=label,
+        )
 
     def kill(self, started: Started) -> None:
         """Kill every process of a started sandbox (it then tears down as usual)."""

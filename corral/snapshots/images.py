@@ -141,8 +141,13 @@ class Images:
         with contextlib.ExitStack() as stack:
             root = Path(path)
             if kind == "oci-archive":
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                    prefix=temporaries.prefix("import"), dir=self.cache)))  # fmt: skip
+                tmp = Path(
+                    stack.enter_context(
+                        tempfile.TemporaryDirectory(
+                            prefix=temporaries.prefix("import"), dir=self.cache
+                        )
+                    )
+                )
                 proc = subprocess.run(
                     ["tar", "-x", "-f", path, "-C", str(tmp)], capture_output=True, text=True
                 )

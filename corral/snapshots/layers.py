@@ -75,10 +75,19 @@ def write_layer(upper: Path, out: BinaryIO) -> None:
 def unpack_layer(blob: Path, dest: Path) -> None:
     """Extract the layer ``blob`` into the empty directory ``dest`` in overlayfs form."""
     argv = [
-        "tar", "-x", "-f", str(blob), "-C", str(dest),
-        "--numeric-owner", "--same-permissions", "--same-owner",
-        "--xattrs", "--xattrs-include=*", "--no-overwrite-dir",
-    ]  # fmt: skip
+        "tar",
+        "-x",
+        "-f",
+        str(blob),
+        "-C",
+        str(dest),
+        "--numeric-owner",
+        "--same-permissions",
+        "--same-owner",
+        "--xattrs",
+        "--xattrs-include=*",
+        "--no-overwrite-dir",
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         if any(s in proc.stderr for s in _NO_SPACE) or _no_room(dest):

@@ -80,8 +80,13 @@ class BridgeRecords:
     # -- connection profiles -----------------------------------------------------------------
 
     def put_connection(self, name: str, base_url: str, auth: str, meter: str | None) -> None:
-        row = {"name": name, "base_url": base_url, "auth": auth, "meter": meter,
-               "updated_at": datetime.now(UTC)}  # fmt: skip
+        row = {
+            "name": name,
+            "base_url": base_url,
+            "auth": auth,
+            "meter": meter,
+            "updated_at": datetime.now(UTC),
+        }
         with transaction(self._engine, write=True) as conn:
             # One statement: two processes putting the same new profile cannot collide.
             dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
@@ -123,7 +128,8 @@ class BridgeRecords:
     def signing_keys(self, since: datetime) -> list[tuple[str, bytes, datetime]]:
         with transaction(self._engine) as conn:
             rows = conn.execute(
-                select(signing_keys).where(signing_keys.c.created_at >= since)
+                select(signing_keys)
+                .where(signing_keys.c.created_at >= since)
                 .order_by(signing_keys.c.created_at)
-            )  # fmt: skip
+            )
             return [(r.kid, r.sealed_private_key, r.created_at) for r in rows]

@@ -89,14 +89,18 @@ class PipelineRecords:
         body = json.dumps(spec, sort_keys=True)
         with transaction(self._engine, write=True) as conn:
             try:  # inside the transaction: it turns database errors into StoreError on the way out
-                conn.execute(insert(apps).values(name=name, version=1, spec=body,
-                                                 created_at=now, updated_at=now))  # fmt: skip
+                conn.execute(
+                    insert(apps).values(
+                        name=name, version=1, spec=body, created_at=now, updated_at=now
+                    )
+                )
             except IntegrityError as exc:
                 if is_unique_violation(exc):
                     raise AppExists(name) from exc
                 raise
-            conn.execute(insert(app_versions).values(app=name, version=1, spec=body,
-                                                     created_at=now))  # fmt: skip
+            conn.execute(
+                insert(app_versions).values(app=name, version=1, spec=body, created_at=now)
+            )
         return 1
 
     def update_app(self, name: str, spec: dict[str, Any]) -> int:
@@ -108,10 +112,14 @@ class PipelineRecords:
             if current is None:
                 raise AppNotFound(name)
             version = current + 1
-            conn.execute(update(apps).where(apps.c.name == name)
-                         .values(version=version, spec=body, updated_at=now))  # fmt: skip
-            conn.execute(insert(app_versions).values(app=name, version=version, spec=body,
-                                                     created_at=now))  # fmt: skip
+            conn.execute(
+                update(apps)
+                .where(apps.c.name == name)
+                .values(version=version, spec=body, updated_at=now)
+            )
+            conn.execute(
+                insert(app_versions).values(app=name, version=version, spec=body, created_at=now)
+            )
         return int(version)
 
     def app(self, name: str, version: int | None = None) -> tuple[int, dict[str, Any]]:
@@ -138,9 +146,10 @@ class PipelineRecords:
     def versions(self, name: str) -> list[tuple[int, dict[str, Any], datetime]]:
         with transaction(self._engine) as conn:
             rows = conn.execute(
-                select(app_versions).where(app_versions.c.app == name)
+                select(app_versions)
+                .where(app_versions.c.app == name)
                 .order_by(app_versions.c.version.desc())
-            ).all()  # fmt: skip
+            ).all()
         if not rows:
             raise AppNotFound(name)
         return [(int(r.version), json.loads(r.spec), r.created_at) for r in rows]
@@ -163,8 +172,10 @@ class PipelineRecords:
         only that run, if it is runnable and queued (``corral app run --here``).
         """
         now = now or datetime.now(UTC)
-        where = [runs.c.status == "queued",
-                 or_(runs.c.available_at.is_(None), runs.c.available_at <= now)]  # fmt: skip
+        where = [
+            runs.c.status == "queued",
+            or_(runs.c.available_at.is_(None), runs.c.available_at <= now),
+        ]
         if awaited_by is not None:
             where += [runs.c.parent_run == awaited_by, runs.c.awaited.is_(True)]
         if only is not None:
@@ -182,12 +193,15 @@ class PipelineRecords:
             row = conn.execute(
                 update(runs)
                 .where(runs.c.id == candidate.id, runs.c.status == "queued")
-                .values(status="running", lease_owner=worker,
-                        lease_expires=now + timedelta(seconds=lease),
-                        deliveries=runs.c.deliveries + 1,
-                        started_at=func.coalesce(runs.c.started_at, now))
+                .values(
+                    status="running",
+                    lease_owner=worker,
+                    lease_expires=now + timedelta(seconds=lease),
+                    deliveries=runs.c.deliveries + 1,
+                    started_at=func.coalesce(runs.c.started_at, now),
+                )
                 .returning(*runs.c)
-            ).first()  # fmt: skip
+            ).first()
         return None if row is None else _run(row)
 
     def heartbeat(self, run_id: str, worker: str, lease: float) -> bool:
@@ -196,10 +210,11 @@ class PipelineRecords:
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.lease_owner == worker,
-                       runs.c.status == "running")
+                .where(
+                    runs.c.id == run_id, runs.c.lease_owner == worker, runs.c.status == "running"
+                )
                 .values(lease_expires=until)
-            )  # fmt: skip
+            )
             return done.rowcount == 1
 
     def release(self, run_id: str, worker: str, delay: float = 0.0) -> None:
@@ -208,10 +223,15 @@ class PipelineRecords:
             conn.execute(
                 update(runs)
                 .where(runs.c.id == run_id, runs.c.lease_owner == worker)
-                .values(status="queued", lease_owner=None, lease_expires=None, started_at=None,
-                        deliveries=runs.c.deliveries - 1,
-                        available_at=datetime.now(UTC) + timedelta(seconds=delay))
-            )  # fmt: skip
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires=None,
+                    started_at=None,
+                    deliveries=runs.c.deliveries - 1,
+                    available_at=datetime.now(UTC) + timedelta(seconds=delay),
+                )
+            )
 
     def hand_back(self, run_id: str, worker: str) -> bool:
         """A worker shutting down gives its run back, claimable at once. The delivery still
@@ -219,11 +239,16 @@ class PipelineRecords:
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.lease_owner == worker,
-                       runs.c.status == "running")
-                .values(status="queued", lease_owner=None, lease_expires=None,
-                        available_at=datetime.now(UTC))
-            )  # fmt: skip
+                .where(
+                    runs.c.id == run_id, runs.c.lease_owner == worker, runs.c.status == "running"
+                )
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires=None,
+                    available_at=datetime.now(UTC),
+                )
+            )
             return done.rowcount == 1
 
     # -- who is working ---------------------------------------------------------------------
@@ -231,13 +256,13 @@ class PipelineRecords:
     def worker_seen(self, name: str, host: str, pid: int, started_at: datetime) -> None:
         """``name`` is alive now (inserted on its first call, renewed on every later one)."""
         now = datetime.now(UTC)
-        values = {"name": name, "host": host, "pid": pid, "started_at": started_at,
-                  "seen_at": now}  # fmt: skip
+        values = {"name": name, "host": host, "pid": pid, "started_at": started_at, "seen_at": now}
         upsert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         with transaction(self._engine, write=True) as conn:
             statement = upsert(workers).values(values)
-            conn.execute(statement.on_conflict_do_update(index_elements=["name"],
-                                                         set_={"seen_at": now}))  # fmt: skip
+            conn.execute(
+                statement.on_conflict_do_update(index_elements=["name"], set_={"seen_at": now})
+            )
 
     def worker_gone(self, name: str) -> None:
         with transaction(self._engine, write=True) as conn:
@@ -266,39 +291,49 @@ class PipelineRecords:
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
                 update(runs)
-                .where(runs.c.id == run.id, runs.c.status == "running",
-                       runs.c.lease_owner == run.lease_owner,
-                       runs.c.lease_expires == run.lease_expires)
-                .values(status="queued", lease_owner=None, lease_expires=None,
-                        available_at=datetime.now(UTC) + timedelta(seconds=backoff))
-            )  # fmt: skip
+                .where(
+                    runs.c.id == run.id,
+                    runs.c.status == "running",
+                    runs.c.lease_owner == run.lease_owner,
+                    runs.c.lease_expires == run.lease_expires,
+                )
+                .values(
+                    status="queued",
+                    lease_owner=None,
+                    lease_expires=None,
+                    available_at=datetime.now(UTC) + timedelta(seconds=backoff),
+                )
+            )
             return done.rowcount == 1
 
     def active(self, user: str, app: str) -> list[Run]:
         with transaction(self._engine) as conn:
             rows = conn.execute(
-                select(runs).where(runs.c.user == user, runs.c.app == app,
-                                   runs.c.status.in_(ACTIVE)).order_by(runs.c.created_at)
-            ).all()  # fmt: skip
+                select(runs)
+                .where(runs.c.user == user, runs.c.app == app, runs.c.status.in_(ACTIVE))
+                .order_by(runs.c.created_at)
+            ).all()
         return [_run(r) for r in rows]
 
     def running_count(self, user: str, app: str) -> int:
         with transaction(self._engine) as conn:
             return int(
                 conn.scalar(
-                    select(func.count()).select_from(runs).where(
-                        runs.c.user == user, runs.c.app == app, runs.c.status == "running"
-                    )
-                ) or 0
-            )  # fmt: skip
+                    select(func.count())
+                    .select_from(runs)
+                    .where(runs.c.user == user, runs.c.app == app, runs.c.status == "running")
+                )
+                or 0
+            )
 
     def request_cancel(self, run_id: str) -> bool:
         """Flag a running run for its worker, which stops it; False if it is not running."""
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
-                update(runs).where(runs.c.id == run_id, runs.c.status == "running")
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "running")
                 .values(cancel_requested=True)
-            )  # fmt: skip
+            )
             return done.rowcount == 1
 
     def tree(self, root: str) -> list[TreeMember]:
@@ -309,42 +344,63 @@ class PipelineRecords:
         usage = (
             select(
                 usage_events.c.run,
-                func.sum(case((usage_events.c.kind == "model_tokens",
-                               usage_events.c.input_tokens), else_=0)).label("input_tokens"),
-                func.sum(case((usage_events.c.kind == "model_tokens",
-                               usage_events.c.output_tokens), else_=0)).label("output_tokens"),
-                func.sum(case((usage_events.c.kind == "sandbox_seconds",
-                               usage_events.c.quantity), else_=0.0)).label("sandbox_seconds"),
+                func.sum(
+                    case(
+                        (usage_events.c.kind == "model_tokens", usage_events.c.input_tokens),
+                        else_=0,
+                    )
+                ).label("input_tokens"),
+                func.sum(
+                    case(
+                        (usage_events.c.kind == "model_tokens", usage_events.c.output_tokens),
+                        else_=0,
+                    )
+                ).label("output_tokens"),
+                func.sum(
+                    case(
+                        (usage_events.c.kind == "sandbox_seconds", usage_events.c.quantity),
+                        else_=0.0,
+                    )
+                ).label("sandbox_seconds"),
             )
             .where(usage_events.c.run.in_(ids))
             .group_by(usage_events.c.run)
-        )  # fmt: skip
+        )
         calls = (
             select(bridge_calls.c.run, func.count().label("calls"))
-            .where(bridge_calls.c.run.in_(ids), bridge_calls.c.connection.is_not(None),
-                   bridge_calls.c.connection != "_corral",
-                   or_(bridge_calls.c.error.is_(None), bridge_calls.c.error == ""))
+            .where(
+                bridge_calls.c.run.in_(ids),
+                bridge_calls.c.connection.is_not(None),
+                bridge_calls.c.connection != "_corral",
+                or_(bridge_calls.c.error.is_(None), bridge_calls.c.error == ""),
+            )
             .group_by(bridge_calls.c.run)
-        )  # fmt: skip
+        )
         with transaction(self._engine) as conn:
             members = conn.execute(
-                select(runs.c.id, runs.c.parent_run, runs.c.status, runs.c.started_at,
-                       runs.c.options).where(member)
-            ).all()  # fmt: skip
+                select(
+                    runs.c.id, runs.c.parent_run, runs.c.status, runs.c.started_at, runs.c.options
+                ).where(member)
+            ).all()
             used = {r.run: r for r in conn.execute(usage).all()}
             called = {r.run: int(r.calls) for r in conn.execute(calls).all()}
         tree = []
         for m in members:
             u = used.get(m.id)
             budget = json.loads(m.options or "{}").get("budget_per_run")
-            tree.append(TreeMember(
-                id=m.id, parent_run=m.parent_run, status=m.status, started_at=m.started_at,
-                budget=None if budget is None else float(budget),
-                input_tokens=int(u.input_tokens or 0) if u else 0,
-                output_tokens=int(u.output_tokens or 0) if u else 0,
-                sandbox_seconds=float(u.sandbox_seconds or 0.0) if u else 0.0,
-                bridge_calls=called.get(m.id, 0),
-            ))  # fmt: skip
+            tree.append(
+                TreeMember(
+                    id=m.id,
+                    parent_run=m.parent_run,
+                    status=m.status,
+                    started_at=m.started_at,
+                    budget=None if budget is None else float(budget),
+                    input_tokens=int(u.input_tokens or 0) if u else 0,
+                    output_tokens=int(u.output_tokens or 0) if u else 0,
+                    sandbox_seconds=float(u.sandbox_seconds or 0.0) if u else 0.0,
+                    bridge_calls=called.get(m.id, 0),
+                )
+            )
         return tree
 
     def runs(self, app: str | None = None, limit: int = 100) -> list[Run]:
@@ -359,20 +415,28 @@ class PipelineRecords:
     def bound_run(self, user: str, app: str, key: str, ttl: timedelta) -> tuple[str, str] | None:
         """(request hash, run id) bound to ``key`` within ``ttl``, or None."""
         with transaction(self._engine) as conn:
-            row = conn.execute(select(idempotency_keys).where(
-                idempotency_keys.c.user == user, idempotency_keys.c.app == app,
-                idempotency_keys.c.key == key)).first()  # fmt: skip
+            row = conn.execute(
+                select(idempotency_keys).where(
+                    idempotency_keys.c.user == user,
+                    idempotency_keys.c.app == app,
+                    idempotency_keys.c.key == key,
+                )
+            ).first()
         if row is None or row.created_at <= datetime.now(UTC) - ttl:
             return None
         return row.request_hash, row.run_id
 
-    def bind_key(self, user: str, app: str, key: str, request_hash: str, run_id: str,
-                 ttl: timedelta) -> tuple[str, str]:  # fmt: skip
+    def bind_key(
+        self, user: str, app: str, key: str, request_hash: str, run_id: str, ttl: timedelta
+    ) -> tuple[str, str]:
         """Bind ``key`` to ``run_id`` unless a fresh binding exists; returns the binding that
         holds (ours, or the one a concurrent request made first)."""
         now = datetime.now(UTC)
-        where = and_(idempotency_keys.c.user == user, idempotency_keys.c.app == app,
-                     idempotency_keys.c.key == key)  # fmt: skip
+        where = and_(
+            idempotency_keys.c.user == user,
+            idempotency_keys.c.app == app,
+            idempotency_keys.c.key == key,
+        )
         with transaction(self._engine, write=True) as conn:
             conn.execute(
                 delete(idempotency_keys).where(where, idempotency_keys.c.created_at <= now - ttl)
@@ -381,18 +445,27 @@ class PipelineRecords:
             upsert = pg_insert if dialect == "postgresql" else sqlite_insert
             conn.execute(
                 upsert(idempotency_keys)
-                .values(user=user, app=app, key=key, request_hash=request_hash, run_id=run_id,
-                        created_at=now)
+                .values(
+                    user=user,
+                    app=app,
+                    key=key,
+                    request_hash=request_hash,
+                    run_id=run_id,
+                    created_at=now,
+                )
                 .on_conflict_do_nothing(index_elements=["user", "app", "key"])
-            )  # fmt: skip
+            )
             row = conn.execute(select(idempotency_keys).where(where)).one()
         return row.request_hash, row.run_id
 
     def release_parked(self, run_id: str) -> None:
         """A run admitted parked (not yet claimable) becomes claimable now."""
         with transaction(self._engine, write=True) as conn:
-            conn.execute(update(runs).where(runs.c.id == run_id, runs.c.status == "queued")
-                         .values(available_at=datetime.now(UTC)))  # fmt: skip
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "queued")
+                .values(available_at=datetime.now(UTC))
+            )
 
     def discard_parked(self, run_id: str) -> None:
         """Remove a parked run that lost its idempotency key to a concurrent twin."""
@@ -425,9 +498,12 @@ class PipelineRecords:
                             f"that would make {entry['user']!r}'s balance {after} micro-credits; "
                             f"a balance may be at most {LEDGER_MAX_MICROS}"
                         )
-                statement = (upsert(ledger).values(**entry)
-                             .on_conflict_do_nothing(index_elements=["source"])
-                             .returning(ledger.c.id))  # fmt: skip
+                statement = (
+                    upsert(ledger)
+                    .values(**entry)
+                    .on_conflict_do_nothing(index_elements=["source"])
+                    .returning(ledger.c.id)
+                )
                 new += len(conn.execute(statement).all())
         return new
 
@@ -469,8 +545,9 @@ def check_entry(entry: dict[str, Any]) -> None:
     if isinstance(micros, bool) or not isinstance(micros, int):
         raise InvalidInput(f"a ledger amount is an integer of micro-credits, not {micros!r}")
     if abs(micros) > LEDGER_MAX_MICROS:
-        raise InvalidInput(f"a ledger entry is at most {LEDGER_MAX_MICROS} micro-credits in size, "
-                           f"not {micros}")  # fmt: skip
+        raise InvalidInput(
+            f"a ledger entry is at most {LEDGER_MAX_MICROS} micro-credits in size, not {micros}"
+        )
     fits = {
         "grant": micros > 0,
         "deduction": micros <= 0,
@@ -483,6 +560,7 @@ def check_entry(entry: dict[str, Any]) -> None:
 
 
 def _balance(conn: Connection, user: str) -> int:
-    total = conn.scalar(select(func.coalesce(func.sum(ledger.c.micros), 0))
-                        .where(ledger.c.user == user))  # fmt: skip
+    total = conn.scalar(
+        select(func.coalesce(func.sum(ledger.c.micros), 0)).where(ledger.c.user == user)
+    )
     return int(total or 0)

@@ -191,10 +191,11 @@ class Runs:
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status.in_(TERMINAL),
-                       runs.c.announced_at.is_(None))
+                .where(
+                    runs.c.id == run_id, runs.c.status.in_(TERMINAL), runs.c.announced_at.is_(None)
+                )
                 .values(announced_at=now)
-            )  # fmt: skip
+            )
             return done.rowcount == 1
 
     def unannounced(self, ended_before: datetime, limit: int = 100) -> list[Run]:
@@ -202,11 +203,14 @@ class Runs:
         with transaction(self._engine) as conn:
             rows = conn.execute(
                 select(runs)
-                .where(runs.c.announced_at.is_(None), runs.c.status.in_(TERMINAL),
-                       runs.c.finished_at < ended_before)
+                .where(
+                    runs.c.announced_at.is_(None),
+                    runs.c.status.in_(TERMINAL),
+                    runs.c.finished_at < ended_before,
+                )
                 .order_by(runs.c.finished_at)
                 .limit(limit)
-            ).all()  # fmt: skip
+            ).all()
         return [Run(**r._asdict()) for r in rows]
 
     def get(self, run_id: str) -> Run:
@@ -237,8 +241,15 @@ class Runs:
                         select(func.max(run_events.c.seq)).where(run_events.c.run_id == run_id)
                     )
                     next_seq[run_id] = (last or 0) + 1
-                rows.append({"run_id": run_id, "seq": next_seq[run_id], "at": at, "kind": kind,
-                             "data": data})  # fmt: skip
+                rows.append(
+                    {
+                        "run_id": run_id,
+                        "seq": next_seq[run_id],
+                        "at": at,
+                        "kind": kind,
+                        "data": data,
+                    }
+                )
                 next_seq[run_id] += 1
             if rows:
                 conn.execute(insert(run_events), rows)

@@ -140,8 +140,10 @@ class Schedules:
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the schedule's input is not JSON: {exc}") from None
         if json_size(input) > MAX_INPUT:  # every tick's run would be refused at admission
-            raise InvalidInput(f"the schedule's input is {json_size(input)} bytes of JSON; "
-                               f"a run's input may be at most {MAX_INPUT}")  # fmt: skip
+            raise InvalidInput(
+                f"the schedule's input is {json_size(input)} bytes of JSON; "
+                f"a run's input may be at most {MAX_INPUT}"
+            )
         now = check_aware(now, "now")
         schedule = Schedule(
             id=f"sch-{secrets.token_hex(6)}",
@@ -160,11 +162,18 @@ class Schedules:
                 raise AppNotFound(app)
             conn.execute(
                 insert(schedules).values(
-                    id=schedule.id, app=app, cron=spec, timezone=timezone, input=encoded,
-                    user=user, misfire=misfire, paused=False, next_fire=schedule.next_fire,
+                    id=schedule.id,
+                    app=app,
+                    cron=spec,
+                    timezone=timezone,
+                    input=encoded,
+                    user=user,
+                    misfire=misfire,
+                    paused=False,
+                    next_fire=schedule.next_fire,
                     created_at=now,
                 )
-            )  # fmt: skip
+            )
         return schedule
 
     def get(self, schedule_id: str) -> Schedule:
@@ -205,9 +214,10 @@ class Schedules:
             if row.misfire == "run_once" and row.next_fire <= now:
                 next_fire = cron.previous_fire(row.cron, row.timezone, now)
             conn.execute(
-                update(schedules).where(schedules.c.id == schedule_id)
+                update(schedules)
+                .where(schedules.c.id == schedule_id)
                 .values(paused=False, next_fire=next_fire)
-            )  # fmt: skip
+            )
             row = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).one()
         return _schedule(row)
 
@@ -226,16 +236,18 @@ class Schedules:
                 select(schedules)
                 .where(schedules.c.paused.is_(False), schedules.c.next_fire <= now)
                 .order_by(schedules.c.next_fire, schedules.c.id)
-            ).all()  # fmt: skip
+            ).all()
         return [_schedule(r) for r in rows]
 
     def next_due(self) -> datetime | None:
         """The earliest next fire time of any schedule not paused; None if there is none."""
         with transaction(self._engine) as conn:
             return conn.scalar(
-                select(schedules.c.next_fire).where(schedules.c.paused.is_(False))
-                .order_by(schedules.c.next_fire).limit(1)
-            )  # fmt: skip
+                select(schedules.c.next_fire)
+                .where(schedules.c.paused.is_(False))
+                .order_by(schedules.c.next_fire)
+                .limit(1)
+            )
 
     def ticks(self, schedule_id: str | None = None) -> list[Tick]:
         query = select(schedule_ticks).order_by(schedule_ticks.c.fire_time)
@@ -307,7 +319,7 @@ class Schedules:
                 select(schedule_ticks)
                 .where(schedule_ticks.c.outcome == CLAIMED, schedule_ticks.c.at < before)
                 .order_by(schedule_ticks.c.fire_time)
-            ).all()  # fmt: skip
+            ).all()
         return [Tick(**r._asdict()) for r in rows]
 
     def retake(
@@ -327,13 +339,15 @@ class Schedules:
         with transaction(self._engine, write=True) as conn:
             taken = conn.execute(
                 update(schedule_ticks)
-                .where(schedule_ticks.c.schedule_id == tick.schedule_id,
-                       schedule_ticks.c.fire_time == tick.fire_time,
-                       schedule_ticks.c.outcome == CLAIMED,
-                       schedule_ticks.c.scheduler == tick.scheduler,
-                       schedule_ticks.c.at == tick.at)
+                .where(
+                    schedule_ticks.c.schedule_id == tick.schedule_id,
+                    schedule_ticks.c.fire_time == tick.fire_time,
+                    schedule_ticks.c.outcome == CLAIMED,
+                    schedule_ticks.c.scheduler == tick.scheduler,
+                    schedule_ticks.c.at == tick.at,
+                )
                 .values(scheduler=scheduler_name, at=now)
-            )  # fmt: skip
+            )
             if taken.rowcount != 1:
                 return False
         self._settle(tick.schedule_id, tick.fire_time, scheduler_name, enqueue())
@@ -347,9 +361,10 @@ class Schedules:
         try:
             with transaction(self._engine, write=True) as conn:
                 row = conn.execute(
-                    select(schedules.c.cron, schedules.c.timezone)
-                    .where(schedules.c.id == schedule_id)
-                ).first()  # fmt: skip
+                    select(schedules.c.cron, schedules.c.timezone).where(
+                        schedules.c.id == schedule_id
+                    )
+                ).first()
                 if row is None:
                     return False  # removed meanwhile
                 following = cron.next_fire(row.cron, row.timezone, last)
@@ -357,10 +372,13 @@ class Schedules:
                 # claim waits here and then finds next_fire moved; SQLite has serialised us.
                 swapped = conn.execute(
                     update(schedules)
-                    .where(schedules.c.id == schedule_id, schedules.c.next_fire == expected,
-                           schedules.c.paused.is_(False))
+                    .where(
+                        schedules.c.id == schedule_id,
+                        schedules.c.next_fire == expected,
+                        schedules.c.paused.is_(False),
+                    )
                     .values(next_fire=following)
-                )  # fmt: skip
+                )
                 if swapped.rowcount != 1:
                     return False
                 _insert_ticks(conn, rows)
@@ -374,12 +392,14 @@ class Schedules:
         with transaction(self._engine, write=True) as conn:
             conn.execute(
                 update(schedule_ticks)
-                .where(schedule_ticks.c.schedule_id == schedule_id,
-                       schedule_ticks.c.fire_time == fire_time,
-                       schedule_ticks.c.outcome == CLAIMED,
-                       schedule_ticks.c.scheduler == scheduler_name)
+                .where(
+                    schedule_ticks.c.schedule_id == schedule_id,
+                    schedule_ticks.c.fire_time == fire_time,
+                    schedule_ticks.c.outcome == CLAIMED,
+                    schedule_ticks.c.scheduler == scheduler_name,
+                )
                 .values(outcome=ENQUEUED if run_id else REFUSED, run_id=run_id)
-            )  # fmt: skip
+            )
 
 
 def _insert_ticks(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -393,10 +413,17 @@ def _insert_ticks(conn: Connection, rows: list[dict[str, Any]]) -> None:
         raise
 
 
-def _tick(schedule_id: str, fire_time: datetime, outcome: str, scheduler: str,
-          at: datetime) -> dict[str, Any]:  # fmt: skip
-    return {"schedule_id": schedule_id, "fire_time": fire_time, "run_id": None,
-            "outcome": outcome, "scheduler": scheduler, "at": at}  # fmt: skip
+def _tick(
+    schedule_id: str, fire_time: datetime, outcome: str, scheduler: str, at: datetime
+) -> dict[str, Any]:
+    return {
+        "schedule_id": schedule_id,
+        "fire_time": fire_time,
+        "run_id": None,
+        "outcome": outcome,
+        "scheduler": scheduler,
+        "at": at,
+    }
 
 
 def _schedule(row: Any) -> Schedule:

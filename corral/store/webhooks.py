@@ -68,11 +68,10 @@ class WebhookRecords:
         insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         statement = (
             insert(webhook_deliveries)
-            .values(run_id=run_id, url=url, body=body, attempts=0, next_attempt=at,
-                    status=PENDING)
+            .values(run_id=run_id, url=url, body=body, attempts=0, next_attempt=at, status=PENDING)
             .on_conflict_do_nothing(index_elements=["run_id"])
             .returning(webhook_deliveries.c.id)  # no row when the run already has one
-        )  # fmt: skip
+        )
         with transaction(self._engine, write=True) as conn:
             return conn.execute(statement).first() is not None
 
@@ -99,26 +98,47 @@ class WebhookRecords:
             row = conn.execute(
                 update(webhook_deliveries)
                 .where(webhook_deliveries.c.id == candidate.id, _claimable(now))
-                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease),
-                        attempts=webhook_deliveries.c.attempts + 1)
+                .values(
+                    lease_owner=owner,
+                    lease_expires=now + timedelta(seconds=lease),
+                    attempts=webhook_deliveries.c.attempts + 1,
+                )
                 .returning(*webhook_deliveries.c)
-            ).first()  # fmt: skip
+            ).first()
         return None if row is None else _delivery(row)
 
     def delivered(self, delivery_id: int, owner: str, now: datetime | None = None) -> bool:
         """Mark a leased delivery delivered; False if ``owner`` no longer holds it."""
-        return self._settle(delivery_id, owner, status=DELIVERED, lease_owner=None,
-                            lease_expires=None, delivered_at=now or datetime.now(UTC))  # fmt: skip
+        return self._settle(
+            delivery_id,
+            owner,
+            status=DELIVERED,
+            lease_owner=None,
+            lease_expires=None,
+            delivered_at=now or datetime.now(UTC),
+        )
 
     def retry(self, delivery_id: int, owner: str, error: str, at: datetime) -> bool:
         """Give a leased delivery back, due again at ``at``; False if ``owner`` lost it."""
-        return self._settle(delivery_id, owner, next_attempt=at, last_error=error[:_ERROR_LIMIT],
-                            lease_owner=None, lease_expires=None)  # fmt: skip
+        return self._settle(
+            delivery_id,
+            owner,
+            next_attempt=at,
+            last_error=error[:_ERROR_LIMIT],
+            lease_owner=None,
+            lease_expires=None,
+        )
 
     def fail(self, delivery_id: int, owner: str, error: str) -> bool:
         """Give up on a leased delivery; False if ``owner`` lost it."""
-        return self._settle(delivery_id, owner, status=FAILED, last_error=error[:_ERROR_LIMIT],
-                            lease_owner=None, lease_expires=None)  # fmt: skip
+        return self._settle(
+            delivery_id,
+            owner,
+            status=FAILED,
+            last_error=error[:_ERROR_LIMIT],
+            lease_owner=None,
+            lease_expires=None,
+        )
 
     def get(self, delivery_id: int) -> Delivery:
         with transaction(self._engine) as conn:
@@ -141,11 +161,15 @@ class WebhookRecords:
         query = (
             select(runs)
             .outerjoin(webhook_deliveries, webhook_deliveries.c.run_id == runs.c.id)
-            .where(runs.c.status.in_(TERMINAL_RUNS), runs.c.app.is_not(None),
-                   runs.c.finished_at >= since, webhook_deliveries.c.id.is_(None))
+            .where(
+                runs.c.status.in_(TERMINAL_RUNS),
+                runs.c.app.is_not(None),
+                runs.c.finished_at >= since,
+                webhook_deliveries.c.id.is_(None),
+            )
             .order_by(runs.c.finished_at)
             .limit(limit)
-        )  # fmt: skip
+        )
         with transaction(self._engine) as conn:
             return [Run(**r._asdict()) for r in conn.execute(query).all()]
 
@@ -153,11 +177,13 @@ class WebhookRecords:
         with transaction(self._engine, write=True) as conn:
             done = conn.execute(
                 update(webhook_deliveries)
-                .where(webhook_deliveries.c.id == delivery_id,
-                       webhook_deliveries.c.lease_owner == owner,
-                       webhook_deliveries.c.status == PENDING)
+                .where(
+                    webhook_deliveries.c.id == delivery_id,
+                    webhook_deliveries.c.lease_owner == owner,
+                    webhook_deliveries.c.status == PENDING,
+                )
                 .values(**values)
-            )  # fmt: skip
+            )
             return done.rowcount == 1
 
 

@@ -140,8 +140,9 @@ class Scheduler:
             return fired
         for fire_time, skipped in plan:
             admit = _Admission(self.pipeline, schedule, fire_time)
-            if not self.store.schedules.fire(schedule.id, fire_time, self.name, admit,
-                                             skipped=skipped, now=now):  # fmt: skip
+            if not self.store.schedules.fire(
+                schedule.id, fire_time, self.name, admit, skipped=skipped, now=now
+            ):
                 break  # another scheduler (or a pause, or a removal) got there first
             fired.extend(Fired(schedule.id, t, SKIPPED) for t in skipped)
             fired.append(admit.fired())
@@ -155,8 +156,12 @@ class Scheduler:
         admit = _Admission(self.pipeline, schedule, tick.fire_time)
         if not self.store.schedules.retake(tick, self.name, admit, now=now):
             return []
-        log.warning("retook tick %s of schedule %s abandoned by %s",
-                    tick.fire_time.isoformat(), tick.schedule_id, tick.scheduler)  # fmt: skip
+        log.warning(
+            "retook tick %s of schedule %s abandoned by %s",
+            tick.fire_time.isoformat(),
+            tick.schedule_id,
+            tick.scheduler,
+        )
         return [admit.fired()]
 
     # -- the loop ----------------------------------------------------------------------------
@@ -165,8 +170,9 @@ class Scheduler:
         if self._thread is not None and self._thread.is_alive():
             return self
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name=f"scheduler {self.name}",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(
+            target=self._loop, name=f"scheduler {self.name}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -184,8 +190,13 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 for f in self.tick(self.clock()):
-                    log.info("schedule %s fired %s: %s %s", f.schedule_id,
-                             f.fire_time.isoformat(), f.outcome, f.run_id or "")  # fmt: skip
+                    log.info(
+                        "schedule %s fired %s: %s %s",
+                        f.schedule_id,
+                        f.fire_time.isoformat(),
+                        f.outcome,
+                        f.run_id or "",
+                    )
                 wait = self._until_due(self.clock())
             except Exception as exc:  # the loop must outlive any one failed pass: record, go on
                 self.failures += 1
@@ -213,15 +224,19 @@ class _Admission:
         s = self.schedule
         try:
             run = self.pipeline.execute_agent(
-                s.app, s.input, Trigger("schedule"), user=s.user,
+                s.app,
+                s.input,
+                Trigger("schedule"),
+                user=s.user,
                 idempotency_key=idempotency_key(s.id, self.fire_time),
-            )  # fmt: skip
+            )
         except StoreError:
             raise  # the database failed, not admission: the claim stays, to be retaken
         except CorralError as exc:  # admission said no: no credits, a limit, no such app ...
             self.error = f"{exc.code}: {exc.detail}"
-            log.warning("schedule %s at %s refused: %s", s.id, self.fire_time.isoformat(),
-                        self.error)  # fmt: skip
+            log.warning(
+                "schedule %s at %s refused: %s", s.id, self.fire_time.isoformat(), self.error
+            )
             return None
         self.run_id = run.id
         return run.id

@@ -67,8 +67,9 @@ class KeyRing:
     def __post_init__(self) -> None:
         for kid, key in self.keys.items():
             if len(key) != MASTER_KEY_BYTES or key_id(key) != kid:
-                raise MasterKeyError(f"{self.source}: key {kid} is not a {MASTER_KEY_BYTES}-byte "
-                                     "key with that id")  # fmt: skip
+                raise MasterKeyError(
+                    f"{self.source}: key {kid} is not a {MASTER_KEY_BYTES}-byte key with that id"
+                )
         if self.primary not in self.keys:
             raise MasterKeyError(f"{self.source}: the primary key {self.primary} is not in it")
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))

@@ -62,8 +62,9 @@ def check_fields(kind: str, fields: Mapping[str, object]) -> dict[str, FieldValu
     expected = ", ".join(required + tuple(f"{o} (optional)" for o in optional))
     unknown = sorted(str(name) for name in fields if name not in required + optional)
     if unknown:
-        raise InvalidInput(f"unknown field(s) {unknown} for a {kind} credential; "
-                           f"it takes {expected}")  # fmt: skip
+        raise InvalidInput(
+            f"unknown field(s) {unknown} for a {kind} credential; it takes {expected}"
+        )
     missing = [name for name in required if fields.get(name) in (None, "")]
     if missing:
         raise InvalidInput(

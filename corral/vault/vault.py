@@ -78,8 +78,12 @@ class KeyStatus:
     present: bool  # False: records name this key id but the ring lacks it
 
     def to_dict(self) -> dict[str, object]:
-        return {"key_id": self.key_id, "primary": self.primary, "records": self.records,
-                "present": self.present}  # fmt: skip
+        return {
+            "key_id": self.key_id,
+            "primary": self.primary,
+            "records": self.records,
+            "present": self.present,
+        }
 
 
 class Vault:

@@ -41,8 +41,14 @@ def app(corral: Corral) -> FastAPI:
     return create_app(corral)
 
 
-def send(app: FastAPI, method: str, path: str, body: Any = None, raw: str | bytes | None = None,
-         headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+def send(
+    app: FastAPI,
+    method: str,
+    path: str,
+    body: Any = None,
+    raw: str | bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     """One request, in-process; ``raw`` is sent as the JSON body's exact bytes."""
     sent = {"content-type": "application/json", **(headers or {})}
     content = raw if raw is not None else (None if body is None else json.dumps(body))
@@ -66,9 +72,13 @@ def refused(response: httpx.Response, status: int, code: str, *words: str) -> No
 
 @pytest.mark.parametrize(
     "raw, named",
-    [('{"credits": 1e999}', "1e999"), ('{"credits": NaN}', "NaN"),
-     ('{"credits": Infinity}', "Infinity"), ('{"credits": -Infinity}', "-Infinity")],
-)  # fmt: skip
+    [
+        ('{"credits": 1e999}', "1e999"),
+        ('{"credits": NaN}', "NaN"),
+        ('{"credits": Infinity}', "Infinity"),
+        ('{"credits": -Infinity}', "-Infinity"),
+    ],
+)
 def test_non_finite_numbers_are_not_json(app: FastAPI, raw: str, named: str) -> None:
     refused(send(app, "POST", "/v1/users/alice/credits", raw=raw), 422, "invalid_request", named)
     assert send(app, "GET", "/v1/users/alice/credits").json()["balance"] == 0
@@ -76,10 +86,17 @@ def test_non_finite_numbers_are_not_json(app: FastAPI, raw: str, named: str) -> 
 
 @pytest.mark.parametrize(
     "body, field",
-    [({"credits": "5"}, "credits"), ({"credits": True}, "credits"), ({"credits": 0}, "credits"),
-     ({"credits": -1}, "credits"), ({"credits": 0.0000001}, "6 decimal places"),
-     ({"credits": 1e12}, "credits"), ({"credits": 5, "extra": 1}, "extra"), ({}, "credits")],
-)  # fmt: skip
+    [
+        ({"credits": "5"}, "credits"),
+        ({"credits": True}, "credits"),
+        ({"credits": 0}, "credits"),
+        ({"credits": -1}, "credits"),
+        ({"credits": 0.0000001}, "6 decimal places"),
+        ({"credits": 1e12}, "credits"),
+        ({"credits": 5, "extra": 1}, "extra"),
+        ({}, "credits"),
+    ],
+)
 def test_a_grant_is_refused_naming_the_field(app: FastAPI, body: Any, field: str) -> None:
     refused(send(app, "POST", "/v1/users/alice/credits", body), 422, "invalid_request", field)
     assert send(app, "GET", "/v1/users/alice/credits").json()["balance"] == 0
@@ -89,13 +106,25 @@ def test_grants_and_corrections_are_exact(app: FastAPI) -> None:
     for amount in (0.1, 0.2):
         assert send(app, "POST", "/v1/users/alice/credits", {"credits": amount}).status_code == 201
     assert send(app, "GET", "/v1/users/alice/credits").json() == {"user": "alice", "balance": 0.3}
-    fixed = send(app, "POST", "/v1/users/alice/credits/adjustments",
-                 {"credits": -0.25, "note": "refund of a mistaken top-up"})  # fmt: skip
+    fixed = send(
+        app,
+        "POST",
+        "/v1/users/alice/credits/adjustments",
+        {"credits": -0.25, "note": "refund of a mistaken top-up"},
+    )
     assert fixed.status_code == 201 and fixed.json() == {"user": "alice", "balance": 0.05}
-    refused(send(app, "POST", "/v1/users/alice/credits/adjustments", {"credits": 0, "note": "x"}),
-            400, "invalid_input", "not be zero")  # fmt: skip
-    refused(send(app, "POST", "/v1/users/alice/credits/adjustments", {"credits": -1}),
-            422, "invalid_request", "note")  # fmt: skip
+    refused(
+        send(app, "POST", "/v1/users/alice/credits/adjustments", {"credits": 0, "note": "x"}),
+        400,
+        "invalid_input",
+        "not be zero",
+    )
+    refused(
+        send(app, "POST", "/v1/users/alice/credits/adjustments", {"credits": -1}),
+        422,
+        "invalid_request",
+        "note",
+    )
     huge = send(app, "POST", "/v1/users/bob/credits", {"credits": 1_000_000_000})
     assert huge.status_code == 201
     refused(send(app, "POST", "/v1/users/bob/credits", {"credits": 1}), 409, "balance_limit")
@@ -106,24 +135,38 @@ def test_grants_and_corrections_are_exact(app: FastAPI) -> None:
 
 @pytest.mark.parametrize(
     "body, field",
-    [({"wait": "yes"}, "wait"), ({"wait": 1}, "wait"), ({"timeout": "5"}, "timeout"),
-     ({"timeout": 5, "wiat": True}, "wiat")],
-)  # fmt: skip
+    [
+        ({"wait": "yes"}, "wait"),
+        ({"wait": 1}, "wait"),
+        ({"timeout": "5"}, "timeout"),
+        ({"timeout": 5, "wiat": True}, "wiat"),
+    ],
+)
 def test_run_bodies_are_strict(app: FastAPI, body: Any, field: str) -> None:
     refused(send(app, "POST", "/v1/apps/charts/runs", body), 422, "invalid_request", field)
 
 
 def test_app_settings_are_strict_and_finite(app: FastAPI) -> None:
     base = {"name": "charts", "environment": "analyst", "entrypoint": "agent.py:main"}
-    for change, field in [({"max_concurrent": "2"}, "max_concurrent"),
-                          ({"max_concurrent": 2.5}, "max_concurrent"),
-                          ({"callable_by_agents": "false"}, "callable_by_agents"),
-                          ({"budget_total": 1e12}, "budget_total")]:  # fmt: skip
+    for change, field in [
+        ({"max_concurrent": "2"}, "max_concurrent"),
+        ({"max_concurrent": 2.5}, "max_concurrent"),
+        ({"callable_by_agents": "false"}, "callable_by_agents"),
+        ({"budget_total": 1e12}, "budget_total"),
+    ]:
         refused(send(app, "POST", "/v1/apps", {**base, **change}), 422, "invalid_request", field)
-    refused(send(app, "POST", "/v1/apps", raw=json.dumps(base)[:-1] + ', "timeout": 1e999}'),
-            422, "invalid_request", "1e999")  # fmt: skip
-    refused(send(app, "POST", "/v1/apps", raw=json.dumps(base)[:-1] + ', "extra": {"x": NaN}}'),
-            422, "invalid_request", "NaN")  # fmt: skip
+    refused(
+        send(app, "POST", "/v1/apps", raw=json.dumps(base)[:-1] + ', "timeout": 1e999}'),
+        422,
+        "invalid_request",
+        "1e999",
+    )
+    refused(
+        send(app, "POST", "/v1/apps", raw=json.dumps(base)[:-1] + ', "extra": {"x": NaN}}'),
+        422,
+        "invalid_request",
+        "NaN",
+    )
     # 2.0 is an integer in JSON: refused only for the environment that does not exist
     whole = send(app, "POST", "/v1/apps", {**base, "max_concurrent": 2.0})
     refused(whole, 404, "environment_not_found")
@@ -134,8 +177,13 @@ def test_app_settings_are_strict_and_finite(app: FastAPI) -> None:
 
 def test_an_input_over_its_limit_is_413_at_admission(app: FastAPI, corral: Corral) -> None:
     big = {"input": "x" * MAX_INPUT, "wait": False}  # MAX_INPUT + 2 bytes of JSON
-    refused(send(app, "POST", "/v1/apps/charts/runs", big), 413, "input_too_large",
-            str(MAX_INPUT + 2), str(MAX_INPUT))  # fmt: skip
+    refused(
+        send(app, "POST", "/v1/apps/charts/runs", big),
+        413,
+        "input_too_large",
+        str(MAX_INPUT + 2),
+        str(MAX_INPUT),
+    )
     assert corral.store.pipeline.runs() == []
 
 
@@ -151,8 +199,11 @@ def test_a_body_over_the_request_limit_is_413_before_it_is_read(app: FastAPI) ->
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            return await client.post("/v1/apps/charts/runs", content=chunks(),
-                                     headers={"content-type": "application/json"})  # fmt: skip
+            return await client.post(
+                "/v1/apps/charts/runs",
+                content=chunks(),
+                headers={"content-type": "application/json"},
+            )
 
     refused(anyio.run(go), 413, "body_too_large", str(MAX_REQUEST_BODY))
 
@@ -162,9 +213,12 @@ def test_a_body_over_the_request_limit_is_413_before_it_is_read(app: FastAPI) ->
 
 @pytest.mark.parametrize(
     "headers, named",
-    [({"idempotency-key": "has space"}, "Idempotency-Key"), ({"x-corral-user": ""}, "user"),
-     ({"x-corral-user": "Alice"}, "user")],
-)  # fmt: skip
+    [
+        ({"idempotency-key": "has space"}, "Idempotency-Key"),
+        ({"x-corral-user": ""}, "user"),
+        ({"x-corral-user": "Alice"}, "user"),
+    ],
+)
 def test_headers_follow_the_documented_rules(app: FastAPI, headers: Any, named: str) -> None:
     response = send(app, "POST", "/v1/apps/charts/runs", {"input": 1}, headers=headers)
     refused(response, 400, "invalid_input", named)
@@ -202,10 +256,14 @@ def test_a_405_allows_every_method_of_the_path(app: FastAPI) -> None:
 
 @pytest.mark.parametrize(
     "path, allow",
-    [("/v1/apps", "GET, OPTIONS, POST"), ("/v1/envs/x", "DELETE, GET, OPTIONS"),
-     ("/v1/users/x/credits", "GET, OPTIONS, POST"), ("/openapi.json", "GET, HEAD, OPTIONS"),
-     ("/ui/", "GET, OPTIONS")],
-)  # fmt: skip
+    [
+        ("/v1/apps", "GET, OPTIONS, POST"),
+        ("/v1/envs/x", "DELETE, GET, OPTIONS"),
+        ("/v1/users/x/credits", "GET, OPTIONS, POST"),
+        ("/openapi.json", "GET, HEAD, OPTIONS"),
+        ("/ui/", "GET, OPTIONS"),
+    ],
+)
 def test_options_answers_on_every_route(app: FastAPI, path: str, allow: str) -> None:
     response = send(app, "OPTIONS", path)
     assert (response.status_code, response.headers["allow"]) == (204, allow)

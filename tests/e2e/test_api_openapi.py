@@ -64,8 +64,11 @@ def _error_classes() -> list[type[CorralError]]:
         return [c for sub in cls.__subclasses__() for c in (sub, *below(sub))]
 
     found = {c for c in [CorralError, *below(CorralError)] if c.__module__.startswith("corral")}
-    assert {c for _, c in inspect.getmembers(corral_errors, inspect.isclass)
-            if issubclass(c, CorralError)} <= found  # fmt: skip
+    assert {
+        c
+        for _, c in inspect.getmembers(corral_errors, inspect.isclass)
+        if issubclass(c, CorralError)
+    } <= found
     return sorted(found, key=lambda c: (c.__module__, c.__name__))
 
 

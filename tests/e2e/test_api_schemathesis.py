@@ -34,26 +34,47 @@ SEED = 20261202
 
 def test_the_api_keeps_its_openapi_contract(tmp_path: Path) -> None:
     need_sandboxes()
-    settings = Settings.from_env({
-        **os.environ,
-        "CORRAL_DATA_DIR": str(tmp_path / "data"),
-        "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80)),
-        "CORRAL_SANDBOX_TIMEOUT": "10",  # whatever command is generated, its sandbox ends soon
-    })  # fmt: skip
+    settings = Settings.from_env(
+        {
+            **os.environ,
+            "CORRAL_DATA_DIR": str(tmp_path / "data"),
+            "CORRAL_BRIDGE_PORT": str(8800 + secrets.randbelow(80)),
+            "CORRAL_SANDBOX_TIMEOUT": "10",  # whatever command is generated, its sandbox ends soon
+        }
+    )
     if not settings.base_image.is_file():
         require("runc", f"the base image {settings.base_image}: run scripts/build-base-image.sh")
     corral = Corral(settings)
     try:
         with serving(create_app(corral)) as url:
             proc = subprocess.run(
-                [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG),
-                 "run", f"{url}/openapi.json", "--checks", "all", "--workers", "1",
-                 "--max-examples", str(EXAMPLES), "--seed", str(SEED), "--no-color",
-                 # a sandbox boots in well under a second, but not on a machine running
-                 # several suites at once: slowness is not what this test is about
-                 "--request-timeout", "120"],
-                capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache too
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "schemathesis.cli",
+                    "--config-file",
+                    str(CONFIG),
+                    "run",
+                    f"{url}/openapi.json",
+                    "--checks",
+                    "all",
+                    "--workers",
+                    "1",
+                    "--max-examples",
+                    str(EXAMPLES),
+                    "--seed",
+                    str(SEED),
+                    "--no-color",
+                    # a sandbox boots in well under a second, but not on a machine running
+                    # several suites at once: slowness is not what this test is about
+                    "--request-timeout",
+                    "120",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=tmp_path,  # its cache too
+            )
     finally:
         corral.close()
     assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]

@@ -34,8 +34,14 @@ def corral_cli(tmp_path: Path) -> Any:
     def cli(
         *args: str, stdin: Any = subprocess.DEVNULL, ok: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "corral.cli", *args], env=environ,
-                              stdin=stdin, capture_output=True, text=True, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "corral.cli", *args],
+            env=environ,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if ok:
             assert proc.returncode == 0, proc.stderr
         return proc

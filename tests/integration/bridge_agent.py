@@ -424,16 +424,21 @@ def bad(input: Any) -> Any:
     hook("max_body", bytes=4096)
     try:
         out["too_big"] = call(
-            "slow", "/echo/big", method="POST", body=b"x" * 8000,
+            "slow",
+            "/echo/big",
+            method="POST",
+            body=b"x" * 8000,
             headers={"content-type": "application/octet-stream"},
-        )  # fmt: skip
+        )
     finally:
         hook("restore")
     out["github"] = call("github", "/user")
     out["slack"] = call(
-        "slack", "/api/chat.postMessage", method="POST",
+        "slack",
+        "/api/chat.postMessage",
+        method="POST",
         body={"channel": "#general", "text": "through the bridge"},
-    )  # fmt: skip
+    )
     out["after"] = call("slow", "/echo/after", method="POST", body=b"z" * 8000)
     return out
 
@@ -446,13 +451,19 @@ def oversize(input: Any) -> Any:
     hook("max_body", bytes=4096)
     try:
         out["sized"] = call(
-            "slow", "/echo/sized", method="POST", body=b"x" * size,
+            "slow",
+            "/echo/sized",
+            method="POST",
+            body=b"x" * size,
             headers={"content-type": "application/octet-stream"},
-        )  # fmt: skip
+        )
         out["chunked"] = call(
-            "slow", "/echo/chunked", method="POST", body=iter([b"y" * 16384] * (size // 16384)),
+            "slow",
+            "/echo/chunked",
+            method="POST",
+            body=iter([b"y" * 16384] * (size // 16384)),
             headers={"content-type": "application/octet-stream"},
-        )  # fmt: skip
+        )
     finally:
         hook("restore")
     out["after"] = call("slow", "/echo/after", method="POST", body=b"z" * 8000)

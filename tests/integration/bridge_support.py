@@ -77,10 +77,22 @@ def download_wheels(dest: Path) -> list[Path]:
     """Wheels of the SDKs and everything they need, for this host's Python and platform (the
     base image's Python is the same 3.11, on the same machine)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-         "--only-binary=:all:", "-d", str(dest), *sdk_requirements()],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "-d",
+            str(dest),
+            *sdk_requirements(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return sorted(dest.glob("*.whl"))
 
 
@@ -111,8 +123,10 @@ def bridge_drops() -> int:
     """Packets the ``input`` chain dropped for the bridge ports (non-sandbox interfaces)."""
     listing = subprocess.run(
         ["nft", "list", "chain", "inet", "corral", "input"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     found = NFT_DROP.search(listing)
     assert found is not None, listing
     return int(found.group(2))
@@ -143,8 +157,9 @@ print(json.dumps(out))
 """
 
 
-def knock(host: str, port: int, source: str = "", timeout: float = 1.5,
-          netns: str | None = None) -> dict[str, Any]:  # fmt: skip
+def knock(
+    host: str, port: int, source: str = "", timeout: float = 1.5, netns: str | None = None
+) -> dict[str, Any]:
     """Try the bridge from the host (or from ``netns``) in a child process."""
     argv = [sys.executable, "-c", KNOCK, host, str(port), source, str(timeout)]
     if netns is not None:

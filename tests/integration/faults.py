@@ -50,9 +50,12 @@ class CorralProcess:
             head = [sys.executable, "-m", killpoint, point, str(self.mark), "--"]
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            [*head, *args], env=environ_for(settings, **(env or {})),
-            stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [*head, *args],
+            env=environ_for(settings, **(env or {})),
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:

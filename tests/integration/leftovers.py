@@ -143,8 +143,10 @@ class Leftovers:
         done = subprocess.run(
             [sys.executable, "-m", "corral.cli", "sandbox", "reap", "--json"],
             env=dict(environ or environ_for(self.settings)),
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return int(json.loads(done.stdout)["reaped"])
 
@@ -159,8 +161,14 @@ class Leftovers:
         for r in records:
             if self._watched(Path(r.bundle)):
                 continue
-            out |= {f"{r.runc_root}:{r.container}", f"slot {r.slot}", r.netns,
-                    f"cr{r.slot:x}", f"ce{r.slot:x}", r.bundle}  # fmt: skip
+            out |= {
+                f"{r.runc_root}:{r.container}",
+                f"slot {r.slot}",
+                r.netns,
+                f"cr{r.slot:x}",
+                f"ce{r.slot:x}",
+                r.bundle,
+            }
             out |= {f"{c.name}/{CGROUP_PARENT}/{r.container}" for c in _children(_CGROUPS)}
             out |= {p for p in _runc_processes({Path(r.runc_root)}) if r.container in p}
         return out
@@ -178,8 +186,10 @@ def _containers(root: Path) -> list[str]:
         return []
     listed = subprocess.run(
         ["runc", "--root", str(root), "list", "--format", "json"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if listed.returncode != 0:
         return [f"(runc list failed: {listed.stderr.strip()})"]
     return [str(c["id"]) for c in json.loads(listed.stdout or "null") or []]

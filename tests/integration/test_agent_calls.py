@@ -63,8 +63,9 @@ def forger(input):
 def agents_env(corral: Corral) -> Iterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name, "agents that call agents")
     yield name
@@ -92,8 +93,9 @@ def new_app(corral: Corral, env: str, entry: str = "agent.py:relay", **settings:
 
 
 def execute(corral: Corral, app: str, input: Any, user: str) -> tuple[Run, dict[str, Any]]:
-    done = corral.pipeline.execute_agent(app, input, Trigger("ui"), user=user, wait=True,
-                                         wait_timeout=240)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        app, input, Trigger("ui"), user=user, wait=True, wait_timeout=240
+    )
     assert done.status == "succeeded", (done.error_code, done.error)
     return done, json.loads(done.result or "null")
 

@@ -63,8 +63,14 @@ def exec_(client: httpx.Client, name: str, *argv: str, **extra: Any) -> dict[str
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     assert set(body) == {
-        "sandbox_id", "exit_code", "timed_out", "seconds", "stdout", "stderr", "draft"
-    }  # fmt: skip
+        "sandbox_id",
+        "exit_code",
+        "timed_out",
+        "seconds",
+        "stdout",
+        "stderr",
+        "draft",
+    }
     assert body["draft"]["limit_bytes"] > 0 and not body["draft"]["full"]
     return body
 

@@ -101,12 +101,23 @@ class World:
                 fields = {"key": value} if kind == "api_key" else {"token": value}
             self.corral.vault.put(user, name, kind, fields)
 
-    def run(self, entry: str, input: Any, user: str, connections: tuple[str, ...],
-            on_event: Callable[..., None] | None = None, timeout: float = 60) -> Run:  # fmt: skip
+    def run(
+        self,
+        entry: str,
+        input: Any,
+        user: str,
+        connections: tuple[str, ...],
+        on_event: Callable[..., None] | None = None,
+        timeout: float = 60,
+    ) -> Run:
         request = AgentRequest(
-            self.env, f"agent.py:{entry}", input, user=user,
-            connections=(*connections, "ctl"), timeout=timeout,
-        )  # fmt: skip
+            self.env,
+            f"agent.py:{entry}",
+            input,
+            user=user,
+            connections=(*connections, "ctl"),
+            timeout=timeout,
+        )
         return self.corral.executor.run(request, on_event)
 
     def calls(self, run: str | None = None) -> list[dict[str, Any]]:
@@ -130,8 +141,9 @@ def _install(corral: Corral, env: str, wheel_dir: Path) -> None:
             bundle.write_bytes(tar_of(wheels))
             script = INSTALL_WHEELS.format(names=" ".join(SDKS))
             with open(bundle, "rb") as tar:
-                done = corral.envs.exec(env, ("sh", "-c", script), stdin=tar, stdout=log,
-                                        stderr=log, timeout=300)  # fmt: skip
+                done = corral.envs.exec(
+                    env, ("sh", "-c", script), stdin=tar, stdout=log, stderr=log, timeout=300
+                )
         else:
             argv = ("pip", "install", "-q", "--no-cache-dir", *sdk_requirements())
             done = corral.envs.exec(env, argv, stdout=log, stderr=log, timeout=300)
@@ -180,8 +192,21 @@ def world(corral: Corral, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         chatty = corral.executor.run(
             AgentRequest(env, "agent.py:chatty", {"tag": tag}, user=new_user())
         )
-        yield World(corral, env, bridge.gate, keys, control, openai, anthropic, github, slack,
-                    slow, chatty, tag, fakes)  # fmt: skip
+        yield World(
+            corral,
+            env,
+            bridge.gate,
+            keys,
+            control,
+            openai,
+            anthropic,
+            github,
+            slack,
+            slow,
+            chatty,
+            tag,
+            fakes,
+        )
     finally:
         for fake in fakes:
             fake.stop()
@@ -274,8 +299,14 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
 
     def mint(args: dict[str, Any]) -> dict[str, str]:
         """Tokens exactly like the run's own but for one property each."""
-        claims = dict(user=user, app="", session=args["run"], run=args["run"],
-                      connections=(*scope, "ctl"), address=args["address"])  # fmt: skip
+        claims = dict(
+            user=user,
+            app="",
+            session=args["run"],
+            run=args["run"],
+            connections=(*scope, "ctl"),
+            address=args["address"],
+        )
         valid = tokens.mint(world.corral.signing_keys, **claims, lifetime=600)
         payload = jwt.decode(valid, options={"verify_signature": False})
         kid = jwt.get_unverified_header(valid)["kid"]
@@ -292,8 +323,13 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
     run = world.run("knock", {"finished_token": finished_token}, user, scope)
     out = result(run)
     seen = {name: (c["status"], c["error"]) for name, c in out["calls"].items()}
-    print(seen, "finished run's sandbox:", sandbox_address(world, finished), "this one:",
-          out["address"])  # fmt: skip
+    print(
+        seen,
+        "finished run's sandbox:",
+        sandbox_address(world, finished),
+        "this one:",
+        out["address"],
+    )
     assert seen == {
         "control": (200, None),
         "no_token": (401, "token_missing"),
@@ -420,8 +456,9 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
     user = new_user()
     world.grant(user, "openai", "anthropic")
     prompt = "hello from inside the sandbox"
-    run = world.run("sdks", {"prompt": prompt, "secret_pattern": SECRET_PATTERN}, user,
-                    ("openai", "anthropic"))  # fmt: skip
+    run = world.run(
+        "sdks", {"prompt": prompt, "secret_pattern": SECRET_PATTERN}, user, ("openai", "anthropic")
+    )
     out = result(run)
     token = out["token"]
     expected = {
@@ -436,10 +473,12 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
         ),
         "anthropic_stream": (
             f"echo: {prompt} streamed to claude",
-            [words(f"be brief {prompt} streamed to claude"),
-             words(f"echo: {prompt} streamed to claude")],
+            [
+                words(f"be brief {prompt} streamed to claude"),
+                words(f"echo: {prompt} streamed to claude"),
+            ],
         ),
-    }  # fmt: skip
+    }
     for name, (text, usage) in expected.items():
         assert (out[name]["text"], out[name]["usage"]) == (text, usage), (name, out[name])
     assert out["openai_stream"]["chunks"] > 1 and out["anthropic_stream"]["chunks"] > 1
@@ -459,10 +498,13 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
 
     # Usage, as the bridge read it from the providers' answers.
     metered = wait_for(
-        lambda: [u for u in world.corral.store.bridge.usage(run.id) if u["kind"] == "model_tokens"]
-        if len(world.corral.store.bridge.usage(run.id)) >= 5 else None,
+        lambda: (
+            [u for u in world.corral.store.bridge.usage(run.id) if u["kind"] == "model_tokens"]
+            if len(world.corral.store.bridge.usage(run.id)) >= 5
+            else None
+        ),
         what="four model usage rows",
-    )  # fmt: skip
+    )
     assert sorted((u["connection"], u["input_tokens"], u["output_tokens"]) for u in metered) == (
         sorted((name.split("_")[0], *usage) for name, (_, usage) in expected.items())
     )
@@ -470,10 +512,13 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
 
     # One audit row per call, with what happened and no credential.
     rows = wait_for(
-        lambda: [r for r in world.calls(run.id) if r["connection"] in ("openai", "anthropic")]
-        if len([r for r in world.calls(run.id) if r["connection"] != "_corral"]) >= 4 else None,
+        lambda: (
+            [r for r in world.calls(run.id) if r["connection"] in ("openai", "anthropic")]
+            if len([r for r in world.calls(run.id) if r["connection"] != "_corral"]) >= 4
+            else None
+        ),
         what="four audit rows",
-    )  # fmt: skip
+    )
     assert sorted((r["method"], r["path"], r["status"], r["error"]) for r in rows) == sorted(
         [("POST", "/openai/v1/chat/completions", 200, None)] * 2
         + [("POST", "/anthropic/v1/messages", 200, None)] * 2
@@ -495,16 +540,25 @@ def test_oauth_tokens_are_refreshed_host_side(world: World) -> None:
         world.corral.store.bridge.put_connection(connection, api.url, "bearer", None)
         first_access = api.access_token
         assert first_access is not None and api.refresh_token is not None
-        world.corral.vault.put(user, connection, "oauth2", {
-            "access_token": first_access, "refresh_token": api.refresh_token,
-            "token_url": f"{api.url}/oauth/token", "client_id": api.client_id,
-            "client_secret": api.client_secret, "expires_at": int(time.time()) - 60,
-        })  # fmt: skip
+        world.corral.vault.put(
+            user,
+            connection,
+            "oauth2",
+            {
+                "access_token": first_access,
+                "refresh_token": api.refresh_token,
+                "token_url": f"{api.url}/oauth/token",
+                "client_id": api.client_id,
+                "client_secret": api.client_secret,
+                "expires_at": int(time.time()) - 60,
+            },
+        )
         world.grant(user)
         world.control.on("expire", lambda _: api.expire_access_token())
         pattern = r"\b(?:at|rt)-[0-9]+-[0-9a-f]{24}"
-        run = world.run("oauth", {"connection": connection, "token_pattern": pattern}, user,
-                        (connection,))  # fmt: skip
+        run = world.run(
+            "oauth", {"connection": connection, "token_pattern": pattern}, user, (connection,)
+        )
         out = result(run)
         issued = list(api.issued_access_tokens)
         data_calls = [r.headers["Authorization"] for r in api.requests.matching("GET", "/v1/data")]
@@ -555,13 +609,20 @@ def test_bad_input_and_upstream_failures(world: World) -> None:
     def restore(_: dict[str, Any]) -> None:
         gate.upstream_timeout, gate.max_body = saved
 
-    for name, fn in (("upstream_timeout", upstream_timeout), ("max_body", max_body),
-                     ("restore", restore)):  # fmt: skip
+    for name, fn in (
+        ("upstream_timeout", upstream_timeout),
+        ("max_body", max_body),
+        ("restore", restore),
+    ):
         world.control.on(name, fn)
     run = world.run("bad", {"unknown": unknown}, user, ("slow", "github", "slack", unknown))
     out = result(run)
-    print({k: (v.get("status"), v.get("error"), v.get("failure"), v["seconds"])
-           for k, v in out.items()})  # fmt: skip
+    print(
+        {
+            k: (v.get("status"), v.get("error"), v.get("failure"), v["seconds"])
+            for k, v in out.items()
+        }
+    )
     assert (gate.upstream_timeout, gate.max_body) == saved
 
     assert (out["unknown"]["status"], out["unknown"]["error"]) == (404, "unknown_connection")

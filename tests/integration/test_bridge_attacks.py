@@ -340,8 +340,10 @@ def gz_members(data: bytes, cut: int) -> bytes:
 
 
 def trickled(body: bytes, size: int, headers: bytes = b"") -> bytes:
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
-                      for i in range(0, len(body), size))  # fmt: skip
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
+        for i in range(0, len(body), size)
+    )
     return b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n" + headers + b"\r\n" + chunks
 
 

@@ -22,35 +22,82 @@ from corral.store.schema import runs
 NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
 
-def add_run(store: Store, id: str, *, parent: Run | None = None, budget: float | None = None,
-            status: str = "succeeded", started: datetime | None = NOW, awaited: bool = False,
-            created: datetime = NOW, owner: str | None = None) -> Run:  # fmt: skip
+def add_run(
+    store: Store,
+    id: str,
+    *,
+    parent: Run | None = None,
+    budget: float | None = None,
+    status: str = "succeeded",
+    started: datetime | None = NOW,
+    awaited: bool = False,
+    created: datetime = NOW,
+    owner: str | None = None,
+) -> Run:
     return store.runs.create(
         Run(
-            id=id, environment="env", snapshot="sha256:" + "0" * 64, entrypoint="a.py:main",
-            input="{}", trigger="agent" if parent else "http", status=status, created_at=created,
-            started_at=started, user="ann", app=f"app-{id}", app_version=1,
-            parent_run=parent.id if parent else None, depth=parent.depth + 1 if parent else 0,
-            root_run=parent.root if parent else id, awaited=awaited,
-            options=json.dumps({"budget_per_run": budget}), lease_owner=owner,
+            id=id,
+            environment="env",
+            snapshot="sha256:" + "0" * 64,
+            entrypoint="a.py:main",
+            input="{}",
+            trigger="agent" if parent else "http",
+            status=status,
+            created_at=created,
+            started_at=started,
+            user="ann",
+            app=f"app-{id}",
+            app_version=1,
+            parent_run=parent.id if parent else None,
+            depth=parent.depth + 1 if parent else 0,
+            root_run=parent.root if parent else id,
+            awaited=awaited,
+            options=json.dumps({"budget_per_run": budget}),
+            lease_owner=owner,
         )
-    )  # fmt: skip
+    )
 
 
-def use(store: Store, run: str, *, tokens: tuple[int, int] = (0, 0), seconds: float = 0.0,
-        calls: tuple[str | None, ...] = (), errors: int = 0) -> None:  # fmt: skip
+def use(
+    store: Store,
+    run: str,
+    *,
+    tokens: tuple[int, int] = (0, 0),
+    seconds: float = 0.0,
+    calls: tuple[str | None, ...] = (),
+    errors: int = 0,
+) -> None:
     """Usage as the bridge and the executor record it for ``run``."""
     rows: list[dict[str, Any]] = []
     if tokens != (0, 0):
-        rows.append({"at": NOW, "run": run, "user": "ann", "connection": "openai",
-                     "kind": "model_tokens", "input_tokens": tokens[0],
-                     "output_tokens": tokens[1]})  # fmt: skip
+        rows.append(
+            {
+                "at": NOW,
+                "run": run,
+                "user": "ann",
+                "connection": "openai",
+                "kind": "model_tokens",
+                "input_tokens": tokens[0],
+                "output_tokens": tokens[1],
+            }
+        )
     if seconds:
-        rows.append({"at": NOW, "run": run, "user": "ann", "kind": "sandbox_seconds",
-                     "quantity": seconds})  # fmt: skip
+        rows.append(
+            {"at": NOW, "run": run, "user": "ann", "kind": "sandbox_seconds", "quantity": seconds}
+        )
     store.bridge.add_usage(rows)
-    call = {"at": NOW, "run": run, "method": "GET", "path": "/", "status": 200, "bytes_in": 0,
-            "bytes_out": 0, "latency_ms": 1.0, "error": None, "peer": "10.213.0.2"}  # fmt: skip
+    call = {
+        "at": NOW,
+        "run": run,
+        "method": "GET",
+        "path": "/",
+        "status": 200,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "latency_ms": 1.0,
+        "error": None,
+        "peer": "10.213.0.2",
+    }
     store.bridge.add_calls(
         [{**call, "connection": c} for c in calls]
         + [{**call, "connection": "market", "status": 502, "error": "refused"}] * errors
@@ -92,8 +139,9 @@ def test_a_tree_costs_what_its_runs_cost_each_priced_as_the_ledger_prices_them(
 def test_a_running_run_costs_its_sandbox_time_so_far(store: Store) -> None:
     ledger = Ledger(store)
     root = add_run(store, "run-root", budget=0.5, status="running", started=NOW)
-    child = add_run(store, "run-child", parent=root, status="running",
-                    started=NOW + timedelta(seconds=10))  # fmt: skip
+    child = add_run(
+        store, "run-child", parent=root, status="running", started=NOW + timedelta(seconds=10)
+    )
     budgets = Budgets(store, ledger)
     # 20 s of root and 10 s of its callee: 30 sandbox seconds so far.
     tree = budgets.tree(child, NOW + timedelta(seconds=20))
@@ -114,8 +162,15 @@ def test_a_waiting_callers_worker_claims_only_that_callers_awaited_callees(
     caller = add_run(store, "run-caller", status="running")
     stranger = add_run(store, "run-stranger", status="running")
     add_run(store, "run-fire-and-forget", parent=caller, status="queued", started=None)
-    add_run(store, "run-theirs", parent=stranger, status="queued", started=None, awaited=True,
-            created=NOW + timedelta(seconds=30))  # fmt: skip
+    add_run(
+        store,
+        "run-theirs",
+        parent=stranger,
+        status="queued",
+        started=None,
+        awaited=True,
+        created=NOW + timedelta(seconds=30),
+    )
     awaited = [
         add_run(
             store,
@@ -158,8 +213,9 @@ def test_a_run_ends_once_and_is_announced_once(store: Store) -> None:
     def end(status: str) -> Callable[[], None]:
         def go() -> None:
             barrier.wait()
-            ended.append(store.runs.finish(run.id, lease_owner="w1", status=status,
-                                           finished_at=NOW))  # fmt: skip
+            ended.append(
+                store.runs.finish(run.id, lease_owner="w1", status=status, finished_at=NOW)
+            )
 
         return go
 
@@ -194,8 +250,16 @@ def test_the_migration_roots_every_existing_tree(blank_store_url: str) -> None:
         with engine.begin() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, "0006_triggers")
-        row = {"environment": "e", "snapshot": "s", "entrypoint": "a:b", "input": "{}",
-               "trigger": "agent", "swapped": False, "attempts": 1, "created_at": NOW}  # fmt: skip
+        row = {
+            "environment": "e",
+            "snapshot": "s",
+            "entrypoint": "a:b",
+            "input": "{}",
+            "trigger": "agent",
+            "swapped": False,
+            "attempts": 1,
+            "created_at": NOW,
+        }
         chain = [
             ("r0", None, "succeeded"),
             ("r1", "r0", "failed"),
@@ -212,10 +276,17 @@ def test_the_migration_roots_every_existing_tree(blank_store_url: str) -> None:
                     " :parent_run, :status, :environment, :snapshot, :entrypoint, :input,"
                     " :trigger, :swapped, :attempts, :created_at, :finished_at)"
                 ),
-                [{**row, "id": i, "parent_run": p, "status": s,
-                  "finished_at": None if s in ("queued", "running") else NOW}
-                 for i, p, s in chain],
-            )  # fmt: skip
+                [
+                    {
+                        **row,
+                        "id": i,
+                        "parent_run": p,
+                        "status": s,
+                        "finished_at": None if s in ("queued", "running") else NOW,
+                    }
+                    for i, p, s in chain
+                ],
+            )
         with engine.begin() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
@@ -223,9 +294,13 @@ def test_the_migration_roots_every_existing_tree(blank_store_url: str) -> None:
             rows = conn.execute(select(runs.c.id, runs.c.root_run, runs.c.announced_at))
             got = {r.id: (r.root_run, r.announced_at is not None) for r in rows}
         assert got == {
-            "r0": ("r0", True), "r1": ("r0", True), "r2": ("r0", True), "r3": ("r0", False),
-            "x0": ("x0", False), "orphan": (None, True),
-        }  # fmt: skip
+            "r0": ("r0", True),
+            "r1": ("r0", True),
+            "r2": ("r0", True),
+            "r3": ("r0", False),
+            "x0": ("x0", False),
+            "orphan": (None, True),
+        }
         # A row the new code writes goes in as before: the new columns have defaults.
         with engine.begin() as conn:
             conn.execute(insert(runs).values(id="new", **row, status="queued"))

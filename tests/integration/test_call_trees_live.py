@@ -53,8 +53,9 @@ def spender(input):
 def agents_env(corral: Corral) -> Iterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name, "agents that call agents")
     yield name
@@ -108,8 +109,9 @@ def test_a_chain_deeper_than_the_workers_completes(
 ) -> None:
     a, b, c = (new_app(corral, agents_env, "agent.py:relay") for _ in range(3))
     user = new_user(corral)
-    done = corral.pipeline.execute_agent(a, {"chain": [b, c]}, Trigger("http"), user=user,
-                                         wait=True, wait_timeout=240)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        a, {"chain": [b, c]}, Trigger("http"), user=user, wait=True, wait_timeout=240
+    )
 
     assert done.status == "succeeded", (done.error_code, done.error)
     called = json.loads(done.result or "null")["called"]
@@ -150,15 +152,19 @@ def test_on_postgresql_a_chain_deeper_than_the_worker_processes_completes(
 ) -> None:
     env = f"t-{secrets.token_hex(4)}"
     pg_corral.envs.create(env)
-    code, _, err = run(pg_corral, env, "sh", "-c",
-                       f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True)  # fmt: skip
+    code, _, err = run(
+        pg_corral, env, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     pg_corral.envs.freeze(env)
     apps = [new_app(pg_corral, env, "agent.py:relay") for _ in range(4)]
     settings = pg_corral.settings
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(settings.data_dir),
-               "CORRAL_DATABASE_URL": settings.database_url,
-               "CORRAL_BRIDGE_PORT": str(settings.network.bridge_port)}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(settings.data_dir),
+        "CORRAL_DATABASE_URL": settings.database_url,
+        "CORRAL_BRIDGE_PORT": str(settings.network.bridge_port),
+    }
     # Two processes of one worker each; the first to start serves the bridge for both.
     workers = [
         subprocess.Popen(
@@ -171,9 +177,13 @@ def test_on_postgresql_a_chain_deeper_than_the_worker_processes_completes(
     ]
     try:
         done = pg_corral.pipeline.execute_agent(
-            apps[0], {"chain": apps[1:]}, Trigger("http"), user=new_user(pg_corral), wait=True,
+            apps[0],
+            {"chain": apps[1:]},
+            Trigger("http"),
+            user=new_user(pg_corral),
+            wait=True,
             wait_timeout=240,
-        )  # fmt: skip
+        )
     finally:
         for worker in workers:
             worker.terminate()
@@ -194,12 +204,12 @@ def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
     corral.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
     corral.vault.put(user, "prices", "api_key", {"key": "mk-trees"})
     # The callee has no budget of its own; only its caller's bounds what it may spend.
-    callee = new_app(corral, agents_env, "agent.py:spender", connections=("prices",),
-                     timeout=60)  # fmt: skip
+    callee = new_app(corral, agents_env, "agent.py:spender", connections=("prices",), timeout=60)
     caller = new_app(corral, agents_env, "agent.py:relay", budget_per_run=0.05, timeout=60)
 
-    done = corral.pipeline.execute_agent(caller, {"chain": [callee]}, Trigger("http"),
-                                         user=user, wait=True, wait_timeout=120)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        caller, {"chain": [callee]}, Trigger("http"), user=user, wait=True, wait_timeout=120
+    )
     spent = corral.pipeline.wait(only_run(corral, callee).id, 60)
 
     assert (done.status, done.error_code) == ("failed", "budget_exhausted"), done.error
@@ -218,6 +228,7 @@ def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
     other = new_app(corral, agents_env, "agent.py:relay")
     for parent in (done, spent):
         with pytest.raises(BudgetExhausted, match=f"run {done.id} and the runs it called"):
-            corral.pipeline.execute_agent(other, {}, Trigger("agent", parent_run=parent.id),
-                                          user=user)  # fmt: skip
+            corral.pipeline.execute_agent(
+                other, {}, Trigger("agent", parent_run=parent.id), user=user
+            )
     assert corral.store.pipeline.runs(app=other) == []

@@ -60,8 +60,11 @@ def cluster() -> Iterator[PrivateCluster]:
 def on_cluster(corral: Corral, cluster: PrivateCluster) -> Iterator[Corral]:
     """A Corral sharing the session's data directory (its images, its layer cache) but keeping
     its records on the private cluster, with a bridge of its own."""
-    port = next(p for p in BRIDGE_PORTS if p != corral.settings.network.bridge_port
-                and p % 7 == os.getpid() % 7)  # fmt: skip
+    port = next(
+        p
+        for p in BRIDGE_PORTS
+        if p != corral.settings.network.bridge_port and p % 7 == os.getpid() % 7
+    )
     settings = dataclasses.replace(
         corral.settings,
         database_url=cluster.url(),
@@ -88,8 +91,9 @@ def agent_env(on_cluster: Corral) -> str:
     corral = on_cluster
     env = f"t-{secrets.token_hex(4)}"
     corral.envs.create(env)
-    code, _, err = run(corral, env, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, env, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(env)
     corral.ledger.grant("alice", 100)
@@ -227,13 +231,18 @@ def test_a_worker_cut_off_from_the_store_stops_before_another_takes_its_run(
     link = Cuttable(cluster.port)
     taken = {corral.settings.network.bridge_port, on_cluster.settings.network.bridge_port}
     # As on another host: a bridge of its own, which reaches the store through the same link.
-    cut_off = Corral(dataclasses.replace(
-        on_cluster.settings,
-        database_url=f"postgresql://postgres@127.0.0.1:{link.port}/corral",
-        network=dataclasses.replace(on_cluster.settings.network,
-                                    bridge_port=next(p for p in BRIDGE_PORTS if p not in taken
-                                                     and p % 7 == (os.getpid() + 1) % 7)),
-    ))  # fmt: skip
+    cut_off = Corral(
+        dataclasses.replace(
+            on_cluster.settings,
+            database_url=f"postgresql://postgres@127.0.0.1:{link.port}/corral",
+            network=dataclasses.replace(
+                on_cluster.settings.network,
+                bridge_port=next(
+                    p for p in BRIDGE_PORTS if p not in taken and p % 7 == (os.getpid() + 1) % 7
+                ),
+            ),
+        )
+    )
     try:
         cut_off.start_workers(1, lease=3.0)
         watched = Watched(on_cluster, agent_app, {"ticks": 60})

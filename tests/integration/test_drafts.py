@@ -58,8 +58,9 @@ def test_an_edit_session_cannot_write_past_the_draft_limit(
     envs = capped.envs
     image = capped.settings.data_dir / "envs" / new_env / "draft.img"
 
-    _, out, err = run(capped, new_env, "sh", "-c", f"{FILL}; echo $?; du -m /home/user/big",
-                      edit=True)  # fmt: skip
+    _, out, err = run(
+        capped, new_env, "sh", "-c", f"{FILL}; echo $?; du -m /home/user/big", edit=True
+    )
 
     assert "No space left on device" in err  # the write failed in the sandbox, as it was made
     assert out.split()[0] == "1" and int(out.split()[1]) <= LIMIT_MB
@@ -70,8 +71,9 @@ def test_an_edit_session_cannot_write_past_the_draft_limit(
     assert f"draft of environment {new_env!r} is full" in (usage.notice or "")
 
     # Another environment's draft is its own: room to write, nothing of the full one in it.
-    other = capped.envs.exec(env, ("sh", "-c", "head -c 10000000 /dev/zero > /home/user/ten"),
-                             stdin=subprocess.DEVNULL)  # fmt: skip
+    other = capped.envs.exec(
+        env, ("sh", "-c", "head -c 10000000 /dev/zero > /home/user/ten"), stdin=subprocess.DEVNULL
+    )
     assert other.exit_code == 0 and other.draft is not None and not other.draft.full
     assert run(capped, env, "test", "-e", "/home/user/big", edit=True)[0] == 1
 
@@ -80,8 +82,11 @@ def test_an_edit_session_cannot_write_past_the_draft_limit(
     assert envs.history(new_env)[0].digest == frozen.digest
     assert envs.draft_usage(new_env) is None and not image.exists()
     assert run(capped, new_env, "sh", "-c", "du -m /home/user/big")[0] == 0  # in the snapshot
-    again = envs.exec(new_env, ("sh", "-c", "head -c 10000000 /dev/zero > /home/user/more"),
-                      stdin=subprocess.DEVNULL)  # fmt: skip
+    again = envs.exec(
+        new_env,
+        ("sh", "-c", "head -c 10000000 /dev/zero > /home/user/more"),
+        stdin=subprocess.DEVNULL,
+    )
     assert again.exit_code == 0 and again.draft is not None and not again.draft.full
 
 
@@ -105,19 +110,22 @@ def test_a_full_draft_can_be_discarded_and_removed(capped: Corral) -> None:
 def test_the_cli_and_the_api_say_the_draft_is_full_and_what_its_limit_is(
     capped: Corral, new_env: str
 ) -> None:
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(capped.settings.data_dir),
-               "CORRAL_DRAFT_LIMIT_MB": str(LIMIT_MB)}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(capped.settings.data_dir),
+        "CORRAL_DRAFT_LIMIT_MB": str(LIMIT_MB),
+    }
     cli = [sys.executable, "-m", "corral.cli", "env", "exec"]
     command = [new_env, "--", "sh", "-c", FILL]
-    shown = subprocess.run(cli + command, env=environ, capture_output=True, text=True,
-                           timeout=120)  # fmt: skip
+    shown = subprocess.run(cli + command, env=environ, capture_output=True, text=True, timeout=120)
     assert shown.returncode == 1  # the command's own exit status
     assert "No space left on device" in shown.stderr
     assert f"corral: the draft of environment '{new_env}' is full" in shown.stderr
     assert f"of its {LIMIT_MB}.0 MB limit (CORRAL_DRAFT_LIMIT_MB)" in shown.stderr
 
-    as_json = subprocess.run([*cli, "--json", *command], env=environ, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    as_json = subprocess.run(
+        [*cli, "--json", *command], env=environ, capture_output=True, text=True, timeout=120
+    )
     draft = json.loads(as_json.stdout)["draft"]
     assert draft["full"] and draft["limit_bytes"] == LIMIT_MB << 20
 
@@ -146,9 +154,15 @@ def test_a_draft_from_before_the_limit_is_kept(capped: Corral, new_env: str) -> 
     os.setxattr(upper / "opt", "trusted.overlay.opaque", b"y")  # /opt replaced by this one
     assert envs.has_draft(new_env)
 
-    code, out, err = run(capped, new_env, "sh", "-c",
-                         "cat /home/user/kept.txt; stat -c %u /home/user/kept.txt; ls /opt;"
-                         " test -e /etc/debian_version", edit=True)  # fmt: skip
+    code, out, err = run(
+        capped,
+        new_env,
+        "sh",
+        "-c",
+        "cat /home/user/kept.txt; stat -c %u /home/user/kept.txt; ls /opt;"
+        " test -e /etc/debian_version",
+        edit=True,
+    )
     assert out.splitlines() == ["from before", "1000", "only"] and code == 1, err
     usage = envs.draft_usage(new_env)
     assert usage is not None and usage.limit_bytes == LIMIT_MB << 20

@@ -70,9 +70,12 @@ def test_run_sees_frozen_files_and_packages(corral: Corral, env: str, tmp_path: 
     assert snap.seq == 2 and snap.parent is not None
 
     code, out, err = run(
-        corral, env, "python3", "-c",
+        corral,
+        env,
+        "python3",
+        "-c",
         "import corralprobe, runpy; print(corralprobe.VALUE); runpy.run_path('/home/user/plot.py')",
-    )  # fmt: skip
+    )
     assert (code, out) == (0, "7\n42\n"), err
 
 
@@ -141,15 +144,25 @@ def test_history_is_newest_first_and_tags_are_readable_by_skopeo(corral: Corral,
     assert history[0].parent == s2.digest
     layout = corral.settings.oci_dir
     for ref, digest in ((env, s3.digest), (f"{env}+2", s2.digest)):
-        proc = subprocess.run(["skopeo", "inspect", f"oci:{layout}:{ref}"],
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            ["skopeo", "inspect", f"oci:{layout}:{ref}"], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         assert f'"Digest": "{digest}"' in proc.stdout
 
 
 def _skopeo_export(corral: Corral, env: str, archive: Path, *flags: str) -> None:
-    subprocess.run(["skopeo", "copy", "-q", *flags, f"oci:{corral.settings.oci_dir}:{env}",
-                    f"oci-archive:{archive}:exported"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            *flags,
+            f"oci:{corral.settings.oci_dir}:{env}",
+            f"oci-archive:{archive}:exported",
+        ],
+        check=True,
+    )
 
 
 def test_oci_archive_round_trip_stores_identical_blobs_once(
@@ -158,8 +171,9 @@ def test_oci_archive_round_trip_stores_identical_blobs_once(
     run(corral, env, "touch", "/home/user/exported", edit=True)
     head = corral.envs.freeze(env).digest
     archive = tmp_path / "export.tar"
-    _skopeo_export(corral, env, archive, "--preserve-digests",
-                   "--dest-oci-accept-uncompressed-layers")  # fmt: skip
+    _skopeo_export(
+        corral, env, archive, "--preserve-digests", "--dest-oci-accept-uncompressed-layers"
+    )
     blobs = set(os.listdir(corral.settings.oci_dir / "blobs/sha256"))
     copy = f"t-{secrets.token_hex(4)}"
     created = corral.envs.create(copy, f"oci-archive:{archive}:exported")
@@ -182,7 +196,7 @@ def test_foreign_image_with_gzip_layers_boots(corral: Corral, env: str, tmp_path
     subprocess.run(
         ["skopeo", "copy", "-q", f"oci:{corral.settings.oci_dir}:{env}", f"oci:{layout}:v1"],
         check=True,
-    )  # fmt: skip  (skopeo gzips the layers)
+    )  # skopeo gzips the layers
     copy = f"t-{secrets.token_hex(4)}"
     created = corral.envs.create(copy, f"oci:{layout}:v1")
     try:

@@ -47,8 +47,13 @@ __all__ = ["small_disk"]  # a fixture: a 600 MiB tmpfs
 
 
 def corral_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral.cli", *args], env=environ_for(settings),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        env=environ_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_whole(corral: Corral, env: str) -> None:
@@ -118,8 +123,9 @@ def test_a_killed_freeze_leaves_a_whole_environment(
     point = FREEZE_DEATHS[death]
     blobs = corral.settings.oci_dir / "blobs" / "sha256"
     temporaries = set(blobs.glob(".tmp-*"))
-    freeze = CorralProcess(corral.settings, "env", "freeze", env, log=tmp_path / "freeze.log",
-                           point=point)  # fmt: skip
+    freeze = CorralProcess(
+        corral.settings, "env", "freeze", env, log=tmp_path / "freeze.log", point=point
+    )
     if point is None:
         kill_while_writing(freeze, blobs, temporaries)
     else:
@@ -187,8 +193,11 @@ def small(small_disk: Path, tmp_path: Path) -> Iterator[Corral]:
     """A Corral whose data directory is the small disk; its database lives elsewhere, so that
     a full data disk still lets it record what happened."""
     (tmp_path / "db").mkdir()
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(small_disk),
-               "CORRAL_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'corral.db'}"}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(small_disk),
+        "CORRAL_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'corral.db'}",
+    }
     port = free_bridge_port(Settings.from_env(environ))
     corral = Corral(Settings.from_env({**environ, "CORRAL_BRIDGE_PORT": str(port)}))
     try:
@@ -262,23 +271,31 @@ def test_a_disk_that_fills_during_a_run_costs_only_the_fold_in(
     leaks = Leftovers(small.settings)
     args = ("run", env, "agent.py:sleepy", "--input", '{"seconds": 2}', "--json")
     running = CorralProcess(small.settings, *args, log=tmp_path / "run.log")
-    wait_for(lambda: (r := small.store.runs.for_environment(env)) and
-             "runner.started" in kinds(small.store, r[0].id), 60, "the agent to start")  # fmt: skip
+    wait_for(
+        lambda: (
+            (r := small.store.runs.for_environment(env))
+            and "runner.started" in kinds(small.store, r[0].id)
+        ),
+        60,
+        "the agent to start",
+    )
     filler = fill(small.settings.data_dir)
     assert running.wait(120) == 0, running.output()
 
     ran = small.store.runs.for_environment(env)[0]
     assert (ran.status, ran.swapped, ran.folded_snapshot) == ("succeeded", True, None)
-    skipped = [json.loads(e.data) for e in small.store.runs.events(ran.id)
-               if e.kind == "fold_in.skipped"]  # fmt: skip
+    skipped = [
+        json.loads(e.data) for e in small.store.runs.events(ran.id) if e.kind == "fold_in.skipped"
+    ]
     assert len(skipped) == 1 and "space" in skipped[0]["reason"], kinds(small.store, ran.id)
     assert small.envs.get(env).head == head
     assert_ended_once(small.store, ran.id)
     leaks.assert_none()
 
     filler.unlink()
-    again = corral_cli(small.settings, "run", env, "agent.py:greet", "--input", '{"who": "bo"}',
-                       "--json")  # fmt: skip
+    again = corral_cli(
+        small.settings, "run", env, "agent.py:greet", "--input", '{"who": "bo"}', "--json"
+    )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["folded_snapshot"] == small.envs.get(env).head != head
     assert_whole(small, env)

@@ -44,8 +44,11 @@ TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 @pytest.fixture
 def world(store_url: str, tmp_path: Path) -> Iterator[Corral]:
     """A Corral of its own (data directory, database on either engine) with a greeting app."""
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"),
-               "CORRAL_DATABASE_URL": store_url}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path / "data"),
+        "CORRAL_DATABASE_URL": store_url,
+    }
     port = free_bridge_port(Settings.from_env(environ))
     corral = Corral(Settings.from_env({**environ, "CORRAL_BRIDGE_PORT": str(port)}))
     try:
@@ -94,8 +97,16 @@ def client_session(
 def test_200_runs_from_50_clients_each_end_exactly_once(world: Corral, tmp_path: Path) -> None:
     leaks = Leftovers(world.settings)
     port = free_port()
-    serve = CorralProcess(world.settings, "serve", "--port", str(port), "--workers", "4",
-                          "--no-schedules", log=tmp_path / "serve.log")  # fmt: skip
+    serve = CorralProcess(
+        world.settings,
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "4",
+        "--no-schedules",
+        log=tmp_path / "serve.log",
+    )
     url = f"http://127.0.0.1:{port}"
     try:
 
@@ -108,16 +119,22 @@ def test_200_runs_from_50_clients_each_end_exactly_once(world: Corral, tmp_path:
 
         wait_for(answering, 60, "corral serve to answer")
         # The first run swaps the runner in and folds it into the environment, once.
-        warm = httpx.post(f"{url}/v1/apps/greet/runs", headers={"X-Corral-User": "warm"},
-                          json={"input": {"who": "warm"}, "wait": True}, timeout=300)  # fmt: skip
+        warm = httpx.post(
+            f"{url}/v1/apps/greet/runs",
+            headers={"X-Corral-User": "warm"},
+            json={"input": {"who": "warm"}, "wait": True},
+            timeout=300,
+        )
         assert warm.json()["status"] == "succeeded", warm.text
 
         ids: list[str] = []
         cancels: list[str] = []
         errors: list[str] = []
         began = time.monotonic()
-        clients = [threading.Thread(target=client_session, args=(url, n, ids, cancels, errors))
-                   for n in range(CLIENTS)]  # fmt: skip
+        clients = [
+            threading.Thread(target=client_session, args=(url, n, ids, cancels, errors))
+            for n in range(CLIENTS)
+        ]
         for c in clients:
             c.start()
         for c in clients:

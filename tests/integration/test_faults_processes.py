@@ -95,8 +95,9 @@ def test_the_leak_check_names_what_a_killed_corral_leaves(
     corral: Corral, env: str, tmp_path: Path
 ) -> None:
     leaks = Leftovers(corral.settings)
-    sandbox = CorralProcess(corral.settings, "sandbox", "run", env, "--", "sleep", "60",
-                            log=tmp_path / "sandbox.log")  # fmt: skip
+    sandbox = CorralProcess(
+        corral.settings, "sandbox", "run", env, "--", "sleep", "60", log=tmp_path / "sandbox.log"
+    )
     try:
         wait_for_record(corral, sandbox.pid, set())
     finally:
@@ -138,12 +139,16 @@ def test_a_killed_worker_s_run_ends_exactly_once(
     seconds = 4 if death == "running" else 0.2
     queued = corral.pipeline.execute_agent(app, {"seconds": seconds}, Trigger("http"), user=user)
     lease = ("--workers", "1", "--lease", "3")
-    worker_a = CorralProcess(corral.settings, "worker", *lease, log=tmp_path / "a.log",
-                             point=WORKER_DEATHS[death])  # fmt: skip
+    worker_a = CorralProcess(
+        corral.settings, "worker", *lease, log=tmp_path / "a.log", point=WORKER_DEATHS[death]
+    )
     try:
         if death == "running":
-            wait_for(lambda: "runner.started" in kinds(corral.store, queued.id), 60,
-                     "the agent to start in worker A")  # fmt: skip
+            wait_for(
+                lambda: "runner.started" in kinds(corral.store, queued.id),
+                60,
+                "the agent to start in worker A",
+            )
             worker_a.kill()
         else:
             worker_a.wait(90)
@@ -180,8 +185,9 @@ def worker(corral: Corral) -> Iterator[Worker]:
 
 def sandbox_of(corral: Corral, run_id: str) -> Record:
     """The slot record of the sandbox the run's latest attempt booted."""
-    booted = [json.loads(e.data) for e in corral.store.runs.events(run_id)
-              if e.kind == "sandbox.booted"]  # fmt: skip
+    booted = [
+        json.loads(e.data) for e in corral.store.runs.events(run_id) if e.kind == "sandbox.booted"
+    ]
     sid = booted[-1]["sandbox"]
     return next(r for r in corral.sandboxes().slots.records() if r.sandbox_id == sid)
 
@@ -228,8 +234,9 @@ def test_a_killed_sandbox_is_replaced_and_the_run_ends_once(
 ) -> None:
     leaks = Leftovers(corral.settings)
     app, path = hooked_app(corral, agent_env, receiver)
-    queued = corral.pipeline.execute_agent(app, {"seconds": 3}, Trigger("http"),
-                                           user=user_with_credits(corral))  # fmt: skip
+    queued = corral.pipeline.execute_agent(
+        app, {"seconds": 3}, Trigger("http"), user=user_with_credits(corral)
+    )
     wait_for(lambda: "runner.started" in kinds(corral.store, queued.id), 60, "the agent to start")
     first = sandbox_of(corral, queued.id)
     (kill_container if victim == "its processes" else kill_runc)(first)
@@ -237,8 +244,11 @@ def test_a_killed_sandbox_is_replaced_and_the_run_ends_once(
     done = until_ended(corral.store, queued.id, 90)
     assert done.status == "succeeded", (done.error_code, done.error)
     assert done.attempts == 2, kinds(corral.store, queued.id)
-    failed = [json.loads(e.data) for e in corral.store.runs.events(queued.id)
-              if e.kind == "attempt.failed"]  # fmt: skip
+    failed = [
+        json.loads(e.data)
+        for e in corral.store.runs.events(queued.id)
+        if e.kind == "attempt.failed"
+    ]
     assert [f["attempt"] for f in failed] == [1]
     assert_ended_once(corral.store, queued.id)
     assert_webhook_once(corral, receiver, queued.id, path)
@@ -251,8 +261,17 @@ def test_a_killed_sandbox_is_replaced_and_the_run_ends_once(
 def serve(corral: Corral, tmp_path: Path, name: str, bridge: int) -> tuple[CorralProcess, str]:
     port = free_port()
     environ = {"CORRAL_BRIDGE_PORT": str(bridge), "CORRAL_RUN_LEASE": "3"}
-    proc = CorralProcess(corral.settings, "serve", "--port", str(port), "--workers", "1",
-                         "--no-schedules", log=tmp_path / f"{name}.log", env=environ)  # fmt: skip
+    proc = CorralProcess(
+        corral.settings,
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-schedules",
+        log=tmp_path / f"{name}.log",
+        env=environ,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def answering() -> bool:
@@ -276,12 +295,19 @@ def test_a_killed_serve_s_run_ends_exactly_once(
     bridge = free_bridge_port(corral.settings)
     serve_a, url_a = serve(corral, tmp_path, "a", bridge)
     try:
-        started = httpx.post(f"{url_a}/v1/apps/{app}/runs", headers={"X-Corral-User": user},
-                             json={"input": {"seconds": 4}}, timeout=30)  # fmt: skip
+        started = httpx.post(
+            f"{url_a}/v1/apps/{app}/runs",
+            headers={"X-Corral-User": user},
+            json={"input": {"seconds": 4}},
+            timeout=30,
+        )
         assert started.status_code == 201, started.text
         run_id = started.json()["id"]
-        wait_for(lambda: "runner.started" in kinds(corral.store, run_id), 60,
-                 "the agent to start in serve A")  # fmt: skip
+        wait_for(
+            lambda: "runner.started" in kinds(corral.store, run_id),
+            60,
+            "the agent to start in serve A",
+        )
     finally:
         serve_a.kill()
 
@@ -334,8 +360,9 @@ def test_a_run_killed_mid_swap_leaves_the_runner_whole(
         assert locked and all(locked)
         args = ("run", env, "agent.py:greet", "--input", '{"who": "ada"}', "--json")
         lease = {"CORRAL_RUN_LEASE": "1.5"}
-        killed = CorralProcess(corral.settings, *args, log=tmp_path / "killed.log",
-                               point=f"swap:{step}", env=lease)  # fmt: skip
+        killed = CorralProcess(
+            corral.settings, *args, log=tmp_path / "killed.log", point=f"swap:{step}", env=lease
+        )
         killed.wait(120)
         assert killed.killed_at_point(), killed.output()
         (victim,) = corral.store.runs.for_environment(env)

@@ -51,8 +51,9 @@ def agent_environment(corral: Corral) -> str:
     """A fresh environment with ``AGENT`` frozen in as /home/user/agent.py."""
     name = f"t-{secrets.token_hex(4)}"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name, "the agent")
     return name
@@ -94,8 +95,9 @@ def user(corral: Corral) -> str:
 
 def make_app(client: httpx.Client, env: str, entrypoint: str, **settings: Any) -> str:
     name = f"a-{secrets.token_hex(4)}"
-    created = client.post("/v1/apps", json={"name": name, "environment": env,
-                                            "entrypoint": entrypoint, **settings})  # fmt: skip
+    created = client.post(
+        "/v1/apps", json={"name": name, "environment": env, "entrypoint": entrypoint, **settings}
+    )
     assert created.status_code == 201, created.text
     body = created.json()
     assert body["name"] == name and body["version"] == 1
@@ -115,8 +117,9 @@ def sleepy(base_url: str, agent_env: str) -> str:
         return make_app(c, agent_env, "agent.py:sleepy", timeout=120)
 
 
-def start(client: httpx.Client, app: str, user: str, body: dict[str, Any],
-          key: str | None = None) -> httpx.Response:  # fmt: skip
+def start(
+    client: httpx.Client, app: str, user: str, body: dict[str, Any], key: str | None = None
+) -> httpx.Response:
     headers = {"X-Corral-User": user}
     if key is not None:
         headers["Idempotency-Key"] = key
@@ -141,8 +144,9 @@ def until(client: httpx.Client, run_id: str, statuses: set[str], within: float) 
         time.sleep(0.1)
 
 
-def stream(client: httpx.Client, run_id: str, last_event_id: int | None = None
-           ) -> list[tuple[int | None, str, dict[str, Any]]]:  # fmt: skip
+def stream(
+    client: httpx.Client, run_id: str, last_event_id: int | None = None
+) -> list[tuple[int | None, str, dict[str, Any]]]:
     """The run's SSE stream to its ``end``: (id, event, data) for each message."""
     headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
     messages: list[tuple[int | None, str, dict[str, Any]]] = []
@@ -169,8 +173,9 @@ def stream(client: httpx.Client, run_id: str, last_event_id: int | None = None
 
 
 def test_run_and_wait(client: httpx.Client, greet: str, user: str) -> None:
-    response = start(client, greet, user, {"input": {"who": "ada", "n": 21}, "wait": True,
-                                           "timeout": 120})  # fmt: skip
+    response = start(
+        client, greet, user, {"input": {"who": "ada", "n": 21}, "wait": True, "timeout": 120}
+    )
     assert response.status_code == 200, response.text
     ran = response.json()
     assert ran["status"] == "succeeded", ran
@@ -231,8 +236,11 @@ def test_an_idempotency_key_gives_one_run(
     again = start(client, greet, user, {"input": {"who": who}}, key=key)
     assert first.status_code == again.status_code == 201, (first.text, again.text)
     assert first.json()["id"] == again.json()["id"]
-    recorded = [r for r in corral.store.pipeline.runs(app=greet, limit=500)
-                if json.loads(r.input) == {"who": who}]  # fmt: skip
+    recorded = [
+        r
+        for r in corral.store.pipeline.runs(app=greet, limit=500)
+        if json.loads(r.input) == {"who": who}
+    ]
     assert [r.id for r in recorded] == [first.json()["id"]]
     waited = start(client, greet, user, {"input": {"who": who}, "wait": True}, key=key)
     assert waited.status_code == 200 and waited.json()["id"] == first.json()["id"]
@@ -321,8 +329,9 @@ def test_a_refused_request_can_be_retried_with_its_key(
     first = start(client, app, user, {"input": {"seconds": 30}}).json()
     key = f"k-{secrets.token_hex(6)}"
     try:
-        error_of(start(client, app, user, {"input": {"seconds": 1}}, key=key), 429,
-                 "concurrency_limit")  # fmt: skip
+        error_of(
+            start(client, app, user, {"input": {"seconds": 1}}, key=key), 429, "concurrency_limit"
+        )
     finally:
         client.post(f"/v1/runs/{first['id']}/cancel")
     until(client, first["id"], TERMINAL, 30)
@@ -353,10 +362,10 @@ def test_patch_makes_a_version_that_later_runs_record(
     ran = start(client, app, user, {"input": {"who": "di"}, "wait": True}).json()
     assert ran["status"] == "succeeded" and ran["app_version"] == 2
 
-    error_of(client.patch(f"/v1/apps/{app}", json={"concurrency": "sometimes"}), 422,
-             "invalid_request")  # fmt: skip
-    error_of(client.patch(f"/v1/apps/{app}", json={"entrypoint": "nocolon"}), 400,
-             "invalid_input")  # fmt: skip
+    error_of(
+        client.patch(f"/v1/apps/{app}", json={"concurrency": "sometimes"}), 422, "invalid_request"
+    )
+    error_of(client.patch(f"/v1/apps/{app}", json={"entrypoint": "nocolon"}), 400, "invalid_input")
     error_of(client.patch("/v1/apps/no-such-app", json={"timeout": 5}), 404, "app_not_found")
     assert client.get(f"/v1/apps/{app}").json()["version"] == 2  # refusals made no version
 
@@ -368,8 +377,9 @@ def test_credits(client: httpx.Client) -> None:
     assert granted.status_code == 201 and granted.json() == {"user": someone, "balance": 12.5}
     client.post(f"/v1/users/{someone}/credits", json={"credits": 1, "note": "top-up"})
     assert client.get(f"/v1/users/{someone}/credits").json()["balance"] == 13.5
-    error_of(client.post(f"/v1/users/{someone}/credits", json={"credits": -1}), 422,
-             "invalid_request")  # fmt: skip
+    error_of(
+        client.post(f"/v1/users/{someone}/credits", json={"credits": -1}), 422, "invalid_request"
+    )
 
 
 def test_openapi_lists_the_routes(client: httpx.Client) -> None:
@@ -391,7 +401,13 @@ def test_metrics_are_served_for_prometheus(client: httpx.Client, corral: Corral)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    for family in ("corral_runs_total", "corral_run_duration_seconds", "corral_queue_depth",
-                   "corral_sandbox_boot_seconds", "corral_runner_swap_seconds",
-                   "corral_bridge_calls_total", "corral_runs_admitted_total"):  # fmt: skip
+    for family in (
+        "corral_runs_total",
+        "corral_run_duration_seconds",
+        "corral_queue_depth",
+        "corral_sandbox_boot_seconds",
+        "corral_runner_swap_seconds",
+        "corral_bridge_calls_total",
+        "corral_runs_admitted_total",
+    ):
         assert family in text, family

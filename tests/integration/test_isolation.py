@@ -277,8 +277,10 @@ def test_host_is_unreachable_over_ipv6(corral: Corral, env: str) -> None:
             iface = corral.sandboxes().network.link_for(slot, edit=False).host_iface
             shown = subprocess.run(
                 ["ip", "-6", "-o", "addr", "show", "dev", iface, "scope", "link"],
-                capture_output=True, text=True, check=True,
-            ).stdout.split()  # fmt: skip
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
             if "inet6" not in shown:
                 pytest.skip(f"{iface} has no IPv6 link-local address: nothing to reach")
             host_ll = shown[shown.index("inet6") + 1].split("/")[0]
@@ -396,8 +398,10 @@ def outside() -> Iterator[Outside]:
     with outside_namespace("iso", near, address) as (netns, _):
         server = subprocess.Popen(
             ["ip", "netns", "exec", netns, "python3", "-c", OUTSIDE_SERVER, address],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert server.stdout is not None
             port = int(server.stdout.readline())

@@ -29,9 +29,23 @@ from corral.store.engine import alembic_config, make_engine
 from corral.store.pipeline import BalanceLimit
 
 HOSTILE = [
-    "inf", "-inf", "nan", "NaN", "Infinity", "1e999", float("inf"), float("nan"),
-    Decimal("NaN"), Decimal("Infinity"), "1e-7", 0.0000001, "", "five", True, None,
-]  # fmt: skip
+    "inf",
+    "-inf",
+    "nan",
+    "NaN",
+    "Infinity",
+    "1e999",
+    float("inf"),
+    float("nan"),
+    Decimal("NaN"),
+    Decimal("Infinity"),
+    "1e-7",
+    0.0000001,
+    "",
+    "five",
+    True,
+    None,
+]
 
 
 @pytest.mark.parametrize("amount", HOSTILE, ids=repr)
@@ -69,11 +83,21 @@ def test_deductions_sum_exactly(store: Store) -> None:
     ledger = Ledger(store)
     ledger.grant("alice", 1)
     at = datetime.now(UTC)
-    store.pipeline.post([
-        {"user": "alice", "run": "r1", "app": "a", "source": f"call:{i}", "kind": "deduction",
-         "micros": -to_micros("0.0005"), "detail": None, "at": at}
-        for i in range(2000)
-    ])  # fmt: skip
+    store.pipeline.post(
+        [
+            {
+                "user": "alice",
+                "run": "r1",
+                "app": "a",
+                "source": f"call:{i}",
+                "kind": "deduction",
+                "micros": -to_micros("0.0005"),
+                "detail": None,
+                "at": at,
+            }
+            for i in range(2000)
+        ]
+    )
     # 2000 x 0.0005 in floats sums to 0.9999999999999453; here it is exactly one credit.
     assert store.pipeline.spent(run="r1") == 1_000_000
     assert ledger.balance("alice") == 0
@@ -81,31 +105,57 @@ def test_deductions_sum_exactly(store: Store) -> None:
 
 @pytest.mark.parametrize(
     "kind, micros",
-    [("grant", 0), ("grant", -5), ("deduction", 5), ("adjustment", 0), ("grant", 1.5),
-     ("grant", float("nan")), ("grant", True), ("grant", 10**16), ("bonus", 5)],
-)  # fmt: skip
+    [
+        ("grant", 0),
+        ("grant", -5),
+        ("deduction", 5),
+        ("adjustment", 0),
+        ("grant", 1.5),
+        ("grant", float("nan")),
+        ("grant", True),
+        ("grant", 10**16),
+        ("bonus", 5),
+    ],
+)
 def test_the_store_refuses_entries_that_do_not_fit(store: Store, kind: str, micros: Any) -> None:
-    entry = {"user": "alice", "run": None, "app": None, "source": "s", "kind": kind,
-             "micros": micros, "detail": None, "at": datetime.now(UTC)}  # fmt: skip
+    entry = {
+        "user": "alice",
+        "run": None,
+        "app": None,
+        "source": "s",
+        "kind": kind,
+        "micros": micros,
+        "detail": None,
+        "at": datetime.now(UTC),
+    }
     with pytest.raises(InvalidInput):
         store.pipeline.post([entry])
     assert store.pipeline.entries(user="alice") == []
 
 
 @pytest.mark.parametrize(
-    "kind, micros", [("grant", 0), ("grant", -5), ("deduction", 5), ("voided", 3),
-                     ("adjustment", 0), ("grant", 10**15 + 1)]
-)  # fmt: skip
+    "kind, micros",
+    [
+        ("grant", 0),
+        ("grant", -5),
+        ("deduction", 5),
+        ("voided", 3),
+        ("adjustment", 0),
+        ("grant", 10**15 + 1),
+    ],
+)
 def test_the_database_itself_refuses_them(store_url: str, kind: str, micros: int) -> None:
     """Code that went around the ledger and the store still cannot write a bad entry."""
     engine = make_engine(store_url)
     try:
         with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
             conn.execute(
-                sa.text('INSERT INTO ledger ("user", source, kind, micros, at) '
-                        "VALUES ('alice', 's', :kind, :micros, CURRENT_TIMESTAMP)"),
+                sa.text(
+                    'INSERT INTO ledger ("user", source, kind, micros, at) '
+                    "VALUES ('alice', 's', :kind, :micros, CURRENT_TIMESTAMP)"
+                ),
                 {"kind": kind, "micros": micros},
-            )  # fmt: skip
+            )
     finally:
         engine.dispose()
 
@@ -118,11 +168,17 @@ def test_a_correction_is_a_new_entry_of_either_sign(store: Store) -> None:
     ledger.adjust("alice", "0.5", "goodwill")
     assert ledger.balance("alice") == Decimal("100.5")
     kinds = [(e["kind"], e["micros"], e["detail"]) for e in store.pipeline.entries(user="alice")]
-    assert kinds == [("grant", 1_000_000_000, "meant 100"),
-                     ("adjustment", -900_000_000, "typo: 1000 for 100"),
-                     ("adjustment", 500_000, "goodwill")]  # fmt: skip
-    wrong = [(0, "x", "must not be zero"), ("nan", "x", "finite"),
-             (-1, "", "needs a note"), (-1, "  ", "needs a note")]  # fmt: skip
+    assert kinds == [
+        ("grant", 1_000_000_000, "meant 100"),
+        ("adjustment", -900_000_000, "typo: 1000 for 100"),
+        ("adjustment", 500_000, "goodwill"),
+    ]
+    wrong = [
+        (0, "x", "must not be zero"),
+        ("nan", "x", "finite"),
+        (-1, "", "needs a note"),
+        (-1, "  ", "needs a note"),
+    ]
     for amount, note, message in wrong:
         with pytest.raises(InvalidInput, match=message):
             ledger.adjust("alice", amount, note)
@@ -157,11 +213,12 @@ def test_migration_makes_float_amounts_exact_and_keeps_every_entry(blank_store_u
         with engine.begin() as conn:
             for i, (kind, value, _, _) in enumerate(legacy):
                 conn.execute(
-                    sa.text('INSERT INTO ledger ("user", source, kind, credits, detail, at) '
-                            "VALUES ('alice', :source, :kind, :credits, 'note', :at)"),
-                    {"source": f"s{i}", "kind": kind, "credits": value,
-                     "at": datetime.now(UTC)},
-                )  # fmt: skip
+                    sa.text(
+                        'INSERT INTO ledger ("user", source, kind, credits, detail, at) '
+                        "VALUES ('alice', :source, :kind, :credits, 'note', :at)"
+                    ),
+                    {"source": f"s{i}", "kind": kind, "credits": value, "at": datetime.now(UTC)},
+                )
     finally:
         engine.dispose()
     with Store.open(blank_store_url) as store:
@@ -170,7 +227,8 @@ def test_migration_makes_float_amounts_exact_and_keeps_every_entry(blank_store_u
         for entry, (_, value, kind, _) in zip(entries, legacy, strict=True):
             if kind == "voided":
                 assert json.loads(entry["detail"]) == {
-                    "voided": f"revision 0007: credits was {value!r}", "detail": "note"
+                    "voided": f"revision 0007: credits was {value!r}",
+                    "detail": "note",
                 }
             else:
                 assert entry["detail"] == "note"
@@ -201,10 +259,18 @@ def test_migration_round_trips_on_downgrade(store_url: str) -> None:
 
 
 def _cli(store_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"),
-               "CORRAL_DATABASE_URL": store_url}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "corral.cli", "credits", *args], env=environ,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(tmp_path / "data"),
+        "CORRAL_DATABASE_URL": store_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", "credits", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_credits_command(store_url: str, tmp_path: Path) -> None:
@@ -221,4 +287,3 @@ def test_the_credits_command(store_url: str, tmp_path: Path) -> None:
     assert json.loads(shown.stdout) == {"user": "alice", "balance": 100.25}
     with Store.open(store_url) as store:
         assert len(store.pipeline.entries(user="alice")) == 2
-

@@ -20,10 +20,18 @@ __all__ = ["agents_env"]  # a fixture, imported for the tests below
 
 
 def corral_cli(corral: Corral, *args: str) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(corral.settings.data_dir),
-               "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port)}  # fmt: skip
-    return subprocess.run([sys.executable, "-m", "corral.cli", *args], env=environ,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(corral.settings.data_dir),
+        "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -55,8 +63,9 @@ def test_here_executes_the_run_in_the_calling_process(
     corral: Corral, agents_env: str, no_worker: None
 ) -> None:
     app, user = new_app(corral, agents_env, "agent.py:quick"), user_with_credits(corral)
-    out = corral_cli(corral, "app", "run", app, "--input", '{"x": 2}', "--user", user, "--here",
-                     "--json")  # fmt: skip
+    out = corral_cli(
+        corral, "app", "run", app, "--input", '{"x": 2}', "--user", user, "--here", "--json"
+    )
     assert out.returncode == 0, out.stderr
     done = json.loads(out.stdout)
     assert (done["status"], done["result"]) == ("succeeded", {"echo": {"x": 2}})
@@ -70,8 +79,9 @@ def test_a_worker_in_another_process_is_seen_and_does_the_run(
     worker = Worker(corral.pipeline, corral.sandboxes, lease=5.0).start()
     try:
         assert worker.name in live_workers(corral.store)
-        out = corral_cli(corral, "app", "run", app, "--input", '{"x": 3}', "--user", user,
-                         "--wait", "--json")  # fmt: skip
+        out = corral_cli(
+            corral, "app", "run", app, "--input", '{"x": 3}', "--user", user, "--wait", "--json"
+        )
     finally:
         worker.stop()
     assert out.returncode == 0, out.stderr

@@ -50,8 +50,9 @@ def spender(input):
 def agents_env(corral: Corral) -> Iterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name)
     yield name
@@ -79,11 +80,13 @@ def workers(corral: Corral) -> Iterator[list[Worker]]:
         corral._workers.remove(w)
 
 
-def test_a_run_is_admitted_executed_and_billed_once(corral: Corral, agents_env: str,
-                                                    workers: list[Worker]) -> None:  # fmt: skip
+def test_a_run_is_admitted_executed_and_billed_once(
+    corral: Corral, agents_env: str, workers: list[Worker]
+) -> None:
     app, user = new_app(corral, agents_env, "agent.py:quick"), user_with_credits(corral)
-    done = corral.pipeline.execute_agent(app, {"x": 1}, Trigger("http"), user=user, wait=True,
-                                         wait_timeout=60)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        app, {"x": 1}, Trigger("http"), user=user, wait=True, wait_timeout=60
+    )
     assert (done.status, json.loads(done.result or "")) == ("succeeded", {"echo": {"x": 1}})
     assert done.deliveries == 1 and done.app_version == 1
     charged = corral.store.pipeline.entries(run=done.id)
@@ -97,12 +100,17 @@ def test_a_run_is_admitted_executed_and_billed_once(corral: Corral, agents_env: 
 def test_a_worker_killed_mid_run_hands_the_run_to_another(corral: Corral, agents_env: str) -> None:
     app, user = new_app(corral, agents_env, "agent.py:slow"), user_with_credits(corral)
     queued = corral.pipeline.execute_agent(app, {"seconds": 4}, Trigger("http"), user=user)
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(corral.settings.data_dir),
-               "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port)}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(corral.settings.data_dir),
+        "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port),
+    }
     worker_a = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "worker", "--workers", "1", "--lease", "3"],
-        env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -133,16 +141,19 @@ def test_a_worker_killed_mid_run_hands_the_run_to_another(corral: Corral, agents
     assert corral.verifier.revoked(queued.id)
 
 
-def test_a_run_that_spends_its_budget_is_stopped(corral: Corral, agents_env: str,
-                                                 workers: list[Worker]) -> None:  # fmt: skip
-    app = new_app(corral, agents_env, "agent.py:spender", budget_per_run=0.05,
-                  connections=("prices",))  # fmt: skip
+def test_a_run_that_spends_its_budget_is_stopped(
+    corral: Corral, agents_env: str, workers: list[Worker]
+) -> None:
+    app = new_app(
+        corral, agents_env, "agent.py:spender", budget_per_run=0.05, connections=("prices",)
+    )
     user = user_with_credits(corral)
     market = FakeMarketData(api_key="mk-budget").start()
     corral.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
     corral.vault.put(user, "prices", "api_key", {"key": "mk-budget"})
-    done = corral.pipeline.execute_agent(app, {}, Trigger("http"), user=user, wait=True,
-                                         wait_timeout=90)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        app, {}, Trigger("http"), user=user, wait=True, wait_timeout=90
+    )
     assert (done.status, done.error_code) == ("failed", "budget_exhausted")
     assert "token was revoked and its sandbox torn down" in (done.error or "")
     assert corral.verifier.revoked(done.id)
@@ -160,8 +171,9 @@ def test_budgets_and_credits_are_checked_at_admission(corral: Corral, agents_env
         corral.pipeline.execute_agent(zero, {}, Trigger("http"), user=user)
     broke = f"u-{secrets.token_hex(4)}"
     with pytest.raises(BudgetExhausted, match="no credits left"):
-        corral.pipeline.execute_agent(new_app(corral, agents_env, "agent.py:quick"), {},
-                                      Trigger("http"), user=broke)  # fmt: skip
+        corral.pipeline.execute_agent(
+            new_app(corral, agents_env, "agent.py:quick"), {}, Trigger("http"), user=broke
+        )
 
 
 def test_concurrency_policies(corral: Corral, agents_env: str, workers: list[Worker]) -> None:
@@ -180,8 +192,10 @@ def test_concurrency_policies(corral: Corral, agents_env: str, workers: list[Wor
     assert corral.pipeline.wait(new.id, 60).status == "succeeded"
 
     queue = new_app(corral, agents_env, "agent.py:slow", concurrency="enqueue", max_concurrent=1)
-    runs = [corral.pipeline.execute_agent(queue, {"seconds": 1}, Trigger("http"), user=user)
-            for _ in range(3)]  # fmt: skip
+    runs = [
+        corral.pipeline.execute_agent(queue, {"seconds": 1}, Trigger("http"), user=user)
+        for _ in range(3)
+    ]
     finished = [corral.pipeline.wait(r.id, 90) for r in runs]
     assert all(f.status == "succeeded" for f in finished), [
         (f.status, f.error_code, f.error, f.deliveries) for f in finished

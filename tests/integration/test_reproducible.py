@@ -45,8 +45,9 @@ def test_the_same_base_imported_on_two_hosts_is_the_same_snapshot(tmp_path: Path
     shutil.copy(first_tar, second_tar)
     heads = []
     for host, tar in (("host-a", first_tar), ("host-b", second_tar)):
-        settings = Settings.from_env({"CORRAL_DATA_DIR": str(tmp_path / host / "corral"),
-                                      "CORRAL_BASE_IMAGE": str(tar)})  # fmt: skip
+        settings = Settings.from_env(
+            {"CORRAL_DATA_DIR": str(tmp_path / host / "corral"), "CORRAL_BASE_IMAGE": str(tar)}
+        )
         corral = Corral(settings)
         try:
             heads.append(corral.envs.create("analyst").head)
@@ -70,9 +71,14 @@ def test_the_same_change_frozen_in_two_environments_is_the_same_snapshot(
     try:
         for name in names:
             created.append(corral.envs.create(name).name)
-            code, _, err = run(corral, name, "sh", "-c", "echo same > /home/user/f && "
-                               "touch -d @1000000000 /home/user/f /home/user",
-                               edit=True)  # fmt: skip
+            code, _, err = run(
+                corral,
+                name,
+                "sh",
+                "-c",
+                "echo same > /home/user/f && touch -d @1000000000 /home/user/f /home/user",
+                edit=True,
+            )
             assert code == 0, err
             digests.append(corral.envs.freeze(name, message=f"in {name}").digest)
     finally:

@@ -71,8 +71,10 @@ def test_corral_killed_mid_run_is_reaped_by_the_next_start(corral: Corral, env: 
     environ = {**os.environ, "CORRAL_DATA_DIR": str(corral.settings.data_dir)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "sandbox", "run", env, "--", "sleep", "60"],
-        env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         record = wait_for_record(corral, proc.pid, set())
     finally:
@@ -82,8 +84,11 @@ def test_corral_killed_mid_run_is_reaped_by_the_next_start(corral: Corral, env: 
     assert "runc state" in leftovers(corral, record) and "netns" in leftovers(corral, record)
     out = subprocess.run(
         [sys.executable, "-m", "corral.cli", "sandbox", "reap", "--json"],
-        env=environ, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["reaped"] >= 1
     assert leftovers(corral, record) == []
 
@@ -129,8 +134,9 @@ def test_disk_full_during_freeze_keeps_the_previous_snapshot(small_disk: Path) -
         good = envs.freeze("full")
         st = os.statvfs(small_disk)
         big = int(st.f_bavail * st.f_frsize * 0.6)
-        code, _, err = run(corral, "full", "sh", "-c",
-                           f"head -c {big} /dev/urandom > /home/user/big", edit=True)  # fmt: skip
+        code, _, err = run(
+            corral, "full", "sh", "-c", f"head -c {big} /dev/urandom > /home/user/big", edit=True
+        )
         assert code == 0, err
 
         with pytest.raises(DiskFull, match="no space left"):

@@ -77,8 +77,9 @@ def refused(input):
 def agent_env(corral: Corral) -> Any:
     name = "t-limits"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name, "the agent")
     yield name
@@ -87,14 +88,16 @@ def agent_env(corral: Corral) -> Any:
 
 @pytest.fixture(scope="module")
 def app(corral: Corral, agent_env: str) -> str:
-    corral.pipeline.apps.create("t-limits-app", AppSpec(environment=agent_env,
-                                                        entrypoint="agent.py:echo"))  # fmt: skip
+    corral.pipeline.apps.create(
+        "t-limits-app", AppSpec(environment=agent_env, entrypoint="agent.py:echo")
+    )
     return "t-limits-app"
 
 
 def execute(corral: Corral, env: str, entrypoint: str, input: Any) -> Run:
-    request = AgentRequest(environment=env, entrypoint=f"agent.py:{entrypoint}", input=input,
-                           timeout=120)  # fmt: skip
+    request = AgentRequest(
+        environment=env, entrypoint=f"agent.py:{entrypoint}", input=input, timeout=120
+    )
     return corral.executor.run(request)
 
 
@@ -120,8 +123,9 @@ def test_an_event_over_its_limit_fails_the_run_once(corral: Corral, agent_env: s
 def test_a_long_printed_line_is_cut_and_the_run_goes_on(corral: Corral, agent_env: str) -> None:
     done = execute(corral, agent_env, "printer", 3 * MAX_LOG_LINE)
     assert done.status == "succeeded" and json.loads(done.result or "") == "printed"
-    lines = [json.loads(e.data)["message"] for e in corral.store.runs.events(done.id)
-             if e.kind == "log"]  # fmt: skip
+    lines = [
+        json.loads(e.data)["message"] for e in corral.store.runs.events(done.id) if e.kind == "log"
+    ]
     assert lines and all(len(line) <= MAX_LOG_LINE + len(" [cut]") for line in lines)
     assert lines[0].endswith(" [cut]")
 
@@ -173,4 +177,3 @@ def test_an_agent_calling_with_an_input_over_its_limit_gets_413(
     done = execute(corral, agent_env, "caller", {"app": app, "size": MAX_INPUT})
     assert json.loads(done.result or "") == [413, "input_too_large"], done.error
     assert corral.store.pipeline.runs(app=app) == []
-

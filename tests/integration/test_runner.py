@@ -68,8 +68,9 @@ def kinds(corral: Corral, finished: Run) -> list[str]:
 
 @pytest.fixture
 def agent_env(corral: Corral, env: str) -> str:
-    code, _, err = run(corral, env, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, env, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(env, "the agent")
     return env
@@ -99,17 +100,28 @@ def releases(corral: Corral, tmp_path: Path) -> Iterator[Callable[..., Release]]
     corral.releases.activate(bundled.digest)
 
 
-def agent(corral: Corral, env: str, entry: str = "agent.py:main", executor: Executor | None = None,
-          **kw: Any) -> Run:  # fmt: skip
+def agent(
+    corral: Corral,
+    env: str,
+    entry: str = "agent.py:main",
+    executor: Executor | None = None,
+    **kw: Any,
+) -> Run:
     return (executor or corral.executor).run(AgentRequest(env, entry, {"ticker": "ACME"}, **kw))
 
 
 def executor_with(corral: Corral, **kw: Any) -> Executor:
     """An executor with test seams, sharing the session's bridge and signing keys."""
     return Executor(
-        corral.settings, corral.store, corral.envs, corral.releases, corral.sandboxes,
-        tokens=corral.executor.tokens, bridge=corral.bridge, **kw,
-    )  # fmt: skip
+        corral.settings,
+        corral.store,
+        corral.envs,
+        corral.releases,
+        corral.sandboxes,
+        tokens=corral.executor.tokens,
+        bridge=corral.bridge,
+        **kw,
+    )
 
 
 def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
@@ -121,8 +133,14 @@ def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
     assert json.loads(first.result or "") == {"ticker": "ACME", "runner": BUNDLED_VERSION}
     assert first.swapped and first.folded_snapshot and first.runner_version == BUNDLED_VERSION
     steps = [k for k in kinds(corral, first) if k.startswith("swap.")]
-    assert steps == ["swap.started", "swap.staged", "swap.validated", "swap.swapped",
-                     "swap.purged", "swap.locked"]  # fmt: skip
+    assert steps == [
+        "swap.started",
+        "swap.staged",
+        "swap.validated",
+        "swap.swapped",
+        "swap.purged",
+        "swap.locked",
+    ]
     assert kinds(corral, first).index("swap.locked") < kinds(corral, first).index("runner.started")
 
     head = corral.envs.get(agent_env).head
@@ -319,10 +337,17 @@ def test_sandbox_code_cannot_change_replace_or_unlock_the_runner(
     out_file = Path(corral.settings.data_dir) / f"probe-{uid}.out"
     with open(out_file, "w+b") as out:
         result = corral.sandboxes().run(
-            SandboxRequest(layers, ("python3", "-c", PROBE), (("PATH", "/usr/bin:/bin"),),
-                           uid=uid, gid=uid, cwd="/"),
-            stdin=subprocess.DEVNULL, stdout=out,
-        )  # fmt: skip
+            SandboxRequest(
+                layers,
+                ("python3", "-c", PROBE),
+                (("PATH", "/usr/bin:/bin"),),
+                uid=uid,
+                gid=uid,
+                cwd="/",
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+        )
         out.seek(0)
         seen = json.loads(out.read())
     out_file.unlink()
@@ -340,9 +365,12 @@ def test_unattended_run_after_a_release_keeps_every_user_file_and_package(
 ) -> None:
     wheel = _wheel(tmp_path)
     with open(wheel, "rb") as f:
-        corral.envs.exec(agent_env, ("sh", "-c", f"cat > /tmp/{wheel.name} && "
-                                     f"pip install -q --no-index /tmp/{wheel.name}"),
-                         stdin=f, stdout=subprocess.DEVNULL)  # fmt: skip
+        corral.envs.exec(
+            agent_env,
+            ("sh", "-c", f"cat > /tmp/{wheel.name} && pip install -q --no-index /tmp/{wheel.name}"),
+            stdin=f,
+            stdout=subprocess.DEVNULL,
+        )
     run(corral, agent_env, "sh", "-c", "echo 'buy low' > /home/user/notes.txt", edit=True)
     corral.envs.freeze(agent_env, "package and notes")
     friday = agent(corral, agent_env, "agent.py:analyst")  # folds in the bundled runner

@@ -358,9 +358,12 @@ def test_a_tick_abandoned_mid_admission_is_retaken_without_a_second_run(
     def dies() -> str | None:
         if admitted:
             node.pipeline.execute_agent(
-                APP, schedule.input, Trigger("schedule"), user=USER,
+                APP,
+                schedule.input,
+                Trigger("schedule"),
+                user=USER,
                 idempotency_key=idempotency_key(schedule.id, T0),
-            )  # fmt: skip
+            )
         raise Crash
 
     with pytest.raises(Crash):

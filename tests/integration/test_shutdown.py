@@ -30,11 +30,18 @@ __all__ = ["agents_env"]  # a fixture, imported for the tests below
 
 
 def corral_process(corral: Corral, *args: str, log: Path) -> subprocess.Popen[bytes]:
-    environ = {**os.environ, "CORRAL_DATA_DIR": str(corral.settings.data_dir),
-               "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port)}  # fmt: skip
+    environ = {
+        **os.environ,
+        "CORRAL_DATA_DIR": str(corral.settings.data_dir),
+        "CORRAL_BRIDGE_PORT": str(corral.settings.network.bridge_port),
+    }
     with open(log, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "corral.cli", *args], env=environ,
-                                stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "corral.cli", *args],
+            env=environ,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
 
 
 def terminate(proc: subprocess.Popen[bytes], log: Path) -> int:
@@ -95,8 +102,18 @@ def test_sigterm_on_corral_serve_hands_the_run_back_after_the_grace(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "stderr"
-    proc = corral_process(corral, "serve", "--port", str(port), "--workers", "1",
-                          "--no-schedules", "--grace", "0.5", log=log)  # fmt: skip
+    proc = corral_process(
+        corral,
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--no-schedules",
+        "--grace",
+        "0.5",
+        log=log,
+    )
     try:
         record = running_sandbox(corral, proc, queued.id)
     finally:

@@ -320,11 +320,25 @@ def _assert_syscalls(r: dict[str, object]) -> None:
     # EPERM from the filter, not from the kernel: unshare(0) and PTRACE_TRACEME would
     # otherwise succeed, and chroot/mount with NULL pointers would otherwise fail EFAULT.
     for name in (
-        "unshare_0", "unshare_newuser", "setns", "mount", "umount2", "pivot_root", "chroot",
-        "ptrace_traceme", "keyctl", "bpf", "perf_event_open", "userfaultfd",
-        "open_by_handle_at", "io_uring_setup", "clone_newuser", "clone_newns",
-        "personality_no_aslr", "quotactl_fd",
-    ):  # fmt: skip
+        "unshare_0",
+        "unshare_newuser",
+        "setns",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "ptrace_traceme",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "open_by_handle_at",
+        "io_uring_setup",
+        "clone_newuser",
+        "clone_newns",
+        "personality_no_aslr",
+        "quotactl_fd",
+    ):
         assert calls[name] == "EPERM", (name, calls[name])
     assert calls["clone3"] == "ENOSYS"
     assert calls["personality_query"] == "OK"

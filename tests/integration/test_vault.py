@@ -396,8 +396,14 @@ def corral_cli(tmp_path: Path) -> Any:
     environ["CORRAL_DATA_DIR"] = str(tmp_path / "data")
 
     def cli(*args: str, stdin: str = "", ok: bool = True) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "corral.cli", *args], env=environ,
-                              input=stdin, capture_output=True, text=True, timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "corral.cli", *args],
+            env=environ,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if ok:
             assert proc.returncode == 0, proc.stderr
         return proc
@@ -409,21 +415,31 @@ def test_cli_reads_secrets_from_stdin_and_never_prints_them(
     corral_cli: Any, tmp_path: Path
 ) -> None:
     token = SECRETS["alice", "github", "bearer"]["token"]
-    out = corral_cli("secret", "set", "alice", "github", "--kind", "bearer", "--json",
-                     stdin=json.dumps({"token": token}))  # fmt: skip
+    out = corral_cli(
+        "secret",
+        "set",
+        "alice",
+        "github",
+        "--kind",
+        "bearer",
+        "--json",
+        stdin=json.dumps({"token": token}),
+    )
     info = json.loads(out.stdout)
     assert info["user"] == "alice" and info["kind"] == "bearer" and not info["revoked"]
     key = SECRETS["alice", "openai", "api_key"]["key"]
     corral_cli("secret", "set", "alice", "openai", "--kind", "api_key", stdin=key + "\n")
     basic = SECRETS["bob@example.com", "jira", "basic"]
-    corral_cli("secret", "set", "bob@example.com", "jira", "--kind", "basic",
-               stdin=json.dumps(basic))  # fmt: skip
+    corral_cli(
+        "secret", "set", "bob@example.com", "jira", "--kind", "basic", stdin=json.dumps(basic)
+    )
     listed = corral_cli("secret", "list", "--json")
     rows = json.loads(listed.stdout)
     assert {(r["user"], r["connection"], r["kind"]) for r in rows} == {
-        ("alice", "github", "bearer"), ("alice", "openai", "api_key"),
+        ("alice", "github", "bearer"),
+        ("alice", "openai", "api_key"),
         ("bob@example.com", "jira", "basic"),
-    }  # fmt: skip
+    }
     human = corral_cli("secret", "list", "--user", "alice")
     assert len(human.stdout.splitlines()) == 2
     for proc in (out, listed, human):
@@ -442,19 +458,37 @@ def test_cli_reads_secrets_from_stdin_and_never_prints_them(
 
 
 def test_cli_refuses_bad_stdin_without_echoing_it(corral_cli: Any) -> None:
-    bad = corral_cli("secret", "set", "alice", "jira", "--kind", "basic", "--json",
-                     stdin='{"username": "a", "pass": "Pa55w0rd!Unique#42"}', ok=False)  # fmt: skip
+    bad = corral_cli(
+        "secret",
+        "set",
+        "alice",
+        "jira",
+        "--kind",
+        "basic",
+        "--json",
+        stdin='{"username": "a", "pass": "Pa55w0rd!Unique#42"}',
+        ok=False,
+    )
     assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "invalid_input"
     assert "unknown field(s) ['pass']" in bad.stderr
     assert_no_secret_in(bad.stderr.encode() + bad.stdout.encode())
-    two_lines = corral_cli("secret", "set", "alice", "github", "--kind", "bearer",
-                           stdin="line-one\nline-two\n", ok=False)  # fmt: skip
+    two_lines = corral_cli(
+        "secret",
+        "set",
+        "alice",
+        "github",
+        "--kind",
+        "bearer",
+        stdin="line-one\nline-two\n",
+        ok=False,
+    )
     assert two_lines.returncode == 2 and "one line" in two_lines.stderr
     assert "line-one" not in two_lines.stderr
     empty = corral_cli("secret", "set", "alice", "github", "--kind", "bearer", ok=False)
     assert empty.returncode == 2 and "empty" in empty.stderr
-    not_json = corral_cli("secret", "set", "alice", "jira", "--kind", "basic",
-                          stdin="Pa55w0rd!Unique#42", ok=False)  # fmt: skip
+    not_json = corral_cli(
+        "secret", "set", "alice", "jira", "--kind", "basic", stdin="Pa55w0rd!Unique#42", ok=False
+    )
     assert not_json.returncode == 2 and "JSON object" in not_json.stderr
     assert_no_secret_in(not_json.stderr.encode())
     # There is no way to pass a secret in argv: no such option exists.
@@ -481,8 +515,13 @@ def test_cli_revoke_and_rotate(corral_cli: Any, tmp_path: Path) -> None:
 def test_cli_refuses_a_malformed_master_key_at_start_up(corral_cli: Any, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env.update(CORRAL_DATA_DIR=str(tmp_path / "data"), CORRAL_MASTER_KEY="c2hvcnQ=")
-    proc = subprocess.run([sys.executable, "-m", "corral.cli", "secret", "list"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "secret", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "CORRAL_MASTER_KEY" in proc.stderr
     assert "c2hvcnQ=" not in proc.stderr
 

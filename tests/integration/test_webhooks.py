@@ -120,8 +120,9 @@ def receiver() -> Iterator[Receiver]:
 def hooks_env(corral: Corral) -> Iterator[str]:
     name = f"t-{secrets.token_hex(4)}"
     corral.envs.create(name)
-    code, _, err = run(corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF",
-                       edit=True)  # fmt: skip
+    code, _, err = run(
+        corral, name, "sh", "-c", f"cat > /home/user/agent.py <<'EOF'\n{AGENT}\nEOF", edit=True
+    )
     assert code == 0, err
     corral.envs.freeze(name, "an agent with a webhook")
     yield name
@@ -160,8 +161,9 @@ def hooked_app(corral: Corral, env: str, url: str | None) -> tuple[str, str]:
 
 
 def execute(corral: Corral, app: str, input: Any, user: str) -> Run:
-    done = corral.pipeline.execute_agent(app, input, Trigger("http"), user=user, wait=True,
-                                         wait_timeout=120)  # fmt: skip
+    done = corral.pipeline.execute_agent(
+        app, input, Trigger("http"), user=user, wait=True, wait_timeout=120
+    )
     assert RunStatus(done.status).terminal, done.status
     return done
 
@@ -214,10 +216,17 @@ def test_each_finished_run_is_posted_once_signed(
 
     assert ok.finished_at is not None
     assert bodies[ok.id] == {
-        "event": "run.finished", "run_id": ok.id, "app": app, "app_version": 1,
-        "status": "succeeded", "trigger": "http", "result": {"echo": {"n": 1}},
-        "error_code": None, "error": None, "finished_at": ok.finished_at.isoformat(),
-    }  # fmt: skip
+        "event": "run.finished",
+        "run_id": ok.id,
+        "app": app,
+        "app_version": 1,
+        "status": "succeeded",
+        "trigger": "http",
+        "result": {"echo": {"n": 1}},
+        "error_code": None,
+        "error": None,
+        "finished_at": ok.finished_at.isoformat(),
+    }
     assert bodies[failed.id]["status"] == "failed"
     assert bodies[failed.id]["error_code"] == "agent_raised"
     assert "asked to fail" in bodies[failed.id]["error"]
@@ -279,9 +288,11 @@ def test_a_run_that_ends_without_a_worker_is_still_announced(
     # Queued but not due for an hour, so no worker takes it, then cancelled: no worker hook.
     queued = corral.executor.prepare(
         AgentRequest(hooks_env, "agent.py:main", {}, trigger="http", user=user, app=app),
-        RunStatus.QUEUED, app=app, app_version=1,
+        RunStatus.QUEUED,
+        app=app,
+        app_version=1,
         available_at=datetime.now(UTC) + timedelta(hours=1),
-    )  # fmt: skip
+    )
     cancelled = corral.pipeline.cancel(queued.id)
     assert cancelled.status == "cancelled"
 

@@ -52,11 +52,23 @@ MARKET_KEY = "mk-test-real-0001"
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """Clear what could point a client elsewhere, and refuse non-loopback connections."""
     for name in (
-        "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID",
-        "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL",
-        "ANTHROPIC_CUSTOM_HEADERS", "ANTHROPIC_PROFILE", "ANTHROPIC_CONFIG_DIR",
-        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
-    ):  # fmt: skip
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "OPENAI_ORG_ID",
+        "OPENAI_PROJECT_ID",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_AUTH_TOKEN",
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_CUSTOM_HEADERS",
+        "ANTHROPIC_PROFILE",
+        "ANTHROPIC_CONFIG_DIR",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     real_connect = socket.socket.connect
 
@@ -736,9 +748,12 @@ def test_oauth_client_authentication_and_grants(oauth: FakeOAuthAPI) -> None:
     with httpx.Client(base_url=oauth.url) as client:
         wrong = client.post(
             "/oauth/token",
-            data={"grant_type": "client_credentials", "client_id": oauth.client_id,
-                  "client_secret": "wrong"},
-        )  # fmt: skip
+            data={
+                "grant_type": "client_credentials",
+                "client_id": oauth.client_id,
+                "client_secret": "wrong",
+            },
+        )
         assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
         by_basic = client.post(
             "/oauth/token",

@@ -24,23 +24,88 @@ NETNS = Path("/run/netns/corral-abc")
 
 # The syscalls the brief forbids outright; every one must be absent from every allow rule.
 MUST_DENY = {
-    "mount", "umount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
-    "process_vm_readv", "process_vm_writev", "kexec_load", "kexec_file_load",
-    "init_module", "finit_module", "delete_module", "bpf", "perf_event_open", "keyctl",
-    "add_key", "request_key", "userfaultfd", "open_by_handle_at", "name_to_handle_at",
-    "acct", "swapon", "swapoff", "reboot", "settimeofday", "clock_settime", "adjtimex",
-    "clock_adjtime", "iopl", "ioperm", "quotactl", "lookup_dcookie", "syslog", "vhangup",
-    "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree", "fspick", "mount_setattr",
-    "create_module", "nfsservctl", "uselib", "pidfd_getfd",
-}  # fmt: skip
+    "mount",
+    "umount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "acct",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "settimeofday",
+    "clock_settime",
+    "adjtimex",
+    "clock_adjtime",
+    "iopl",
+    "ioperm",
+    "quotactl",
+    "lookup_dcookie",
+    "syslog",
+    "vhangup",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "move_mount",
+    "open_tree",
+    "fspick",
+    "mount_setattr",
+    "create_module",
+    "nfsservctl",
+    "uselib",
+    "pidfd_getfd",
+}
 
 # What a Python/glibc/pip workload cannot live without.
 MUST_ALLOW = {
-    "read", "write", "openat", "close", "newfstatat", "statx", "lseek", "mmap", "munmap",
-    "mprotect", "brk", "futex", "epoll_wait", "epoll_ctl", "socket", "connect",
-    "rt_sigaction", "rt_sigprocmask", "execve", "wait4", "getrandom", "rseq",
-    "set_robust_list", "exit_group", "pipe2", "dup3", "getdents64", "fork", "vfork",
-}  # fmt: skip
+    "read",
+    "write",
+    "openat",
+    "close",
+    "newfstatat",
+    "statx",
+    "lseek",
+    "mmap",
+    "munmap",
+    "mprotect",
+    "brk",
+    "futex",
+    "epoll_wait",
+    "epoll_ctl",
+    "socket",
+    "connect",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "execve",
+    "wait4",
+    "getrandom",
+    "rseq",
+    "set_robust_list",
+    "exit_group",
+    "pipe2",
+    "dup3",
+    "getdents64",
+    "fork",
+    "vfork",
+}
 
 
 def config(uid: int = 1000, mounts: tuple[BindMount, ...] = ()) -> dict[str, Any]:
@@ -84,9 +149,15 @@ def test_forbidden_capabilities_are_in_no_set(uid: int) -> None:
     for name, held in caps.items():
         assert not FORBIDDEN_CAPABILITIES & set(held), name
     assert {
-        "CAP_SYS_ADMIN", "CAP_LINUX_IMMUTABLE", "CAP_NET_ADMIN", "CAP_NET_RAW",
-        "CAP_SYS_MODULE", "CAP_SYS_PTRACE", "CAP_SYS_CHROOT", "CAP_MKNOD",
-    } <= FORBIDDEN_CAPABILITIES  # fmt: skip
+        "CAP_SYS_ADMIN",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_CHROOT",
+        "CAP_MKNOD",
+    } <= FORBIDDEN_CAPABILITIES
 
 
 def test_agent_uid_has_no_usable_capabilities() -> None:
@@ -209,9 +280,15 @@ def test_devices_deny_all_then_allow_standard_char_devices() -> None:
     allowed = {(d["type"], d["major"], d.get("minor")) for d in devices[1:]}
     assert all(d["allow"] for d in devices[1:])
     assert allowed == {
-        ("c", 1, 3), ("c", 1, 5), ("c", 1, 7), ("c", 1, 8), ("c", 1, 9),
-        ("c", 5, 0), ("c", 5, 2), ("c", 136, None),
-    }  # fmt: skip
+        ("c", 1, 3),
+        ("c", 1, 5),
+        ("c", 1, 7),
+        ("c", 1, 8),
+        ("c", 1, 9),
+        ("c", 5, 0),
+        ("c", 5, 2),
+        ("c", 136, None),
+    }
 
 
 def test_non_positive_limit_is_refused() -> None:
@@ -300,8 +377,10 @@ def test_seccomp_default_is_eperm(machine: str) -> None:
 
 def test_seccomp_architectures() -> None:
     assert seccomp.profile("x86_64")["architectures"] == [
-        "SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32",
-    ]  # fmt: skip
+        "SCMP_ARCH_X86_64",
+        "SCMP_ARCH_X86",
+        "SCMP_ARCH_X32",
+    ]
     assert seccomp.profile("arm64")["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"]
     with pytest.raises(ValueError, match="s390x"):
         seccomp.profile("s390x")

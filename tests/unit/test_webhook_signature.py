@@ -46,8 +46,9 @@ def test_another_secret_is_refused() -> None:
 @pytest.mark.parametrize("skew", [301, -301, 86_400])
 def test_a_stale_or_future_timestamp_is_refused(skew: int) -> None:
     assert not verify_signature(SECRET, sign(SECRET, BODY, NOW), BODY, now=NOW + skew)
-    assert verify_signature(SECRET, sign(SECRET, BODY, NOW), BODY, now=NOW + skew,
-                            tolerance=abs(skew))  # fmt: skip
+    assert verify_signature(
+        SECRET, sign(SECRET, BODY, NOW), BODY, now=NOW + skew, tolerance=abs(skew)
+    )
 
 
 def test_a_replayed_signature_with_a_new_timestamp_is_refused() -> None:

@@ -75,10 +75,13 @@ def upgrade() -> None:
         conn.execute(
             sa.update(table)
             .where(table.c.id == sa.bindparam("row"))
-            .values(kind=sa.bindparam("kind"), micros=sa.bindparam("micros"),
-                    detail=sa.bindparam("detail")),
+            .values(
+                kind=sa.bindparam("kind"),
+                micros=sa.bindparam("micros"),
+                detail=sa.bindparam("detail"),
+            ),
             changes,
-        )  # fmt: skip
+        )
     with op.batch_alter_table("ledger") as batch:
         batch.drop_column("credits")
         batch.alter_column("micros", existing_type=sa.BigInteger(), nullable=False)

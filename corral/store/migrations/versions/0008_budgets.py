@@ -36,11 +36,14 @@ def upgrade() -> None:
     # (A run whose parent is gone stays NULL, which the code reads as a root of its own.)
     bind = op.get_bind()
     bind.execute(sa.text("UPDATE runs SET root_run = id WHERE parent_run IS NULL"))
-    while bind.execute(sa.text(
-        "UPDATE runs SET root_run = (SELECT p.root_run FROM runs AS p WHERE p.id = runs.parent_run)"
-        " WHERE root_run IS NULL AND EXISTS (SELECT 1 FROM runs AS p"
-        " WHERE p.id = runs.parent_run AND p.root_run IS NOT NULL)"
-    )).rowcount:  # fmt: skip
+    while bind.execute(
+        sa.text(
+            "UPDATE runs SET root_run ="
+            " (SELECT p.root_run FROM runs AS p WHERE p.id = runs.parent_run)"
+            " WHERE root_run IS NULL AND EXISTS (SELECT 1 FROM runs AS p"
+            " WHERE p.id = runs.parent_run AND p.root_run IS NOT NULL)"
+        )
+    ).rowcount:
         pass
     # What ended before this revision was announced by the code of its day.
     op.execute(f"UPDATE runs SET announced_at = finished_at WHERE status IN {TERMINAL}")
