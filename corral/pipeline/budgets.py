@@ -29,8 +29,8 @@ from decimal import Decimal
 
 from corral.billing.amounts import credits, to_micros
 from corral.billing.ledger import Ledger
-from corral.store import Run, Store
-from corral.store.pipeline import TreeMember
+from corral.states import RunStatus
+from corral.store import Run, Store, TreeMember
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Budgets:
 
     def tree(self, run: Run, now: datetime | None = None) -> CallTree:
         """The call tree ``run`` belongs to, costed as of ``now``."""
-        members = self.store.pipeline.tree(run.root)
+        members = self.store.runs.tree(run.root)
         return CallTree(members, self.ledger, now or datetime.now(UTC))
 
     def overspent(self, run: Run, now: datetime | None = None) -> Overspent | None:
@@ -110,7 +110,7 @@ class Budgets:
 
 def _own_cost(member: TreeMember, ledger: Ledger, now: datetime) -> Decimal:
     seconds = member.sandbox_seconds
-    if member.status == "running" and member.started_at is not None:
+    if member.status == RunStatus.RUNNING and member.started_at is not None:
         # Not recorded until the execution ends: count the time it has been running so far.
         seconds += max(0.0, (now - member.started_at).total_seconds())
     return ledger.price(member.input_tokens, member.output_tokens, seconds, member.bridge_calls)
