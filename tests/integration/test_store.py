@@ -243,11 +243,11 @@ def test_datetimes_come_back_aware_utc(store: Store) -> None:
 
 def test_open_twice_is_idempotent(store_url: str) -> None:
     with Store.open(store_url) as first:
-        first.create_environment("web", "base:bookworm", snap("s1"))
+        first.environments.create("web", "base:bookworm", snap("s1"))
         with Store.open(store_url) as second:
-            assert [e.name for e in second.list_environments()] == ["web"]
+            assert [e.name for e in second.environments.all()] == ["web"]
     with Store.open(store_url) as third:
-        assert third.get_environment("web").head == dg("s1")
+        assert third.environments.get("web").head == dg("s1")
     engine = make_engine(store_url)
     try:
         with engine.connect() as conn:
