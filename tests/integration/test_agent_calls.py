@@ -19,7 +19,7 @@ from corral.context import Corral
 from corral.pipeline import service
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
-from corral.store import Run
+from corral.store import LedgerEntry, Run
 from tests.integration.conftest import run
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -100,7 +100,7 @@ def execute(corral: Corral, app: str, input: Any, user: str) -> tuple[Run, dict[
     return done, json.loads(done.result or "null")
 
 
-def billed(corral: Corral, run_id: str) -> list[dict[str, Any]]:
+def billed(corral: Corral, run_id: str) -> list[LedgerEntry]:
     """The run's ledger entries, once its worker has billed it (just after it ends)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -127,7 +127,7 @@ def test_an_agent_calls_another_and_gets_its_result(
     assert done.depth == 0 and done.parent_run is None
 
     charged = billed(corral, child.id)
-    assert all(e["user"] == user and e["app"] == callee for e in charged)
+    assert all(e.user == user and e.app == callee for e in charged)
     assert all(e.kind == "deduction" and e.micros < 0 for e in charged)
     assert corral.store.ledger.spent(user=user) >= corral.store.ledger.spent(run=child.id) > 0
 

@@ -357,15 +357,16 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
     # Every refusal is in the audit table, from this sandbox, with its code.
     expected = sorted(e for _, e in seen.values() if e)
 
+    started = run.started_at
+    assert started is not None
+
     def refused() -> list[BridgeCall]:
         return [
-            r
-            for r in world.calls()
-            if r.peer == out["address"] and r.error and r.at >= run.started_at
+            r for r in world.calls() if r.peer == out["address"] and r.error and r.at >= started
         ]
 
     wait_for(lambda: len(refused()) >= len(expected), what="the refusals' audit rows")
-    assert sorted(r.error for r in refused()) == expected
+    assert sorted(r.error or "" for r in refused()) == expected
 
 
 # -- 3. outside the sandbox subnet -----------------------------------------------------------
@@ -524,8 +525,8 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
         + [("POST", "/anthropic/v1/messages", 200, None)] * 2
     )
     for row in rows:
-        assert row["bytes_in"] > 0 and row["bytes_out"] > 0 and row["latency_ms"] > 0, row
-        assert row["peer"].startswith("10.213.") and row["run"] == run.id, row
+        assert row.bytes_in > 0 and row.bytes_out > 0 and row.latency_ms > 0, row
+        assert row.peer.startswith("10.213.") and row.run == run.id, row
     for row in world.calls(run.id):
         text = repr(row)
         assert not any(key in text for key in world.keys.values()) and token not in text, row
@@ -583,7 +584,7 @@ def test_oauth_tokens_are_refreshed_host_side(world: World) -> None:
     assert out["found"][pattern] == {}, out["found"][pattern]
     assert "python" in out["found"][JWT].get(out["token"], [])
 
-    def oauth_rows() -> list[dict[str, Any]]:
+    def oauth_rows() -> list[BridgeCall]:
         return [r for r in world.calls(run.id) if r.connection == connection]
 
     wait_for(lambda: len(oauth_rows()) >= 2, what="the OAuth calls' audit rows")
