@@ -509,7 +509,7 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
     assert sorted((u.connection, u.input_tokens, u.output_tokens) for u in metered) == (
         sorted((name.split("_")[0], *usage) for name, (_, usage) in expected.items())
     )
-    assert all(u["user"] == user for u in metered)
+    assert all(u.user == user for u in metered)
 
     # One audit row per call, with what happened and no credential.
     rows = wait_for(
@@ -696,7 +696,7 @@ def test_logs_and_the_result_arrive_through_the_bridge(world: World) -> None:
     )
     assert posts and all(
         (r.method, r.path, r.status, r.error) == ("POST", "/_corral/events", 202, None)
-        and r["bytes_in"] > 0
+        and r.bytes_in > 0
         for r in posts
     ), posts
 
