@@ -134,7 +134,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     CredentialNotFound: 404,
     CredentialRevoked: 410,  # Gone: it existed and was destroyed on purpose
     MasterKeyInUse: 409,
-    # The pipeline: apps, runs and their admission (corral/pipeline, corral/store/pipeline.py).
+    # The pipeline: apps, runs and their admission (corral/pipeline, corral/store).
     AppNotFound: 404,
     RunNotFound: 404,
     ReleaseNotFound: 404,

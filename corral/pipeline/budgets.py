@@ -8,7 +8,7 @@ whole tree; a callee's own budget bounds the part of the tree below it.
 Cost is what the host observed, billed or not: model tokens and forwarded bridge calls as
 the bridge recorded them, sandbox seconds recorded when an execution ends, and for a run
 still running the seconds since it started (its sandbox is alive and costs, whether it works
-or waits on a callee). It is read for a whole tree in one go (``PipelineRecords.tree``).
+or waits on a callee). It is read for a whole tree in one go (``store.runs.tree``).
 Costs and budgets are exact ``Decimal`` credits (``docs/design/ledger.md``): a tree has spent
 its budget exactly when it has, not when float rounding says so.
 
