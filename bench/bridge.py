@@ -57,9 +57,10 @@ from corral.bridge.tokens import mint
 from corral.config import BRIDGE_PORTS, Settings
 from corral.context import Corral
 from corral.pipeline.states import RunStatus
+from corral.processes import Owner
 from corral.sandbox.network import Link, Network
 from corral.sandbox.sandboxes import Sandboxes
-from corral.sandbox.slots import Owner, Record
+from corral.sandbox.slots import Record
 from corral.store import Run
 
 SECONDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
