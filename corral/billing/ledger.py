@@ -23,13 +23,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from corral.billing.amounts import MAX_MICROS, MICROS, credits, positive_micros, to_micros
-from corral.errors import Conflict, InvalidInput
+from corral.errors import InvalidInput
 from corral.store import Store
 from corral.store.rows import check_user
-
-
-class BudgetExhausted(Conflict):
-    code = "budget_exhausted"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
@@ -133,3 +133,14 @@ class BridgeRecords:
                 .order_by(signing_keys.c.created_at)
             )
             return [(r.kid, r.sealed_private_key, r.created_at) for r in rows]
+
+    def replace_signing_key(self, kid: str, old: bytes, new: bytes) -> bool:
+        """Store ``new`` as key ``kid``'s sealed value if it still is ``old`` (a rewrap that
+        another process did first, or a key that is gone, is left alone): True if replaced."""
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(signing_keys)
+                .where(signing_keys.c.kid == kid, signing_keys.c.sealed_private_key == old)
+                .values(sealed_private_key=new)
+            )
+            return done.rowcount == 1

@@ -6,7 +6,7 @@ envelope encryption, ``kinds.py`` what each kind of credential holds, and ``vaul
 run inside a sandbox, and nothing it returns outside ``Vault.resolve`` holds a secret.
 """
 
-from corral.vault.keys import KeyRing, MasterKeys, key_id
+from corral.vault.keys import MasterKeyRing, MasterKeys, key_id
 from corral.vault.kinds import KINDS, Credential, CredentialInfo, Kind
 from corral.vault.vault import KeyStatus, Rotation, Vault
 
@@ -14,9 +14,9 @@ __all__ = [
     "KINDS",
     "Credential",
     "CredentialInfo",
-    "KeyRing",
     "KeyStatus",
     "Kind",
+    "MasterKeyRing",
     "MasterKeys",
     "Rotation",
     "Vault",

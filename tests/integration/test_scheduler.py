@@ -22,7 +22,7 @@ import pytest
 from corral.billing.ledger import Ledger
 from corral.config import Settings
 from corral.envs.service import Environments
-from corral.errors import InvalidInput
+from corral.errors import InvalidCron, InvalidInput, InvalidTimeZone
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.executor import Executor
 from corral.pipeline.service import Pipeline, Trigger
@@ -30,7 +30,6 @@ from corral.releases.service import ReleaseService
 from corral.store import Run, Snapshot, Store
 from corral.store.pipeline import AppNotFound
 from corral.store.schedules import Schedule, ScheduleNotFound, Tick, idempotency_key
-from corral.triggers.cron import InvalidCron, InvalidTimeZone
 from corral.triggers.scheduler import BACKLOG, Fired, Scheduler
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)  # a fire time of every every-minute schedule
