@@ -1,4 +1,4 @@
-"""Master keys: the key ring that wraps every credential's data key, and where it lives.
+"""Master keys: the key ring that wraps every sealed record's data key, and where it lives.
 
 A ``MasterKeyRing`` holds 32-byte AES-256 master keys by key id (the first 16 hex digits of the
 key's sha256), one of them primary: new records are wrapped under the primary, and the
