@@ -5,17 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from corral.billing.ledger import Ledger
 from corral.bridge.backend import StoreBackend
 from corral.bridge.gate import BridgeGate, Sink
-from corral.bridge.keys import StoredKeyRing
-from corral.bridge.server import Bridge, BridgeUnavailable
-from corral.bridge.tokens import Verifier
+from corral.bridge.server import Bridge
+from corral.bridge.tokens import KEY_KEPT_FOR, ROTATE_AFTER, SigningKeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments
+from corral.errors import BridgeUnavailable
 from corral.observability.metrics import Metrics
 from corral.observability.traces import Tracing
 from corral.pipeline.apps import Apps
@@ -28,6 +29,7 @@ from corral.sandbox.sandboxes import Sandboxes
 from corral.store import Run, Store
 from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
+from corral.vault.signing import SealedSigningKeys
 
 
 @dataclass
@@ -72,12 +74,17 @@ class Corral:
 
     @cached_property
     def vault(self) -> Vault:
-        """Host-side only: the bridge resolves credentials through it; no sandbox ever may."""
-        return Vault(self.store.credentials, MasterKeys.from_settings(self.settings))
+        """Host-side only: the bridge resolves credentials through it; no sandbox ever may.
+        It seals the bridge's signing keys too, under the same master keys."""
+        keys = MasterKeys.from_settings(self.settings)
+        kept_for = timedelta(seconds=KEY_KEPT_FOR)
+        return Vault(
+            self.store.credentials, keys, SealedSigningKeys(self.store.signing_keys, keys, kept_for)
+        )
 
     @cached_property
-    def signing_keys(self) -> StoredKeyRing:
-        return StoredKeyRing(self.store.signing_keys, MasterKeys.from_settings(self.settings))
+    def signing_keys(self) -> SigningKeyRing:
+        return SigningKeyRing(ROTATE_AFTER, store=self.vault.signing_keys)
 
     @cached_property
     def verifier(self) -> Verifier:

@@ -25,14 +25,13 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from corral.billing.ledger import BudgetExhausted
-from corral.bridge.http1 import Refused
 from corral.bridge.tokens import Claims
-from corral.errors import Conflict, CorralError, InvalidInput, NotFound, StoreUnavailable
+from corral.errors import CorralError, Refused, StoreUnavailable
 from corral.limits import strict_loads
-from corral.pipeline.service import ConcurrencyLimit, InputTooLarge, Pipeline, Trigger
+from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.shapes import run_json
 from corral.states import RunStatus
+from corral.statuses import status_for
 from corral.store import Run
 
 log = logging.getLogger("corral.bridge")
@@ -40,18 +39,6 @@ log = logging.getLogger("corral.bridge")
 DEFAULT_WAIT = 600.0  # seconds, when the body names no timeout
 MAX_WAIT = 3600.0
 _POLL_FIRST, _POLL_MAX = 0.05, 0.5
-
-# Admission errors by family, most specific first (both of the first two are Conflicts); the
-# same statuses as the HTTP API's table, without importing the API into the bridge.
-_STATUS: tuple[tuple[type[CorralError], int], ...] = (
-    (BudgetExhausted, 402),
-    (ConcurrencyLimit, 429),  # admitted once one of the user's runs of the app ends
-    (NotFound, 404),  # app_not_found
-    (InputTooLarge, 413),  # over corral.limits.MAX_INPUT
-    (InvalidInput, 400),  # the input fails the app's schema
-    (Conflict, 409),  # agent_call_refused: too deep, or a cycle
-    (StoreUnavailable, 503),  # the database is restarting: nothing was admitted, retry
-)
 
 
 async def call_agent(
@@ -66,8 +53,10 @@ async def call_agent(
     loop = asyncio.get_running_loop()
     try:
         run = await loop.run_in_executor(None, _admit, pipeline, claims, app, input, wait)
-    except CorralError as exc:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+    except Refused:
+        raise  # the bridge's own answer (an app that agents may not call)
+    except CorralError as exc:  # admission said no: the API's status for the same refusal
+        status = status_for(exc)
         if status >= 500:
             log.error("run %s calling app %r: %s", claims.run, app, exc.detail, exc_info=exc)
         raise Refused(status, exc.code, exc.detail) from None

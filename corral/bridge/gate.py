@@ -26,11 +26,12 @@ from corral.bridge import http1
 from corral.bridge.agents import MAX_WAIT, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.exchange import Exchange, Head, Route
-from corral.bridge.http1 import Refused
 from corral.bridge.meter import read_usage
-from corral.bridge.tokens import Claims, TokenRefused, Verifier
+from corral.bridge.tokens import Claims, Verifier
+from corral.errors import Refused, TokenRefused
 from corral.limits import MAX_EVENT, MAX_RESULT, json_size, strict_loads
 from corral.pipeline.service import Pipeline
+from corral.vault.kinds import Credential
 
 RESERVED = "_corral"
 # Every header a sandbox could use to present a credential of its own; never passed on.
@@ -40,13 +41,6 @@ _CREDENTIAL_TTL = 5.0  # a revoked or rotated credential stops working within th
 
 # An endpoint the bridge answers itself: (request head, body) -> (status, JSON body).
 LocalHandler = Callable[[Head, bytes], Awaitable[tuple[int, dict[str, Any]]]]
-
-
-@dataclass(frozen=True)
-class Credential:
-    kind: str
-    fields: dict[str, str]  # host memory only: never logged, never sent to a sandbox
-    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -257,12 +251,13 @@ class BridgeGate:
         cached = self._attached.get(key)
         if cached is not None and cached[0] is connection and cached[1] is credential:
             return cached[2]
-        add, query = credential_headers(connection, credential.kind, credential.fields)
+        fields = credential.revealed()  # host memory only: never logged, never sent back
+        add, query = credential_headers(connection, credential.kind, fields)
         attach = _Attach(
             add=add,
             query=query,
             drop=AUTH_HEADERS | {http1.canonical(k) for k, _ in add},
-            secrets=_secrets(credential, add),
+            secrets=_secrets(fields, add),
         )
         if len(self._attached) > 100_000:
             self._attached.clear()
@@ -472,14 +467,14 @@ def _token(head: Head) -> str | None:
     return None
 
 
-def _secrets(credential: Credential, add: list[tuple[bytes, bytes]]) -> list[bytes]:
+def _secrets(fields: dict[str, str], add: list[tuple[bytes, bytes]]) -> list[bytes]:
     """Every form in which the credential could come back: raw values, the header values, and
     the spellings an upstream echoing it would use (percent-encoded in a URL, escaped in JSON).
     An upstream that transforms it otherwise (hashes, re-encodes) is beyond what any proxy can
     recognise; see docs/design/bridge.md."""
     raw = {
         str(v).encode()
-        for k, v in credential.fields.items()
+        for k, v in fields.items()
         if k not in ("token_url", "client_id", "expires_at") and len(str(v)) >= 8
     }
     for _, value in add:

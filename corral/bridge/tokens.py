@@ -3,7 +3,9 @@
 A token names who and what is calling (user, app, session, run), the connections it may use,
 the sandbox address it may be used from, and an expiry that covers the run window and no more.
 Signing keys are Ed25519, named by a key id in the JWT header, and rotate: the newest key
-signs, every key younger than the longest token lifetime still verifies.
+signs, every key younger than the longest token lifetime still verifies. A ``SigningKeyRing``
+holds them; with a ``KeyStore`` it shares them with every Corral process through the store,
+sealed by the vault (``corral/vault/signing.py``).
 
 The verifier is built for the bridge's hot path: a token's signature is checked once and the
 claims cached until the token expires; revocation is a set consulted on every call. Two things
@@ -18,28 +20,26 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from corral.errors import CorralError
+from corral.errors import TokenRefused
 
 ISSUER = "corral"
 AUDIENCE = "corral-bridge"
 ALGORITHM = "EdDSA"
+ROTATE_AFTER = 6 * 3600.0  # seconds a signing key signs before a fresh one takes over
+MAX_TOKEN_LIFETIME = 24 * 3600.0
+# How long a signing key matters: it signs for ROTATE_AFTER, and the last token it signed
+# lives for MAX_TOKEN_LIFETIME more. Older keys are never loaded, rewrapped or counted.
+KEY_KEPT_FOR = ROTATE_AFTER + MAX_TOKEN_LIFETIME
 _CACHE_LIMIT = 100_000
-
-
-class TokenRefused(CorralError):
-    """A run token was missing, malformed, forged, expired, revoked or out of scope."""
-
-    code = "token_refused"
-
-    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
-        self.reason, self.status = reason, status
-        super().__init__(detail)
 
 
 @dataclass(frozen=True)
@@ -72,39 +72,76 @@ class SigningKey:
         return cls(f"k{secrets.token_hex(6)}", Ed25519PrivateKey.generate(), now)
 
 
-class KeyRing:
-    """Signing keys in memory: the newest signs, all verify until retired."""
+class KeyStore(Protocol):
+    """Where a ring keeps its keys, so that every process verifies what any of them signed
+    (``corral.vault.signing.SealedSigningKeys``: sealed in the store under the master keys)."""
 
-    def __init__(self, rotate_after: float = 6 * 3600, keys: Iterable[SigningKey] = ()) -> None:
+    def save(self, kid: str, private: bytes, created: datetime) -> None: ...
+
+    def load(self, known: Collection[str] = ()) -> list[tuple[str, bytes, datetime]]: ...
+
+
+class SigningKeyRing:
+    """Signing keys: the newest signs, all verify until they are too old to matter.
+
+    In memory only, or backed by a ``KeyStore`` shared by every Corral process: then a new
+    key is stored before it signs anything, and a key id this ring has not seen is looked up
+    in the store (at most every 50 ms) before a token signed with it is refused.
+    """
+
+    def __init__(
+        self,
+        rotate_after: float = ROTATE_AFTER,
+        keys: Iterable[SigningKey] = (),
+        store: KeyStore | None = None,
+    ) -> None:
         self.rotate_after = rotate_after
         self._keys: dict[str, SigningKey] = {k.kid: k for k in keys}
         self._lock = threading.Lock()
-        self.on_new_key: Callable[[SigningKey], None] | None = None
+        self._store = store
+        self._load_lock = threading.Lock()
+        self._loaded_at = 0.0
 
     def signing(self, now: float) -> SigningKey:
+        if self._store is not None and self._loaded_at == 0.0:
+            self._load()
         with self._lock:
             newest = max(self._keys.values(), key=lambda k: k.created, default=None)
             if newest is None or now - newest.created >= self.rotate_after:
                 newest = SigningKey.generate(now)
-                if self.on_new_key is not None:
+                if self._store is not None:
                     # Stored first: if that fails (the database is down) the key is not used,
                     # and the next call makes another; no token is signed by a key that other
                     # processes cannot find.
-                    self.on_new_key(newest)
+                    raw = newest.private.private_bytes(
+                        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+                    )
+                    self._store.save(newest.kid, raw, datetime.fromtimestamp(newest.created, UTC))
                 self._keys[newest.kid] = newest
             return newest
 
     def public(self, kid: str) -> Ed25519PublicKey | None:
         key = self._keys.get(kid)
+        if key is None and self._store is not None and time.monotonic() - self._loaded_at > 0.05:
+            self._load()  # minted by another process since we last looked
+            key = self._keys.get(kid)
         return None if key is None else key.public
 
     def add(self, key: SigningKey) -> None:
         with self._lock:
             self._keys[key.kid] = key
 
+    def _load(self) -> None:
+        assert self._store is not None
+        with self._load_lock:
+            for kid, raw, created in self._store.load(known=set(self._keys)):
+                private = Ed25519PrivateKey.from_private_bytes(raw)
+                self.add(SigningKey(kid, private, created.timestamp()))
+            self._loaded_at = time.monotonic()
+
 
 def mint(
-    ring: KeyRing,
+    ring: SigningKeyRing,
     *,
     user: str,
     app: str,
@@ -138,7 +175,7 @@ def mint(
 class Verifier:
     """Checks run tokens. Thread-safe; the bridge calls ``verify`` on every request."""
 
-    def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, ring: SigningKeyRing, clock: Callable[[], float] = time.time) -> None:
         self._ring = ring
         self._clock = clock
         self._cache: dict[str, Claims] = {}

@@ -40,23 +40,26 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.bridge import tokens
-from corral.bridge.tokens import KeyRing, Verifier
+from corral.bridge.tokens import SigningKeyRing, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, DiskFull, InvalidInput, SandboxError, StoreUnavailable
+from corral.errors import (
+    CommandNotFound,
+    DiskFull,
+    InvalidInput,
+    ProtocolError,
+    RunnerInvalid,
+    SandboxError,
+    SessionEnded,
+    SessionTimeout,
+    StoreUnavailable,
+)
 from corral.limits import RUNNER_LIMITS
 from corral.pipeline.leases import held, owner_name
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
-from corral.sandbox.hotswap import RunnerInvalid
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest
-from corral.sandbox.session import (
-    AgentSession,
-    ProtocolError,
-    SessionEnded,
-    SessionTimeout,
-    agent_session,
-)
+from corral.sandbox.session import AgentSession, agent_session
 from corral.snapshots.fsattr import Immutability
 from corral.states import RunStatus
 from corral.store import Release, Run, RunEvent, Store, engine
@@ -120,7 +123,7 @@ class TokenIssuer:
     of ended runs from the store within their poll interval.
     """
 
-    def __init__(self, ring: KeyRing, verifier: Verifier | None = None) -> None:
+    def __init__(self, ring: SigningKeyRing, verifier: Verifier | None = None) -> None:
         self.ring, self.verifier = ring, verifier
 
     def mint(
@@ -185,7 +188,7 @@ class Executor:
         hooks: Hooks | None = None,
         max_attempts: int = 3,
     ) -> None:
-        self.tokens = tokens or TokenIssuer(KeyRing())
+        self.tokens = tokens or TokenIssuer(SigningKeyRing())
         self._local = threading.local()  # per worker thread: the running run's stop check
         self.ensure_bridge = bridge
         self.settings = settings

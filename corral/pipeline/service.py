@@ -32,8 +32,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from corral.billing.amounts import to_micros
-from corral.billing.ledger import BudgetExhausted, Ledger
-from corral.errors import Conflict, InvalidInput
+from corral.billing.ledger import Ledger
+from corral.errors import (
+    BudgetExhausted,
+    CallRefused,
+    ConcurrencyLimit,
+    IdempotencyMismatch,
+    InputTooLarge,
+    InvalidInput,
+)
 from corral.limits import MAX_INPUT, json_size
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.budgets import Budgets
@@ -52,26 +59,6 @@ ANNOUNCE_GRACE = timedelta(seconds=2)  # the process that ended a run announces 
 
 # Called once with every run that has ended, whatever ended it: metrics, traces, webhooks.
 OnFinished = Callable[[Run], None]
-
-
-class ConcurrencyLimit(Conflict):
-    code = "concurrency_limit"
-
-
-class IdempotencyMismatch(Conflict):
-    code = "idempotency_mismatch"
-
-
-class InputTooLarge(InvalidInput):
-    """The run's input is over ``corral.limits.MAX_INPUT``: refused before anything is stored."""
-
-    code = "input_too_large"
-
-
-class CallRefused(Conflict):
-    """An agent-to-agent call the guard refuses: too deep, or a cycle."""
-
-    code = "agent_call_refused"
 
 
 @dataclass(frozen=True)

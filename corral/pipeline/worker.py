@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from corral.errors import CorralError, StoreUnavailable
+from corral.errors import StoreUnavailable
 from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.leases import Lease, held, owner_name
@@ -64,12 +64,6 @@ SEEN_EVERY_S = 2.0  # how often a worker renews its row in ``workers``
 ALIVE_WITHIN_S = 15.0  # a worker unseen for longer is taken for dead
 SWEEP_EVERY = 1.0  # seconds between a worker's sweeps for runs ended without hooks
 LEND_POLL = 0.25  # seconds between looks for the awaited callees of a run being executed
-
-
-class NoWorker(CorralError):
-    """No worker is alive to execute a run someone is about to wait for."""
-
-    code = "no_worker"
 
 
 def live_workers(store: Store) -> list[str]:

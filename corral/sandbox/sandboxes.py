@@ -33,10 +33,11 @@ from typing import IO
 
 from corral.config import Settings
 from corral.errors import out_of_space
+from corral.processes import Owner
 from corral.sandbox import host
 from corral.sandbox.network import Network
 from corral.sandbox.runc import Runc
-from corral.sandbox.slots import Owner, Record, Slots
+from corral.sandbox.slots import Record, Slots
 from corral.sandbox.spec import BindMount, ProcessSpec, runtime_config
 from corral.snapshots import overlay
 

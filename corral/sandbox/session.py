@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
-from corral.errors import SandboxError
+from corral.errors import ProtocolError, SessionEnded, SessionTimeout
 from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, Started
 from corral.sandbox.spec import BindMount
 
@@ -27,21 +27,6 @@ BOOT_DIR = Path(__file__).parent / "boot"
 BOOT_MOUNT = "/run/corral-boot"
 BOOT_ARGV = ("python3", "-E", f"{BOOT_MOUNT}/bootstrap.py")
 MAX_LINE = 512 * 1024
-
-
-class SessionEnded(SandboxError):
-    code = "sandbox_ended"
-
-    def __init__(self, detail: str = "the sandbox ended before it answered") -> None:
-        super().__init__(detail)
-
-
-class ProtocolError(SandboxError):
-    code = "protocol_error"
-
-
-class SessionTimeout(SandboxError):
-    code = "sandbox_timeout"
 
 
 class AgentSession:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from corral.bridge import tokens
 from corral.bridge.gate import BridgeGate
-from corral.bridge.tokens import KeyRing
+from corral.bridge.tokens import SigningKeyRing
 from corral.context import Corral
 from corral.pipeline.executor import AgentRequest
 from corral.store import BridgeCall, Run
@@ -312,7 +312,7 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
         kid = jwt.get_unverified_header(valid)["kid"]
         return {
             "expired": tokens.mint(world.corral.signing_keys, **claims, lifetime=-10),
-            "unknown_key": tokens.mint(KeyRing(), **claims, lifetime=600),
+            "unknown_key": tokens.mint(SigningKeyRing(), **claims, lifetime=600),
             "known_kid": jwt.encode(
                 payload, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": kid}
             ),

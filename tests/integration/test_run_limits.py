@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from corral.context import Corral
-from corral.errors import InvalidInput
+from corral.errors import InputTooLarge, InvalidInput
 from corral.limits import MAX_EVENT, MAX_INPUT, MAX_LOG_LINE, MAX_RESULT
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import AgentRequest
-from corral.pipeline.service import InputTooLarge, Trigger
+from corral.pipeline.service import Trigger
 from corral.store import Run
 from corral.triggers import schedules
 from tests.integration.conftest import run
