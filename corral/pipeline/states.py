@@ -2,9 +2,8 @@
 
 ```mermaid
 stateDiagram-v2
-    [*] --> queued: admitted (execute_agent)
-    [*] --> running: corral run (no queue)
-    queued --> running: a worker leases it
+    [*] --> queued: admitted (execute_agent; corral run's parked for its own process)
+    queued --> running: a worker (or corral run) leases it
     queued --> cancelled: cancelled before it started
     running --> queued: its worker died (lease expired): retried with backoff
     running --> succeeded: result

@@ -45,6 +45,7 @@ from corral.store.records import Releases, Runs
 from corral.store.rows import Environment, Snapshot, check_digest, check_name, check_snapshot
 from corral.store.schedules import Schedules
 from corral.store.schema import environments, snapshots
+from corral.store.stats import RunStats
 from corral.store.webhooks import WebhookRecords
 
 
@@ -61,6 +62,7 @@ class Store:
         self.credentials = Credentials(engine)
         self.schedules = Schedules(engine)
         self.webhooks = WebhookRecords(engine)
+        self.stats = RunStats(engine)  # read-only: the metrics' figures
 
     @classmethod
     def open(cls, url: str) -> Store:
