@@ -141,8 +141,12 @@ class Pipeline:
         spec: AppSpec | None
         digest = ""  # of the request, for an app's idempotency key
         if isinstance(app, AdHoc):
-            if idempotency_key or trigger.parent_run:
-                raise InvalidInput("an ad-hoc run takes no idempotency key and has no caller")
+            if idempotency_key or trigger.parent_run or wait:
+                # No app to key, call or queue: its caller executes it now (``run_here``).
+                raise InvalidInput(
+                    "an ad-hoc run takes no idempotency key, has no calling run and is not "
+                    "waited for: its caller executes it"
+                )
             name, version, spec = None, None, None
             request = self.ad_hoc_request(app, input, trigger, user)
             options: dict[str, Any] = {**app.options(), "budget_per_run": None}
