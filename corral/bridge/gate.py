@@ -23,14 +23,13 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_plus
 
 from corral.bridge import http1
-from corral.bridge.agents import MAX_WAIT, call_agent
+from corral.bridge.agents import MAX_WAIT, AgentCalls, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.exchange import Exchange, Head, Route
 from corral.bridge.meter import read_usage
 from corral.bridge.tokens import Claims, Verifier
 from corral.errors import Refused, TokenRefused
 from corral.limits import MAX_EVENT, MAX_RESULT, json_size, strict_loads
-from corral.pipeline.service import Pipeline
 from corral.vault.kinds import Credential
 
 RESERVED = "_corral"
@@ -158,11 +157,11 @@ class BridgeGate:
         max_body: int = 10 << 20,
         upstream_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
-        pipeline: Pipeline | None = None,
+        agents: AgentCalls | None = None,
     ) -> None:
         self.subnet = subnet
         # Serves agent-to-agent calls (``/_corral/apps/{app}/runs``); without it they get 503.
-        self.pipeline = pipeline
+        self.agents = agents
         self.verifier = verifier
         self.backend = backend
         self.sink = sink
@@ -419,11 +418,11 @@ class BridgeGate:
         async def call(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
             if head.method != b"POST":
                 raise Refused(405, "method_not_allowed", "POST a run of the app")
-            if self.pipeline is None:
+            if self.agents is None:
                 raise Refused(
                     503, "agent_calls_unavailable", "this bridge was started without the pipeline"
                 )
-            return await call_agent(self.pipeline, claims, app, body, self._clock)
+            return await call_agent(self.agents, claims, app, body, self._clock)
 
         return call
 

@@ -13,6 +13,10 @@ are revoked: one token (by its id, ``jti``) when the attempt it was minted for e
 became of the run; and every token of a run once the run has *ended* (a final status). A run
 that was merely interrupted (its worker lost the database or its lease) is redelivered under
 the same run id, so it is never revoked by run id until it truly ends.
+
+``TokenIssuer`` is the run side of the same lifetime: whoever executes a run (a worker, the
+CLI) mints a token per attempt through it and revokes what it minted; the pipeline only says
+when an attempt or a run has ended.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from corral.errors import TokenRefused
+from corral.store import Run
 
 ISSUER = "corral"
 AUDIENCE = "corral-bridge"
@@ -265,3 +270,63 @@ class Verifier:
             expires=float(raw["exp"]),
             token_id=str(raw["jti"]),
         )
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A token minted for one attempt of a run."""
+
+    token: str
+    token_id: str
+    expires: float
+
+
+class TokenIssuer:
+    """Mints a token per attempt once its sandbox's address is known; revokes that token when
+    the attempt ends, and the run's tokens once the run has ended.
+
+    Revocation here reaches this process's bridge at once (``verifier``); bridges in other
+    processes learn of ended runs from the store within their poll interval.
+    """
+
+    def __init__(self, ring: SigningKeyRing, verifier: Verifier | None = None) -> None:
+        self.ring, self.verifier = ring, verifier
+
+    def mint(
+        self,
+        run: Run,
+        *,
+        connections: Iterable[str],
+        address: str,
+        lifetime: float,
+        attempt: int,
+        session: str = "",
+    ) -> Issued:
+        """A token for ``attempt`` of ``run``, usable from ``address`` for ``connections``,
+        as the run's user and app, for ``lifetime`` seconds."""
+        token_id = f"{run.id}.{run.deliveries}.{attempt}.{secrets.token_hex(4)}"
+        now = time.time()
+        token = mint(
+            self.ring,
+            user=run.user,
+            app=run.app or "",
+            session=session or run.id,
+            run=run.id,
+            connections=connections,
+            address=address,
+            lifetime=lifetime,
+            now=now,
+            token_id=token_id,
+        )
+        return Issued(token, token_id, now + lifetime)
+
+    def revoke(self, issued: Issued) -> None:
+        """The attempt ``issued`` was minted for is over, however it ended."""
+        if self.verifier is not None:
+            self.verifier.revoke_token(issued.token_id, issued.expires)
+
+    def ended(self, run: Run) -> None:
+        """``run``'s final status is stored: none of its tokens may be used again. Never for a
+        run that may be redelivered (its next attempt is served under the same run id)."""
+        if self.verifier is not None:
+            self.verifier.revoke_run(run.id)
