@@ -325,6 +325,6 @@ def test_a_corral_run_is_billed_traced_and_announced(corral: Corral, ran: Ran) -
     assert {json.loads(e.detail or "{}")["usage"] for e in entries} >= {"sandbox_seconds"}
     assert corral.ledger.balance(ran.cli_user) < 0
     # Traced and announced, by the process that ended it.
-    spans = {str(s["name"]) for s in corral.tracing.spans(run.id)}
+    spans = {s.name for s in corral.tracing.spans(run.id)}
     assert {"run", "admission", "queue", "boot", "agent"} <= spans
     assert run.announced_at is not None
