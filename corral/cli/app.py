@@ -18,8 +18,7 @@ import click
 
 from corral.api.shapes import app_json, version_json
 from corral.billing import amounts
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit
+from corral.cli.output import emit, handled, json_option
 from corral.context import Corral
 from corral.errors import InvalidInput, NoWorker
 from corral.limits import strict_loads

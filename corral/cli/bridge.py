@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from corral.bridge.connections import BUILTIN, Connection
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit
+from corral.cli.output import emit, handled, json_option
 from corral.context import Corral
 
 

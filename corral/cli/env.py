@@ -11,8 +11,7 @@ from typing import NoReturn
 
 import click
 
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit, human_size
+from corral.cli.output import emit, handled, human_size, json_option
 from corral.context import Corral
 from corral.envs.service import EditResult
 from corral.envs.shapes import environment, snapshot

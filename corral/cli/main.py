@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import signal
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
 from corral.cli.output import fail
 from corral.context import Corral
 from corral.errors import CorralError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(func)
-
-
-def handled(func: F) -> F:
-    """Turn a CorralError into a clear message and a non-zero exit."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except CorralError as exc:
-            fail(exc, bool(kwargs.get("as_json")))
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group()

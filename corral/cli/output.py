@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from corral.errors import CorralError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def emit(as_json: bool, payload: Any, human: Callable[[], None]) -> None:
@@ -41,3 +44,20 @@ def _default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(func)
+
+
+def handled(func: F) -> F:
+    """Turn a CorralError into a clear message and a non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CorralError as exc:
+            fail(exc, bool(kwargs.get("as_json")))
+
+    return wrapper  # type: ignore[return-value]

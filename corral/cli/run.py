@@ -8,8 +8,7 @@ from pathlib import Path
 
 import click
 
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit
+from corral.cli.output import emit, handled, json_option
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline import shapes

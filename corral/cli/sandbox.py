@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from corral.cli.env import run_command
-from corral.cli.main import handled, json_option
+from corral.cli.output import handled, json_option
 from corral.context import Corral
 
 

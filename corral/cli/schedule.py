@@ -13,8 +13,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit
+from corral.cli.output import emit, handled, json_option
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.limits import strict_loads

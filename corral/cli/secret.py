@@ -14,8 +14,7 @@ from typing import IO
 
 import click
 
-from corral.cli.main import handled, json_option
-from corral.cli.output import emit
+from corral.cli.output import emit, handled, json_option
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.vault import KINDS

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from corral.cli.main import handled
+from corral.cli.output import handled
 from corral.context import Corral
 
 F = TypeVar("F", bound=Callable[..., Any])

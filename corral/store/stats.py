@@ -22,8 +22,8 @@ from sqlalchemy import JSON, Float, case, cast, exists, func, or_, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
-from corral.store.engine import transaction
 from corral.states import TERMINAL
+from corral.store.engine import transaction
 from corral.store.schema import bridge_calls, ledger, run_events, runs
 
 
