@@ -75,8 +75,8 @@ from corral.pipeline.service import (
     InputTooLarge,
 )
 from corral.pipeline.worker import NoWorker
+from corral.sandbox.channels import ProtocolError, SessionEnded, SessionTimeout
 from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
-from corral.sandbox.session import ProtocolError, SessionEnded, SessionTimeout
 from corral.store.pipeline import AppExists, AppNotFound, BalanceLimit
 from corral.store.records import LeaseLost, ReleaseNotFound, RunNotFound
 from corral.store.schedules import ScheduleNotFound

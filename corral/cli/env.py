@@ -16,7 +16,7 @@ from corral.cli.output import emit, human_size
 from corral.context import Corral
 from corral.envs.service import EditResult
 from corral.envs.shapes import environment, snapshot
-from corral.sandbox.sandboxes import SandboxResult
+from corral.sandbox.runtime import SandboxResult
 
 
 @click.group("env")

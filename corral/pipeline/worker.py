@@ -53,7 +53,7 @@ from corral.pipeline.executor import Stopped
 from corral.pipeline.leases import Lease, held, owner_name
 from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.states import RunStatus
-from corral.sandbox.sandboxes import Sandboxes
+from corral.sandbox.runtime import Runtime
 from corral.store import Run, Store
 from corral.store.engine import patiently
 
@@ -90,7 +90,7 @@ class Worker:
     def __init__(
         self,
         pipeline: Pipeline,
-        sandboxes: Callable[[], Sandboxes],
+        runtime: Callable[[], Runtime],
         *,
         name: str | None = None,
         lease: float = 10.0,
@@ -98,7 +98,7 @@ class Worker:
     ) -> None:
         self.pipeline = pipeline
         self.store = pipeline.store
-        self.sandboxes = sandboxes
+        self.runtime = runtime  # the sandbox runtime, its host prepared on first use
         self.name = name or owner_name("worker")
         self.lease = lease
         self.poll = poll
@@ -196,7 +196,7 @@ class Worker:
         return True
 
     def requeue_expired(self) -> None:
-        recover_expired(self.pipeline, self.sandboxes, self.lease)
+        recover_expired(self.pipeline, self.runtime, self.lease)
 
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
@@ -249,7 +249,7 @@ class Worker:
                 )
                 return
         if run.deliveries > 1:
-            self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
+            self.runtime().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
                 return
         over = patiently(lambda: self.pipeline.budgets.overspent(run), f"run {run.id}")
@@ -352,7 +352,7 @@ class Worker:
             log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)
 
 
-def recover_expired(pipeline: Pipeline, sandboxes: Callable[[], Sandboxes], lease: float) -> None:
+def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: float) -> None:
     """Runs whose owner stopped renewing its lease (it died, or hangs): reap the dead owners'
     sandboxes on this host, then put each run back in the queue, or end it if nobody can run
     it again: an app run delivered ``MAX_DELIVERIES`` times, or a ``corral run`` (its caller,
@@ -360,7 +360,7 @@ def recover_expired(pipeline: Pipeline, sandboxes: Callable[[], Sandboxes], leas
     store = pipeline.store
     expired = store.pipeline.expired()
     if expired:
-        sandboxes().reap()  # the dead owners' sandboxes on this host die first
+        runtime().reap()  # the dead owners' sandboxes on this host die first
     for run in expired:
         if run.app is None or run.deliveries >= MAX_DELIVERIES:
             why = (

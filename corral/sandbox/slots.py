@@ -32,7 +32,12 @@ class Owner:
 
     @classmethod
     def me(cls) -> Owner:
-        return cls(os.getpid(), _start_time(os.getpid()))
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> Owner:
+        """The live process ``pid``, told apart from any later one that reuses the number."""
+        return cls(pid, _start_time(pid))
 
     def alive(self) -> bool:
         try:

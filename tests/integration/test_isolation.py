@@ -29,6 +29,7 @@ import pytest
 from corral.config import BRIDGE_PORTS
 from corral.context import Corral
 from corral.sandbox.spec import MASKED_PATHS, READONLY_PATHS
+from tests.conftest import runc_runtime
 from tests.hosts import outside_namespace
 from tests.integration.probes import (
     PRELUDE,
@@ -274,7 +275,7 @@ def test_host_is_unreachable_over_ipv6(corral: Corral, env: str) -> None:
         try:
             ready = sandbox.report()
             slot = int(ipaddress.ip_address(ready["address"])) - int(ipaddress.ip_address(gw))
-            iface = corral.sandboxes().network.link_for(slot, edit=False).host_iface
+            iface = runc_runtime(corral).network.link_for(slot, edit=False).host_iface
             shown = subprocess.run(
                 ["ip", "-6", "-o", "addr", "show", "dev", iface, "scope", "link"],
                 capture_output=True,
