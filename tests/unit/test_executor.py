@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +18,16 @@ from corral.pipeline import executor
 from corral.pipeline.executor import AgentRequest, Executor
 from corral.runner import __version__ as BUNDLED_VERSION
 from corral.sandbox.runtime import Sandbox
-from corral.sandbox.testing import UnsandboxedRuntime
 from corral.store import Run
 from tests.unit.unsandboxed import unsandboxed_corral
 
 
 @pytest.fixture
-def corral(tmp_path: Path) -> Iterator[Corral]:
-    corral = unsandboxed_corral(tmp_path)
-    corral.envs.create("analyst")
-    yield corral
-    corral.close()
+def env(corral: Corral) -> str:
+    """An environment of this test alone: its first run swaps the runner in."""
+    name = f"e-{secrets.token_hex(4)}"
+    corral.envs.create(name)
+    return name
 
 
 def events(corral: Corral, run: Run) -> list[tuple[str, dict[str, Any]]]:
@@ -39,8 +38,8 @@ def kinds(corral: Corral, run: Run) -> list[str]:
     return [kind for kind, _ in events(corral, run)]
 
 
-def agent(corral: Corral, entry: str, executor: Executor | None = None, **kw: Any) -> Run:
-    request = AgentRequest("analyst", entry, kw.pop("input", {"n": 21}), **kw)
+def agent(corral: Corral, env: str, entry: str, executor: Executor | None = None, **kw: Any) -> Run:
+    request = AgentRequest(env, entry, kw.pop("input", {"n": 21}), **kw)
     return (executor or corral.executor).run(request)
 
 
@@ -57,8 +56,10 @@ def executor_with(corral: Corral, **kw: Any) -> Executor:
     )
 
 
-def test_a_run_reports_its_result_and_events_and_folds_the_runner_in(corral: Corral) -> None:
-    first = agent(corral, "agent.py:main")
+def test_a_run_reports_its_result_and_events_and_folds_the_runner_in(
+    corral: Corral, env: str
+) -> None:
+    first = agent(corral, env, "agent.py:main")
     assert (first.status, first.error) == ("succeeded", None)
     assert json.loads(first.result or "") == {"double": 42}
     assert first.attempts == 1 and first.runner_version == BUNDLED_VERSION
@@ -74,15 +75,15 @@ def test_a_run_reports_its_result_and_events_and_folds_the_runner_in(corral: Cor
     logs = [(d["stream"], d["message"], d.get("fields")) for k, d in seen if k == "log"]
     assert logs == [("sdk", "working", {"n": 21}), ("stdout", "on stdout", None)]
     assert kinds(corral, first)[-3:] == ["result", "fold_in.done", "run.finished"]
-    assert first.swapped and first.folded_snapshot == corral.envs.get("analyst").head
+    assert first.swapped and first.folded_snapshot == corral.envs.get(env).head
 
-    again = agent(corral, "agent.py:main", input={"n": 2})
+    again = agent(corral, env, "agent.py:main", input={"n": 2})
     assert again.status == "succeeded" and json.loads(again.result or "") == {"double": 4}
     assert not again.swapped and "swap.started" not in kinds(corral, again)
 
 
-def test_an_agent_error_fails_the_run_once(corral: Corral) -> None:
-    failed = agent(corral, "agent.py:boom")
+def test_an_agent_error_fails_the_run_once(corral: Corral, env: str) -> None:
+    failed = agent(corral, env, "agent.py:boom")
     assert failed.status == "failed" and failed.attempts == 1
     assert failed.error_code == "agent_raised"
     assert failed.error == "ValueError: no prices for 21"
@@ -104,8 +105,8 @@ class KillAt:
                 sandbox.wait(timeout=30)
 
 
-def test_a_dead_sandbox_is_replaced_by_a_fresh_one(corral: Corral) -> None:
-    done = agent(corral, "agent.py:main", executor_with(corral, hooks=KillAt("staged")))
+def test_a_dead_sandbox_is_replaced_by_a_fresh_one(corral: Corral, env: str) -> None:
+    done = agent(corral, env, "agent.py:main", executor_with(corral, hooks=KillAt("staged")))
     assert (done.status, done.attempts) == ("succeeded", 2)
     seen = events(corral, done)
     booted = [d["sandbox"] for k, d in seen if k == "sandbox.booted"]
@@ -116,10 +117,10 @@ def test_a_dead_sandbox_is_replaced_by_a_fresh_one(corral: Corral) -> None:
 
 
 def test_a_sandbox_that_dies_every_time_fails_the_run_after_its_attempts(
-    corral: Corral, monkeypatch: pytest.MonkeyPatch
+    corral: Corral, env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(executor, "EXIT_GRACE_S", 0.3)  # no events are in flight: it died
-    failed = agent(corral, "agent.py:die")
+    failed = agent(corral, env, "agent.py:die")
     assert (failed.status, failed.error_code, failed.attempts) == ("failed", "sandbox_failed", 3)
     assert failed.error == (
         "3 sandboxes failed; the last: the sandbox ended without reporting a result"
@@ -127,18 +128,17 @@ def test_a_sandbox_that_dies_every_time_fails_the_run_after_its_attempts(
     assert kinds(corral, failed).count("attempt.failed") == 3
 
 
-def test_the_deadline_ends_a_run_that_runs_on(corral: Corral) -> None:
-    late = agent(corral, "agent.py:slow", timeout=1.0)
+def test_the_deadline_ends_a_run_that_runs_on(corral: Corral, env: str) -> None:
+    late = agent(corral, env, "agent.py:slow", timeout=0.5)
     assert (late.status, late.error_code) == ("timed_out", "timed_out")
     assert late.attempts == 1
 
 
 def test_a_runtime_that_cannot_start_the_bootstrap_fails_at_once(tmp_path: Path) -> None:
-    corral = unsandboxed_corral(tmp_path)
-    corral.runtime = UnsandboxedRuntime(tmp_path / "elsewhere", python="/no/such/python3")
+    corral = unsandboxed_corral(tmp_path, python="/no/such/python3")
     try:
         corral.envs.create("analyst")
-        failed = agent(corral, "agent.py:main")
+        failed = agent(corral, "analyst", "agent.py:main")
     finally:
         corral.close()
     assert (failed.status, failed.error_code, failed.attempts) == (

@@ -14,6 +14,7 @@ import io
 import ipaddress
 import os
 import socket
+import sys
 import tarfile
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def base_image(path: Path, agent: str = AGENT) -> Path:
     return path
 
 
-def unsandboxed_corral(tmp: Path, agent: str = AGENT, **environ: str) -> Corral:
-    """A Corral under ``tmp`` on the unsandboxed runtime; ``environ`` adds settings
-    (``CORRAL_RUN_LEASE="2"``)."""
+def unsandboxed_corral(
+    tmp: Path, agent: str = AGENT, *, python: str = sys.executable, **environ: str
+) -> Corral:
+    """A Corral under ``tmp`` on the unsandboxed runtime (its bootstrap run by ``python``);
+    ``environ`` adds settings (``CORRAL_RUN_LEASE="2"``)."""
     env = {
         "CORRAL_DATA_DIR": str(tmp / "data"),
         "CORRAL_RUN_DIR": str(tmp / "run"),
@@ -78,4 +81,4 @@ def unsandboxed_corral(tmp: Path, agent: str = AGENT, **environ: str) -> Corral:
     # two test processes on one host must never share a bridge (it binds with SO_REUSEPORT).
     network = NetworkSettings(ipaddress.IPv4Network("127.0.0.0/8"), free_port())
     config = dataclasses.replace(Settings.from_env(env), network=network)
-    return Corral(config, UnsandboxedRuntime(tmp / "sandboxes"))
+    return Corral(config, UnsandboxedRuntime(tmp / "sandboxes", python=python))
