@@ -92,12 +92,17 @@ class UnsandboxedRuntime:
         home, root = self._make(request)
         argv = [self.python, "-E", str(BOOT_DIR / BOOTSTRAP), str(root / RUNNER_HOME)]
         pipes = Pipes()
+        proc: subprocess.Popen[bytes] | None = None
         try:
             stdin, stdout, stderr = pipes.child
             proc = self._spawn(argv, request, root, home, stdin, stdout, stderr)
             pipes.handed_over()
             return UnsandboxedSandbox(self, home, root, proc, pipes.channels())
         except BaseException:
+            if proc is not None:  # started, then something failed: it must not outlive this
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             pipes.close()
             _remove(home)
             raise
