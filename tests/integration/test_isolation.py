@@ -250,7 +250,7 @@ for _ in range(50):
         break
     time.sleep(0.05)
 b = [int(x, 16) for x in mac.split(":")]
-host_ll = "fe80::%x:%xff:fe%x:%x" % ((b[0] ^ 2) << 8 | b[1], b[2], b[3], b[4] << 8 | b[5])
+host_ll = "fe80::%x:%02xff:fe%02x:%x" % ((b[0] ^ 2) << 8 | b[1], b[2], b[3], b[4] << 8 | b[5])
 report({"address": my_address(gw), "host_ll": host_ll, "ll_flags": eth0_link_local()})
 sys.stdin.readline()  # the host checks host_ll before we try it
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
