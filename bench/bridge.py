@@ -56,10 +56,10 @@ from bench._common import discard
 from corral.bridge.tokens import mint
 from corral.config import BRIDGE_PORTS, Settings
 from corral.context import Corral
-from corral.pipeline.states import RunStatus
 from corral.sandbox.network import Link, Network
 from corral.sandbox.runc_runtime import RuncRuntime
 from corral.sandbox.slots import Owner, Record
+from corral.states import RunStatus
 from corral.store import Run
 
 SECONDS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
@@ -343,7 +343,7 @@ def start_run(corral: Corral, stack: contextlib.ExitStack) -> str:
     )
 
     def finish() -> None:
-        corral.store.runs.update(
+        corral.store.runs.finish(
             run.id, status=str(RunStatus.SUCCEEDED), finished_at=datetime.now(UTC)
         )
 
@@ -428,9 +428,7 @@ def main() -> None:
             wait_listening("127.0.0.1", p, nginx, ngx / "error.log")
 
         # Corral: a connection to the upstream, a credential, a live run, a sandbox namespace.
-        corral.store.bridge.put_connection(
-            CONNECTION, f"http://127.0.0.1:{upstream}", "bearer", None
-        )
+        corral.store.connections.put(CONNECTION, f"http://127.0.0.1:{upstream}", "bearer", None)
         corral.vault.put(USER, CONNECTION, "bearer", {"token": secret})
         run = start_run(corral, stack)
         sandboxes = corral.sandboxes()

@@ -91,7 +91,7 @@ class Corral:
 
     @cached_property
     def signing_keys(self) -> StoredKeyRing:
-        return StoredKeyRing(self.store.bridge, MasterKeys.from_settings(self.settings))
+        return StoredKeyRing(self.store.signing_keys, MasterKeys.from_settings(self.settings))
 
     @cached_property
     def verifier(self) -> Verifier:
@@ -181,7 +181,7 @@ class Corral:
         self._announce_finished_runs()
         worker = Worker(self.pipeline, self.sandboxes)
         asked = time.monotonic()
-        claimed = self.store.pipeline.claim(worker.name, worker.lease, only=run.id)
+        claimed = self.store.runs.claim(worker.name, worker.lease, only=run.id)
         if claimed is None:
             return self.pipeline.wait(run.id, wait_timeout)
         worker.execute(claimed, leased_at=asked)

@@ -7,10 +7,18 @@
     ├── NotFound                      base of every "no such thing"
     │   ├── EnvironmentNotFound
     │   ├── SnapshotNotFound
-    │   └── ImageNotFound             an oci:/oci-archive: source names nothing that exists
+    │   ├── ImageNotFound             an oci:/oci-archive: source names nothing that exists
+    │   ├── AppNotFound               no app of that name (or no such version of it)
+    │   ├── RunNotFound
+    │   ├── ReleaseNotFound           no runner release of that digest or version
+    │   ├── ScheduleNotFound
+    │   └── DeliveryNotFound          no webhook delivery of that id
     ├── Conflict                      the request contradicts what is stored
     │   ├── EnvironmentExists
-    │   └── EnvironmentBusy           another edit session or freeze holds the environment
+    │   ├── EnvironmentBusy           another edit session or freeze holds the environment
+    │   ├── AppExists
+    │   ├── LeaseLost                 a worker's lease on a run was taken over
+    │   └── BalanceLimit              a credit would lift a balance past what is stored exactly
     ├── InvalidInput                  a name, digest, reference or argument is malformed
     │   └── ImportForbidden           over HTTP, an image outside the server's import directory
     ├── StoreError                    the database refused or is unreachable
@@ -334,3 +342,69 @@ class MasterKeyInUse(VaultError, Conflict):
             f"master key {key_id} still seals {records} credential(s); "
             "`corral vault rotate` rewraps them first"
         )
+
+
+# -- the store's records: apps, runs, releases, the ledger, schedules, webhook deliveries --------
+
+
+class AppNotFound(NotFound):
+    code = "app_not_found"
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        self.name, self.version = name, version
+        shown = f"{name!r} version {version}" if version else repr(name)
+        super().__init__(f"no app {shown}; `corral app list` shows them")
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"no run with id {run_id!r}")
+
+
+class ReleaseNotFound(NotFound):
+    code = "release_not_found"
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        super().__init__(f"no runner release {ref!r}; `corral runner list` shows them")
+
+
+class ScheduleNotFound(NotFound):
+    code = "schedule_not_found"
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"no schedule {schedule_id!r}; `corral schedule list` shows them")
+
+
+class DeliveryNotFound(NotFound):
+    code = "delivery_not_found"
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+        super().__init__(f"no webhook delivery {ref}")
+
+
+class AppExists(Conflict):
+    code = "app_exists"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an app named {name!r} already exists")
+
+
+class LeaseLost(Conflict):
+    code = "lease_lost"
+
+    def __init__(self, run_id: str, worker: str) -> None:
+        self.run_id, self.worker = run_id, worker
+        super().__init__(f"worker {worker} no longer holds the lease on {run_id}")
+
+
+class BalanceLimit(Conflict):
+    """A credit would lift a balance past ``LEDGER_MAX_MICROS``: what is stored says no."""
+
+    code = "balance_limit"

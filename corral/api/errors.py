@@ -32,6 +32,9 @@ from corral.bridge.keys import SigningKeyError
 from corral.bridge.server import BridgeUnavailable
 from corral.bridge.tokens import TokenRefused
 from corral.errors import (
+    AppExists,
+    AppNotFound,
+    BalanceLimit,
     BlobMissing,
     CommandNotFound,
     ConfigError,
@@ -41,6 +44,7 @@ from corral.errors import (
     CredentialNotFound,
     CredentialRevoked,
     CredentialTampered,
+    DeliveryNotFound,
     DiskFull,
     DraftFull,
     EnvironmentBusy,
@@ -50,16 +54,20 @@ from corral.errors import (
     ImportFailed,
     ImportForbidden,
     InvalidInput,
+    LeaseLost,
     MasterKeyError,
     MasterKeyInUse,
     NetworkError,
     NotFound,
     NothingToFreeze,
+    ReleaseNotFound,
     RequirementMissing,
     RuncError,
+    RunNotFound,
     SandboxCapacity,
     SandboxDied,
     SandboxError,
+    ScheduleNotFound,
     SnapshotError,
     SnapshotNotFound,
     StoreError,
@@ -77,10 +85,6 @@ from corral.pipeline.service import (
 from corral.pipeline.worker import NoWorker
 from corral.sandbox.channels import ProtocolError, SessionEnded, SessionTimeout
 from corral.sandbox.hotswap import RunnerInvalid, SwapFailed
-from corral.store.pipeline import AppExists, AppNotFound, BalanceLimit
-from corral.store.records import LeaseLost, ReleaseNotFound, RunNotFound
-from corral.store.schedules import ScheduleNotFound
-from corral.store.webhooks import DeliveryNotFound
 from corral.triggers.cron import InvalidCron, InvalidTimeZone
 
 log = logging.getLogger("corral.api")
@@ -130,7 +134,7 @@ STATUS: Final[Mapping[type[CorralError], int]] = {
     CredentialNotFound: 404,
     CredentialRevoked: 410,  # Gone: it existed and was destroyed on purpose
     MasterKeyInUse: 409,
-    # The pipeline: apps, runs and their admission (corral/pipeline, corral/store/pipeline.py).
+    # The pipeline: apps, runs and their admission (corral/pipeline, corral/store).
     AppNotFound: 404,
     RunNotFound: 404,
     ReleaseNotFound: 404,

@@ -33,7 +33,7 @@ from corral.errors import InvalidInput
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
-from corral.pipeline.states import RunStatus
+from corral.states import RunStatus
 from corral.store.rows import NAME_RULE, USER_RULE, check_user
 
 router = APIRouter(prefix="/v1", route_class=StrictRoute)
@@ -172,8 +172,8 @@ def update_app(app: AppName, body: models.UpdateApp, corral: Service) -> models.
 def app_versions(app: AppName, corral: Service) -> list[models.AppVersion]:
     """Every version of the app, newest first."""
     return [
-        models.AppVersion.model_validate(version_json(v, raw, at))
-        for v, raw, at in corral.store.pipeline.versions(app)
+        models.AppVersion.model_validate(version_json(v.version, v.spec, v.created_at))
+        for v in corral.store.apps.versions(app)
     ]
 
 
@@ -183,7 +183,7 @@ def app_runs(
 ) -> list[models.Run]:
     """The app's runs, newest first."""
     corral.pipeline.apps.get(app)  # AppNotFound rather than an empty list
-    return [run_body(r) for r in corral.store.pipeline.runs(app=app, limit=limit)]
+    return [run_body(r) for r in corral.store.runs.recent(app=app, limit=limit)]
 
 
 # -- runs --------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def cancel_run(run_id: str, corral: Service) -> models.Run:
 
 
 def _balance(corral: Corral, user: str) -> models.Balance:
-    return models.Balance(user=user, balance=amounts.as_number(corral.store.pipeline.balance(user)))
+    return models.Balance(user=user, balance=amounts.as_number(corral.store.ledger.balance(user)))
 
 
 @router.post(

@@ -32,7 +32,7 @@ import anyio.to_thread
 from corral.api.shapes import event_json
 from corral.errors import InvalidInput
 from corral.pipeline.shapes import run_json
-from corral.pipeline.states import RunStatus
+from corral.states import RunStatus
 from corral.store import Run, RunEvent, Store
 
 POLL = 0.05  # seconds between reads of the store

@@ -34,7 +34,7 @@ from corral.errors import CorralError
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import SANDBOX_EVENTS
 from corral.pipeline.service import Trigger
-from corral.pipeline.states import RunStatus
+from corral.states import RunStatus
 from corral.store import Run
 
 router = APIRouter(include_in_schema=False)
@@ -171,7 +171,7 @@ def apps_page(corral: Service) -> HTMLResponse:
 def app_page(app: str, corral: Service) -> HTMLResponse:
     try:
         version, spec = corral.pipeline.apps.get(app)
-        runs = corral.store.pipeline.runs(app=app, limit=RECENT_RUNS)
+        runs = corral.store.runs.recent(app=app, limit=RECENT_RUNS)
     except CorralError as exc:
         return error_page(exc)
     rows = [

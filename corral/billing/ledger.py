@@ -20,11 +20,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
 
 from corral.billing.amounts import MAX_MICROS, MICROS, credits, positive_micros, to_micros
 from corral.errors import Conflict, InvalidInput
-from corral.store import Store
+from corral.store import BridgeCall, LedgerEntry, Store, UsageEvent
 from corral.store.rows import check_user
 
 
@@ -85,11 +84,11 @@ class Ledger:
 
     def balance(self, user: str) -> Decimal:
         """Grants and corrections minus deductions, exactly."""
-        return credits(self.store.pipeline.balance(user))
+        return credits(self.store.ledger.balance(user))
 
     def cost(self, run: str) -> Decimal:
         """What ``run`` has used so far, billed or not (for budget checks while it runs)."""
-        total = sum((self._price(usage) for usage in self.store.bridge.usage(run)), Decimal(0))
+        total = sum((self._price(usage) for usage in self.store.usage.events(run)), Decimal(0))
         return total + len(self._billable_calls(run)) * self.prices.bridge_call
 
     def price(
@@ -109,69 +108,65 @@ class Ledger:
         """Post a deduction for every usage event of ``run`` not yet billed; returns credits."""
         now = datetime.now(UTC)
         entries = []
-        for usage in self.store.bridge.usage(run):
+        for usage in self.store.usage.events(run):
             entries.append(
-                {
-                    "user": user,
-                    "run": run,
-                    "app": app,
-                    "source": f"usage:{usage['id']}",
-                    "kind": "deduction",
-                    "micros": -micros_of(self._price(usage)),
-                    "detail": json.dumps(
-                        {"usage": usage["kind"], "connection": usage["connection"]}
-                    ),
-                    "at": now,
-                }
+                LedgerEntry(
+                    user=user,
+                    run=run,
+                    app=app,
+                    source=f"usage:{usage.id}",
+                    kind="deduction",
+                    micros=-micros_of(self._price(usage)),
+                    detail=json.dumps({"usage": usage.kind, "connection": usage.connection}),
+                    at=now,
+                )
             )
         for call in self._billable_calls(run):
             entries.append(
-                {
-                    "user": user,
-                    "run": run,
-                    "app": app,
-                    "source": f"call:{call['id']}",
-                    "kind": "deduction",
-                    "micros": -micros_of(self.prices.bridge_call),
-                    "detail": json.dumps(
-                        {"usage": "bridge_call", "connection": call["connection"]}
-                    ),
-                    "at": now,
-                }
+                LedgerEntry(
+                    user=user,
+                    run=run,
+                    app=app,
+                    source=f"call:{call.id}",
+                    kind="deduction",
+                    micros=-micros_of(self.prices.bridge_call),
+                    detail=json.dumps({"usage": "bridge_call", "connection": call.connection}),
+                    at=now,
+                )
             )
-        self.store.pipeline.post(entries)
-        return credits(self.store.pipeline.spent(run=run))
+        self.store.ledger.post(entries)
+        return credits(self.store.ledger.spent(run=run))
 
     def _post(self, user: str, kind: str, micros: int, note: str | None) -> None:
-        self.store.pipeline.post(
+        self.store.ledger.post(
             [
-                {
-                    "user": user,
-                    "run": None,
-                    "app": None,
-                    "source": f"{kind}:{secrets.token_hex(8)}",
-                    "kind": kind,
-                    "micros": micros,
-                    "detail": note,
-                    "at": datetime.now(UTC),
-                }
+                LedgerEntry(
+                    user=user,
+                    run=None,
+                    app=None,
+                    source=f"{kind}:{secrets.token_hex(8)}",
+                    kind=kind,
+                    micros=micros,
+                    detail=note,
+                    at=datetime.now(UTC),
+                )
             ]
         )
 
-    def _billable_calls(self, run: str) -> list[dict[str, object]]:
+    def _billable_calls(self, run: str) -> list[BridgeCall]:
         """Calls the bridge forwarded for the run; its own endpoints and refusals are free."""
         return [
             c
-            for c in self.store.bridge.calls(run)
-            if c["connection"] not in ("_corral", None) and not c["error"]
+            for c in self.store.usage.calls(run)
+            if c.connection not in ("_corral", None) and not c.error
         ]
 
-    def _price(self, usage: dict[str, Any]) -> Decimal:
-        kind = usage["kind"]
+    def _price(self, usage: UsageEvent) -> Decimal:
+        kind = usage.kind
         if kind == "model_tokens":
-            tokens_in, tokens_out = int(usage["input_tokens"]), int(usage["output_tokens"])
+            tokens_in, tokens_out = int(usage.input_tokens), int(usage.output_tokens)
             return tokens_in * self.prices.input_token + tokens_out * self.prices.output_token
         if kind == "sandbox_seconds":
             # The stored quantity is a float of seconds; its repr is what was measured.
-            return Decimal(repr(float(usage["quantity"]))) * self.prices.sandbox_second
+            return Decimal(repr(float(usage.quantity))) * self.prices.sandbox_second
         return Decimal(0)

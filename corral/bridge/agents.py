@@ -32,7 +32,7 @@ from corral.errors import Conflict, CorralError, InvalidInput, NotFound, StoreUn
 from corral.limits import strict_loads
 from corral.pipeline.service import ConcurrencyLimit, InputTooLarge, Pipeline, Trigger
 from corral.pipeline.shapes import run_json
-from corral.pipeline.states import RunStatus
+from corral.states import RunStatus
 from corral.store import Run
 
 log = logging.getLogger("corral.bridge")

@@ -49,16 +49,16 @@ class StoreBackend:
         self.vault = vault
 
     def run_is_live(self, run: str) -> bool:
-        return _patiently(lambda: self.store.bridge.run_is_live(run), f"is run {run} live")
+        return _patiently(lambda: self.store.runs.is_live(run), f"is run {run} live")
 
     def ended_since(self, since: datetime) -> tuple[list[str], datetime]:
-        return self.store.bridge.ended_since(since)
+        return self.store.runs.ended_since(since)
 
     def connection(self, name: str) -> Connection | None:
-        row = _patiently(lambda: self.store.bridge.connection(name), f"connection {name}")
+        row = _patiently(lambda: self.store.connections.get(name), f"connection {name}")
         if row is None:
             return None
-        return Connection(row["name"], row["base_url"], row["auth"], row["meter"])
+        return Connection(row.name, row.base_url, row.auth, row.meter)
 
     def credential(self, user: str, connection: str) -> Credential | None:
         try:
@@ -127,10 +127,10 @@ class StoreBackend:
         return Credential(credential.kind, updated, float(expires_at) if expires_at else None)
 
     def write_calls(self, calls: list[dict[str, Any]]) -> None:
-        self.store.bridge.add_calls(calls)
+        self.store.usage.add_calls(calls)
 
     def write_usage(self, usage: list[dict[str, Any]]) -> None:
-        self.store.bridge.add_usage(usage)
+        self.store.usage.add_events(usage)
 
     def write_events(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
         now = datetime.now(UTC)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from corral.bridge.tokens import KeyRing, SigningKey
 from corral.errors import CorralError
-from corral.store.bridge import BridgeRecords
+from corral.store.signing_keys import SigningKeys
 from corral.vault.keys import MasterKeys
 
 MAX_TOKEN_LIFETIME = 24 * 3600.0
@@ -34,7 +34,7 @@ class SigningKeyError(CorralError):
 
 class StoredKeyRing(KeyRing):
     def __init__(
-        self, records: BridgeRecords, master: MasterKeys, rotate_after: float = 6 * 3600
+        self, records: SigningKeys, master: MasterKeys, rotate_after: float = 6 * 3600
     ) -> None:
         super().__init__(rotate_after)
         self._records = records
@@ -58,7 +58,8 @@ class StoredKeyRing(KeyRing):
     def _load(self) -> None:
         with self._load_lock:
             since = datetime.now(UTC) - timedelta(seconds=self.rotate_after + MAX_TOKEN_LIFETIME)
-            for kid, sealed, created in self._records.signing_keys(since):
+            for stored in self._records.since(since):
+                kid, sealed, created = stored.kid, stored.sealed, stored.created_at
                 if super().public(kid) is None:
                     try:
                         private = self._unseal(kid, sealed)
@@ -82,7 +83,7 @@ class StoredKeyRing(KeyRing):
                 nonce, raw, b"corral-signing-key:" + key.kid.encode()
             )
         )
-        self._records.add_signing_key(key.kid, sealed, datetime.fromtimestamp(key.created, UTC))
+        self._records.add(key.kid, sealed, datetime.fromtimestamp(key.created, UTC))
 
     def _unseal(self, kid: str, sealed: bytes) -> Ed25519PrivateKey:
         master_kid, _, rest = sealed.partition(b":")

@@ -26,8 +26,8 @@ from corral.limits import strict_loads
 from corral.pipeline.apps import POLICIES, AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
-from corral.pipeline.states import RunStatus
 from corral.pipeline.worker import NoWorker, live_workers
+from corral.states import RunStatus
 from corral.store import Run
 from corral.store.rows import check_user
 
@@ -155,11 +155,11 @@ def list_(corral: Corral, as_json: bool) -> None:
 def show(corral: Corral, name: str, as_json: bool) -> None:
     """NAME's current settings, its versions and its latest runs."""
     version, spec = corral.pipeline.apps.get(name)
-    versions = corral.store.pipeline.versions(name)
-    runs = corral.store.pipeline.runs(app=name, limit=10)
+    versions = corral.store.apps.versions(name)
+    runs = corral.store.runs.recent(app=name, limit=10)
     payload = {
         **app_json(name, version, spec),
-        "versions": [version_json(v, raw, at) for v, raw, at in versions],
+        "versions": [version_json(v.version, v.spec, v.created_at) for v in versions],
         "runs": [run_json(r) for r in runs],
     }
 
@@ -291,7 +291,7 @@ def balance(corral: Corral, user: str, as_json: bool) -> None:
 
 
 def _balance(corral: Corral, user: str, as_json: bool, done: str) -> None:
-    micros = corral.store.pipeline.balance(user)
+    micros = corral.store.ledger.balance(user)
     text = f"{done}balance {amounts.shown(micros)}" if done else amounts.shown(micros)
     emit(as_json, {"user": user, "balance": amounts.as_number(micros)}, lambda: click.echo(text))
 

@@ -30,7 +30,7 @@ def add(
 ) -> None:
     """Add a connection, or point a built-in one (github, slack, openai, anthropic) elsewhere."""
     conn = Connection(name, base_url.rstrip("/"), auth, meter)  # validates
-    corral.store.bridge.put_connection(conn.name, conn.base_url, conn.auth, conn.meter)
+    corral.store.connections.put(conn.name, conn.base_url, conn.auth, conn.meter)
     emit(as_json, _shape(conn, "stored"), lambda: click.echo(f"{conn.name} -> {conn.base_url}"))
 
 
@@ -41,8 +41,8 @@ def add(
 def list_(corral: Corral, as_json: bool) -> None:
     """Built-in and stored connections (a stored one overrides the built-in of its name)."""
     stored = {
-        r["name"]: Connection(r["name"], r["base_url"], r["auth"], r["meter"])
-        for r in corral.store.bridge.all_connections()
+        r.name: Connection(r.name, r.base_url, r.auth, r.meter)
+        for r in corral.store.connections.all()
     }
     rows = [_shape(c, "stored") for c in stored.values()]
     rows += [_shape(c, "built-in") for n, c in BUILTIN.items() if n not in stored]
@@ -62,7 +62,7 @@ def list_(corral: Corral, as_json: bool) -> None:
 @handled
 def rm(corral: Corral, name: str, as_json: bool) -> None:
     """Remove a stored connection (a built-in one returns to its default)."""
-    removed = corral.store.bridge.remove_connection(name)
+    removed = corral.store.connections.remove(name)
     emit(
         as_json,
         {"name": name, "removed": removed},

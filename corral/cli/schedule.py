@@ -18,7 +18,9 @@ from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.limits import strict_loads
-from corral.store.schedules import MISFIRE_POLICIES, Schedule
+from corral.store import Schedule
+from corral.triggers import schedules
+from corral.triggers.schedules import MISFIRE_POLICIES
 
 
 @click.group("schedule")
@@ -72,8 +74,8 @@ def add(
         value: Any = strict_loads(input_json)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--input is not JSON: {exc}") from None
-    schedule = corral.store.schedules.add(
-        app, cron_expr, timezone, value, user, misfire, now=datetime.now(UTC)
+    schedule = schedules.add(
+        corral.store, app, cron_expr, timezone, value, user, misfire, now=datetime.now(UTC)
     )
     human = f"scheduled {app} as {schedule.id}: {_describe(schedule)}"
     emit(as_json, schedule.to_dict(), lambda: click.echo(human))
@@ -116,7 +118,7 @@ def pause(corral: Corral, schedule_id: str, as_json: bool) -> None:
 def resume(corral: Corral, schedule_id: str, as_json: bool) -> None:
     """Fire SCHEDULE_ID again from now on. Fire times missed while paused are not run, except
     the latest one under --misfire run_once."""
-    schedule = corral.store.schedules.resume(schedule_id, now=datetime.now(UTC))
+    schedule = schedules.resume(corral.store, schedule_id, now=datetime.now(UTC))
     emit(
         as_json,
         schedule.to_dict(),

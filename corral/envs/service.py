@@ -95,7 +95,7 @@ class Environments:
     def create(self, name: str, source: str | None = None) -> Environment:
         """A new environment whose first snapshot is the base image, or the image at ``source``."""
         with contextlib.suppress(EnvironmentNotFound):
-            self.store.get_environment(name)  # validates the name, too
+            self.store.environments.get(name)  # validates the name, too
             raise EnvironmentExists(name)
         image = self._base() if source is None else self.images.import_oci(source)
         first = Snapshot(
@@ -108,7 +108,7 @@ class Environments:
             created_at=_now(),
             message=f"created from {source or BASE_SOURCE}",
         )
-        env = self.store.create_environment(name, source or BASE_SOURCE, first)
+        env = self.store.environments.create(name, source or BASE_SOURCE, first)
         self._tag(name)
         self._reset_draft(name)
         return env
@@ -153,9 +153,9 @@ class Environments:
     ) -> EditResult:
         """Run ``argv`` in an edit session: the draft keeps what it changes, until freeze.
         The result says how full the draft is (a write past its limit fails in the sandbox)."""
-        self.store.get_environment(name)  # an unknown name fails before any lock file is made
+        self.store.environments.get(name)  # an unknown name fails before any lock file is made
         with self._locked(name):
-            image = self.images.load(self.store.get_environment(name).head)  # after a freeze
+            image = self.images.load(self.store.environments.get(name).head)  # after a freeze
             draft = self._draft(name)
             request = SandboxRequest(
                 layers=tuple(self.images.unpacked(image)),
@@ -173,9 +173,9 @@ class Environments:
 
     def freeze(self, name: str, message: str | None = None) -> Snapshot:
         """Freeze the draft into a new snapshot on top of the head. NothingToFreeze if unchanged."""
-        self.store.get_environment(name)
+        self.store.environments.get(name)
         with self._locked(name):
-            env = self.store.get_environment(name)
+            env = self.store.environments.get(name)
             if not self.drafts.has_changes(name):  # no draft is made just to find it empty
                 raise NothingToFreeze(name, env.head)
             upper = self._draft(name) / "upper"
@@ -183,7 +183,7 @@ class Environments:
             # Not the environment's name: the same change to the same parent is the same image.
             image = self.images.commit(parent, upper, created_by="corral env freeze")
             self._try_unpack(image)
-            snap = self.store.add_snapshot(
+            snap = self.store.environments.add_snapshot(
                 name,
                 Snapshot(
                     digest=image.digest,
@@ -220,7 +220,7 @@ class Environments:
         byte-identical. The head moves only if it is still ``parent``; if the user froze a new
         snapshot meanwhile, nothing is written and None is returned.
         """
-        if self.store.get_environment(name).head != parent:
+        if self.store.environments.get(name).head != parent:
             return None
         base = self.images.load(parent)
         with (
@@ -244,7 +244,7 @@ class Environments:
             message=message,
         )
         try:
-            stored = self.store.add_snapshot(name, snapshot, expected_head=parent)
+            stored = self.store.environments.add_snapshot(name, snapshot, expected_head=parent)
         except Conflict:
             return None
         self._tag(name)
@@ -252,20 +252,20 @@ class Environments:
 
     def discard(self, name: str) -> None:
         """Throw away the draft: the environment goes back to exactly its head snapshot."""
-        self.store.get_environment(name)
+        self.store.environments.get(name)
         with self._locked(name):
             self._reset_draft(name)
 
     # -- reading -----------------------------------------------------------------------------
 
     def get(self, name: str) -> Environment:
-        return self.store.get_environment(name)
+        return self.store.environments.get(name)
 
     def all(self) -> list[Environment]:
-        return self.store.list_environments()
+        return self.store.environments.all()
 
     def history(self, name: str) -> list[Snapshot]:
-        return self.store.history(name)
+        return self.store.environments.history(name)
 
     def has_draft(self, name: str) -> bool:
         return self.drafts.has_changes(name)
@@ -276,7 +276,7 @@ class Environments:
 
     def verify(self, name: str) -> VerifyReport:
         """Re-hash every blob of every snapshot in the history; CorruptBlob names a changed one."""
-        history = self.store.history(name)
+        history = self.store.environments.history(name)
         seen: dict[str, int] = {}
         for snap in history:
             image = self.images.load(snap.digest)
@@ -298,8 +298,8 @@ class Environments:
         timeout: float | None = None,
     ) -> SandboxResult:
         """Boot the head snapshot (or ``digest`` of the history), run ``argv``; nothing stays."""
-        env = self.store.get_environment(name)
-        snap = self.store.get_snapshot(name, digest) if digest is not None else None
+        env = self.store.environments.get(name)
+        snap = self.store.environments.snapshot(name, digest) if digest is not None else None
         image = self.images.load(snap.digest if snap else env.head)
         request = SandboxRequest(
             layers=tuple(self.images.unpacked(image)),
@@ -314,9 +314,9 @@ class Environments:
 
     def delete(self, name: str) -> None:
         """Forget the environment and its draft; blobs stay (other environments may share them)."""
-        history = self.store.history(name)
+        history = self.store.environments.history(name)
         with self._locked(name):
-            self.store.delete_environment(name)
+            self.store.environments.delete(name)
             self.layout.untag(name)
             for snap in history:
                 self.layout.untag(f"{name}+{snap.seq}")
@@ -328,8 +328,8 @@ class Environments:
         ``name+<seq>`` each snapshot. Only what differs is written, in one rewrite of the
         index, so a tag a crash left behind (after the head moved, before the tags did) is
         put right by the next freeze or fold-in."""
-        head = self.store.get_environment(name).head
-        wanted = {f"{name}+{s.seq}": s.digest for s in self.store.history(name)}
+        head = self.store.environments.get(name).head
+        wanted = {f"{name}+{s.seq}": s.digest for s in self.store.environments.history(name)}
         wanted[name] = head
         current = self.layout.tags()
         stale = {

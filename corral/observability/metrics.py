@@ -53,9 +53,7 @@ class Metrics:
         self.credits = Counter("corral_credits_charged", "Credits deducted", ["app"], registry=r)
         queue = Gauge("corral_queue_depth", "Runs waiting for a worker", registry=r)
         queue.set_function(
-            lambda: float(
-                len([x for x in store.pipeline.runs(limit=10_000) if x.status == "queued"])
-            )
+            lambda: float(len([x for x in store.runs.recent(limit=10_000) if x.status == "queued"]))
         )
 
     def admitted_run(self, run: Run) -> None:
@@ -74,10 +72,10 @@ class Metrics:
         for event in events:
             if event.kind == "swap.locked":
                 self.swap.observe(float(json.loads(event.data).get("seconds", 0.0)))
-        for call in self.store.bridge.calls(run.id):
-            if call["connection"] != "_corral":
-                self.bridge_calls.labels(call["connection"] or "", str(call["status"])).inc()
-        spent = self.store.pipeline.spent(run=run.id)
+        for call in self.store.usage.calls(run.id):
+            if call.connection != "_corral":
+                self.bridge_calls.labels(call.connection or "", str(call.status)).inc()
+        spent = self.store.ledger.spent(run=run.id)
         if spent:
             self.credits.labels(run.app or "").inc(as_number(spent))
 

@@ -17,11 +17,8 @@ from datetime import datetime, timedelta
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from sqlalchemy import insert, select
 
-from corral.store import Run, RunEvent, Store
-from corral.store.engine import transaction
-from corral.store.schema import spans
+from corral.store import Run, RunEvent, Span, Store
 
 
 class StoreSpanExporter(SpanExporter):
@@ -35,20 +32,19 @@ class StoreSpanExporter(SpanExporter):
             assert ctx is not None and span.start_time is not None and span.end_time is not None
             attributes = dict(span.attributes or {})
             rows.append(
-                {
-                    "span_id": format(ctx.span_id, "016x"),
-                    "trace_id": format(ctx.trace_id, "032x"),
-                    "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
-                    "run_id": str(attributes.get("corral.run_id", "")) or None,
-                    "name": span.name,
-                    "start": _from_ns(span.start_time),
-                    "end": _from_ns(span.end_time),
-                    "attributes": json.dumps(attributes, default=str),
-                    "status": span.status.status_code.name.lower(),
-                }
+                Span(
+                    span_id=format(ctx.span_id, "016x"),
+                    trace_id=format(ctx.trace_id, "032x"),
+                    parent_id=format(span.parent.span_id, "016x") if span.parent else None,
+                    run_id=str(attributes.get("corral.run_id", "")) or None,
+                    name=span.name,
+                    start=_from_ns(span.start_time),
+                    end=_from_ns(span.end_time),
+                    attributes=json.dumps(attributes, default=str),
+                    status=span.status.status_code.name.lower(),
+                )
             )
-        with transaction(self.store._engine, write=True) as conn:
-            conn.execute(insert(spans), rows)
+        self.store.spans.add(rows)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -107,30 +103,23 @@ class Tracing:
         ended = next((_when(e) for e in reversed(events) if e.kind in ("result", "error")), None)
         if started and ended:
             child("agent", started, ended)
-        for call in self.store.bridge.calls(run.id):
-            if call["connection"] == "_corral":
+        for call in self.store.usage.calls(run.id):
+            if call.connection == "_corral":
                 continue
-            stop = call["at"]
-            begin = stop - timedelta(milliseconds=float(call["latency_ms"]))
-            child(
-                "bridge.call",
-                begin,
-                stop,
-                **{
-                    "http.method": call["method"],
-                    "http.route": call["path"],
-                    "http.status_code": int(call["status"]),
-                    "corral.connection": call["connection"] or "",
-                },
-            )
+            stop = call.at
+            begin = stop - timedelta(milliseconds=float(call.latency_ms))
+            attributes: dict[str, str | int] = {
+                "http.method": call.method,
+                "http.route": call.path,
+                "http.status_code": int(call.status),
+                "corral.connection": call.connection or "",
+            }
+            child("bridge.call", begin, stop, **attributes)
         root.end(end_time=_ns(max(end, run.created_at)))
 
-    def spans(self, run_id: str) -> list[dict[str, object]]:
-        with transaction(self.store._engine) as conn:
-            rows = conn.execute(
-                select(spans).where(spans.c.run_id == run_id).order_by(spans.c.start)
-            )
-            return [dict(r._mapping) for r in rows]
+    def spans(self, run_id: str) -> list[Span]:
+        """The stored spans of ``run_id``'s trace, by start time."""
+        return self.store.spans.for_run(run_id)
 
 
 def _when(event: RunEvent) -> datetime:

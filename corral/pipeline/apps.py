@@ -101,20 +101,20 @@ class Apps:
 
     def create(self, name: str, spec: AppSpec) -> tuple[int, AppSpec]:
         check_name(name)
-        self.store.get_environment(spec.environment)
-        return self.store.pipeline.create_app(name, spec.to_json()), spec
+        self.store.environments.get(spec.environment)
+        return self.store.apps.create(name, spec.to_json()), spec
 
     def update(self, name: str, **changes: Any) -> tuple[int, AppSpec]:
         _, current = self.get(name)
         raw = current.to_json()
         raw.update(changes)
         spec = AppSpec.from_json(raw)
-        self.store.get_environment(spec.environment)
-        return self.store.pipeline.update_app(name, spec.to_json()), spec
+        self.store.environments.get(spec.environment)
+        return self.store.apps.update(name, spec.to_json()), spec
 
     def get(self, name: str, version: int | None = None) -> tuple[int, AppSpec]:
-        found, raw = self.store.pipeline.app(name, version)
-        return found, AppSpec.from_json(raw)
+        found = self.store.apps.get(name, version)
+        return found.version, AppSpec.from_json(found.spec)
 
     def all(self) -> list[tuple[str, int, AppSpec]]:
-        return [(n, v, AppSpec.from_json(raw)) for n, v, raw in self.store.pipeline.apps()]
+        return [(a.name, a.version, AppSpec.from_json(a.spec)) for a in self.store.apps.all()]

@@ -8,7 +8,7 @@ whole tree; a callee's own budget bounds the part of the tree below it.
 Cost is what the host observed, billed or not: model tokens and forwarded bridge calls as
 the bridge recorded them, sandbox seconds recorded when an execution ends, and for a run
 still running the seconds since it started (its sandbox is alive and costs, whether it works
-or waits on a callee). It is read for a whole tree in one go (``PipelineRecords.tree``).
+or waits on a callee). It is read for a whole tree in one go (``store.runs.tree``).
 Costs and budgets are exact ``Decimal`` credits (``docs/design/ledger.md``): a tree has spent
 its budget exactly when it has, not when float rounding says so.
 
@@ -29,8 +29,8 @@ from decimal import Decimal
 
 from corral.billing.amounts import credits, to_micros
 from corral.billing.ledger import Ledger
-from corral.store import Run, Store
-from corral.store.pipeline import TreeMember
+from corral.states import RunStatus
+from corral.store import Run, Store, TreeMember
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Budgets:
 
     def tree(self, run: Run, now: datetime | None = None) -> CallTree:
         """The call tree ``run`` belongs to, costed as of ``now``."""
-        members = self.store.pipeline.tree(run.root)
+        members = self.store.runs.tree(run.root)
         return CallTree(members, self.ledger, now or datetime.now(UTC))
 
     def overspent(self, run: Run, now: datetime | None = None) -> Overspent | None:
@@ -110,7 +110,7 @@ class Budgets:
 
 def _own_cost(member: TreeMember, ledger: Ledger, now: datetime) -> Decimal:
     seconds = member.sandbox_seconds
-    if member.status == "running" and member.started_at is not None:
+    if member.status == RunStatus.RUNNING and member.started_at is not None:
         # Not recorded until the execution ends: count the time it has been running so far.
         seconds += max(0.0, (now - member.started_at).total_seconds())
     return ledger.price(member.input_tokens, member.output_tokens, seconds, member.bridge_calls)

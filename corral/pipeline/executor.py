@@ -46,13 +46,13 @@ from corral.envs.service import Environments, process_env
 from corral.errors import CommandNotFound, DiskFull, InvalidInput, SandboxError, StoreUnavailable
 from corral.limits import RUNNER_LIMITS
 from corral.pipeline.leases import held, owner_name
-from corral.pipeline.states import RunStatus
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
 from corral.sandbox.channels import ProtocolError, SessionEnded, SessionTimeout
 from corral.sandbox.hotswap import RunnerInvalid
 from corral.sandbox.runtime import Runtime, Sandbox, SandboxRequest
 from corral.snapshots.fsattr import Immutability
+from corral.states import RunStatus
 from corral.store import Release, Run, RunEvent, Store, engine
 from corral.store.engine import patiently
 
@@ -215,7 +215,7 @@ class Executor:
         env = self.envs.get(request.environment)
         digest = env.head
         if request.snapshot:
-            digest = self.store.get_snapshot(env.name, request.snapshot).digest
+            digest = self.store.environments.snapshot(env.name, request.snapshot).digest
         try:
             encoded_input = json.dumps(request.input)
         except (TypeError, ValueError) as exc:
@@ -255,10 +255,9 @@ class Executor:
         release = patiently(self.releases.current, f"run {run.id}")
         started_at = run.started_at or datetime.now(UTC)
         run = patiently(
-            lambda: self.store.runs.update(
+            lambda: self.store.runs.record_start(
                 run.id,
                 lease_owner=run.lease_owner,
-                status=str(RunStatus.RUNNING),
                 started_at=started_at,
                 runner_version=release.version,
                 runner_digest=release.digest,
@@ -306,7 +305,7 @@ class Executor:
             "quantity": round(time.monotonic() - started, 3),
         }
         patiently(
-            lambda: self.store.bridge.add_usage([usage]),
+            lambda: self.store.usage.add_events([usage]),
             f"run {run.id}: usage",
             check=self._interrupt,
         )
@@ -549,14 +548,14 @@ class Executor:
     def _refused(self, run: Run, since: datetime) -> dict[str, Any] | None:
         """An error for the attempt if the bridge refused the events it sent since ``since``:
         the same events from a fresh sandbox would be refused the same way."""
-        for call in self.store.bridge.calls(run.id):
-            status, path = int(call["status"]), call["path"]
-            if path == "/_corral/events" and 400 <= status < 500 and call["at"] >= since:
+        for call in self.store.usage.calls(run.id):
+            status, path = call.status, call.path
+            if path == "/_corral/events" and 400 <= status < 500 and call.at >= since:
                 return {
                     "type": "error",
                     "code": "events_refused",
                     "message": "the bridge refused the sandbox's events "
-                    f"({status} {call['error'] or ''}) and it ended without a result",
+                    f"({status} {call.error or ''}) and it ended without a result",
                 }
         return None
 

@@ -57,7 +57,7 @@ def held(
         while not done.wait(pause):
             asked = time.monotonic()
             try:
-                mine = store.pipeline.heartbeat(run_id, owner, lease)
+                mine = store.runs.heartbeat(run_id, owner, lease)
             except Exception as exc:  # the store is out of reach: retry soon
                 if not isinstance(exc, StoreUnavailable):
                     log.exception("run %s: a lease renewal failed", run_id)

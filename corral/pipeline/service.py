@@ -26,7 +26,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,9 +38,8 @@ from corral.limits import MAX_INPUT, json_size
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.budgets import Budgets
 from corral.pipeline.executor import AgentRequest, Executor
-from corral.pipeline.states import RunStatus
-from corral.store import Run, Store
-from corral.store.records import ACTIVE
+from corral.states import ACTIVE, RunStatus
+from corral.store import KeyBinding, Run, Store
 from corral.store.rows import check_user
 
 log = logging.getLogger("corral.pipeline")
@@ -119,7 +118,7 @@ class Pipeline:
         version, spec = self.apps.get(app)
         digest = _request_hash(app, input)
         if idempotency_key:  # a replay returns the original run, whatever has changed since
-            bound = self.store.pipeline.bound_run(user, app, idempotency_key, IDEMPOTENCY_TTL)
+            bound = self.store.runs.key_binding(user, app, idempotency_key, IDEMPOTENCY_TTL)
             if bound is not None:
                 return self._replay(bound, digest, idempotency_key, wait, wait_timeout)
         spec.check_input(input)
@@ -136,7 +135,7 @@ class Pipeline:
                 )
         if self.ledger.balance(user) <= 0:
             raise BudgetExhausted(f"user {user!r} has no credits left")
-        if spec.budget_total is not None and self.store.pipeline.spent(app=app) >= to_micros(
+        if spec.budget_total is not None and self.store.ledger.spent(app=app) >= to_micros(
             spec.budget_total
         ):
             raise BudgetExhausted(
@@ -167,15 +166,13 @@ class Pipeline:
             available_at=_PARKED if idempotency_key else None,
         )
         if idempotency_key:
-            bound_hash, bound_run = self.store.pipeline.bind_key(
+            bound = self.store.runs.bind_key(
                 user, app, idempotency_key, digest, run.id, IDEMPOTENCY_TTL
             )
-            if bound_run != run.id:  # a concurrent twin won the key
-                self.store.pipeline.discard_parked(run.id)
-                return self._replay(
-                    (bound_hash, bound_run), digest, idempotency_key, wait, wait_timeout
-                )
-            self.store.pipeline.release_parked(run.id)
+            if bound.run_id != run.id:  # a concurrent twin won the key
+                self.store.runs.discard_parked(run.id)
+                return self._replay(bound, digest, idempotency_key, wait, wait_timeout)
+            self.store.runs.release_parked(run.id)
         self.store.runs.append_event(
             run.id,
             datetime.now(UTC),
@@ -208,12 +205,11 @@ class Pipeline:
         )
 
     def _replay(
-        self, bound: tuple[str, str], digest: str, key: str, wait: bool, wait_timeout: float | None
+        self, bound: KeyBinding, digest: str, key: str, wait: bool, wait_timeout: float | None
     ) -> Run:
-        bound_hash, bound_run = bound
-        if bound_hash != digest:
+        if bound.request_hash != digest:
             raise IdempotencyMismatch(f"idempotency key {key!r} was used with a different request")
-        return self.wait(bound_run, wait_timeout) if wait else self.store.runs.get(bound_run)
+        return self.wait(bound.run_id, wait_timeout) if wait else self.store.runs.get(bound.run_id)
 
     def wait(self, run_id: str, timeout: float | None = None) -> Run:
         """Block until the run ends (or ``timeout`` passes); returns its latest record."""
@@ -233,12 +229,12 @@ class Pipeline:
         self.store.runs.get(run_id)  # RunNotFound for an unknown id
         run = self.finish(
             run_id,
-            from_status=("queued",),
+            from_status=(RunStatus.QUEUED,),
             status=str(RunStatus.CANCELLED),
             error_code="cancelled",
             error="cancelled before it started",
         )
-        if run.status == RunStatus.RUNNING and self.store.pipeline.request_cancel(run_id):
+        if run.status == RunStatus.RUNNING and self.store.runs.request_cancel(run_id):
             run = self.store.runs.get(run_id)
         return run
 
@@ -248,7 +244,7 @@ class Pipeline:
         *,
         lease_owner: str | None = None,
         lease_expires: datetime | None = None,
-        from_status: tuple[str, ...] = ACTIVE,
+        from_status: Iterable[str] = ACTIVE,
         detail: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Run:
@@ -322,7 +318,7 @@ class Pipeline:
         return depth
 
     def _apply_policy(self, app: str, spec: AppSpec, user: str) -> None:
-        active = self.store.pipeline.active(user, app)
+        active = self.store.runs.active(user, app)
         limit = spec.max_concurrent
         if spec.concurrency == "cancel_previous":
             for run in active:

@@ -41,11 +41,10 @@ import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from corral.errors import InvalidInput
+from corral.errors import InvalidInput, RunNotFound
 from corral.pipeline.apps import Apps, AppSpec
-from corral.pipeline.states import RunStatus
-from corral.store import Run, RunNotFound, Store
-from corral.store.webhooks import Delivery
+from corral.states import RunStatus
+from corral.store import Delivery, Run, Store
 
 log = logging.getLogger("corral.webhooks")
 

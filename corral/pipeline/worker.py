@@ -52,8 +52,8 @@ from corral.observability.logs import run_context
 from corral.pipeline.executor import Stopped
 from corral.pipeline.leases import Lease, held, owner_name
 from corral.pipeline.service import Pipeline, Trigger
-from corral.pipeline.states import RunStatus
 from corral.sandbox.runtime import Runtime
+from corral.states import RunStatus
 from corral.store import Run, Store
 from corral.store.engine import patiently
 
@@ -74,7 +74,7 @@ class NoWorker(CorralError):
 
 def live_workers(store: Store) -> list[str]:
     """Names of the workers alive now, in any process on any host sharing ``store``."""
-    return store.pipeline.live_workers(ALIVE_WITHIN_S)
+    return store.workers.live(ALIVE_WITHIN_S)
 
 
 class HandedBack(Exception):
@@ -127,7 +127,7 @@ class Worker:
 
     def _seen(self, started: datetime) -> None:
         try:
-            self.store.pipeline.worker_seen(self.name, socket.gethostname(), os.getpid(), started)
+            self.store.workers.seen(self.name, socket.gethostname(), os.getpid(), started)
         except Exception:  # a supervisor: an outage only makes it look dead for a while
             log.debug("worker %s: could not announce itself", self.name, exc_info=True)
 
@@ -136,7 +136,7 @@ class Worker:
         while not self._gone.wait(SEEN_EVERY_S):
             self._seen(started)
         try:
-            self.store.pipeline.worker_gone(self.name)
+            self.store.workers.gone(self.name)
         except Exception:  # it ages out instead
             log.debug("worker %s: could not sign off", self.name, exc_info=True)
 
@@ -189,7 +189,7 @@ class Worker:
             self._swept = time.monotonic()
             self.pipeline.announce_pending()
         asked = time.monotonic()  # the lease runs from no later than this
-        run = self.store.pipeline.claim(self.name, self.lease)
+        run = self.store.runs.claim(self.name, self.lease)
         if run is None:
             return False
         self.execute(run, leased_at=asked)
@@ -240,11 +240,11 @@ class Worker:
         limited = spec.concurrency == "enqueue" and spec.max_concurrent
         if limited:
             running = patiently(
-                lambda: self.store.pipeline.running_count(run.user, app), f"run {run.id}"
+                lambda: self.store.runs.running_count(run.user, app), f"run {run.id}"
             )
             if running > spec.max_concurrent:
                 patiently(
-                    lambda: self.store.pipeline.release(run.id, self.name, delay=0.2),
+                    lambda: self.store.runs.release(run.id, self.name, delay=0.2),
                     f"run {run.id}",
                 )
                 return
@@ -274,7 +274,7 @@ class Worker:
             # While this run executes, its awaited callees run here, one at a time.
             while not lending.wait(LEND_POLL):
                 try:
-                    callee = self.store.pipeline.claim(self.name, self.lease, awaited_by=run.id)
+                    callee = self.store.runs.claim(self.name, self.lease, awaited_by=run.id)
                     if callee is not None:
                         self.execute(callee)
                 except StoreUnavailable:
@@ -336,7 +336,7 @@ class Worker:
         worker's: after a lapsed lease another may have taken it already)."""
         try:
             handed = patiently(
-                lambda: self.store.pipeline.hand_back(run.id, self.name),
+                lambda: self.store.runs.hand_back(run.id, self.name),
                 f"run {run.id}: handing it back",
             )
         except StoreUnavailable:
@@ -358,7 +358,7 @@ def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: f
     it again: an app run delivered ``MAX_DELIVERIES`` times, or a ``corral run`` (its caller,
     a terminal, is gone with it). ``lease`` is the caller's own, for the requeue's backoff."""
     store = pipeline.store
-    expired = store.pipeline.expired()
+    expired = store.runs.expired()
     if expired:
         runtime().reap()  # the dead owners' sandboxes on this host die first
     for run in expired:
@@ -381,5 +381,5 @@ def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: f
             continue
         # Long enough for a stalled (not dead) owner to notice at its next heartbeat.
         backoff = lease / 3 + 1.0 + min(2.0**run.deliveries, 30.0)
-        if store.pipeline.requeue(run, backoff):
+        if store.runs.requeue(run, backoff):
             log.warning("run %s: worker %s lost it; requeued", run.id, run.lease_owner)

@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import corral.runner
+from corral.errors import ReleaseNotFound
 from corral.releases import bundle
 from corral.snapshots import digests
 from corral.snapshots.layout import Layout
-from corral.store import Release, ReleaseNotFound, Store
+from corral.store import Release, Store
 
 MEDIA_TYPE = "application/vnd.corral.runner.release.v1.tar"
 BUNDLED = Path(corral.runner.__file__).parent

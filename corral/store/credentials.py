@@ -1,9 +1,10 @@
 """Sealed credentials: the SQL for the vault's ``credentials`` table.
 
 This module stores and fetches rows of bytes it cannot read: sealing and opening belong to
-``corral.vault``, and no master key or plaintext ever reaches this module. Like ``store.py``,
-every public method is one transaction, every value is validated before any SQL is built,
-and every database error leaves as a ``corral.errors`` exception (``engine.transaction``).
+``corral.vault``, and no master key or plaintext ever reaches this module. Like every store
+module, every public method is one transaction, every value is validated before any SQL is
+built, and every database error leaves as a ``corral.errors`` exception
+(``engine.transaction``).
 
 ``modify`` is the read-modify-write the vault needs for rewrapping and OAuth refreshes: the
 row is locked (``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) from the read

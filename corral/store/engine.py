@@ -1,6 +1,6 @@
 """Engines, migrations and error translation: how the store reaches its database.
 
-This module owns everything engine-specific, so ``store.py`` can stay portable:
+This module owns everything engine-specific, so the aggregate modules can stay portable:
 
 * ``make_engine`` turns a ``sqlite:///...`` or ``postgresql://...`` URL into an Engine.
   SQLite gets WAL, ``synchronous=NORMAL``, ``foreign_keys=ON`` and ``busy_timeout=5000``

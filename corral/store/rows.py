@@ -1,9 +1,12 @@
 """The row types the store hands out, and the rules their values must follow.
 
-``Environment`` and ``Snapshot`` are frozen mirrors of one row each of the ``environments``
-and ``snapshots`` tables (see ``schema.py``). The ``check_*`` functions are the store's
-input validation: every value a caller passes in goes through one of them before any SQL
-is built, and a bad value raises ``InvalidInput`` naming the value and the rule it broke.
+Every row the store returns is one of these frozen dataclasses, a mirror of one row of a
+table in ``schema.py`` (``TreeMember`` and ``App`` add what a query sums or joins). Each is
+built from its table in one place: the aggregate module that owns the table (``runs.py``
+builds ``Run`` and ``RunEvent``, ``ledger.py`` builds ``LedgerEntry``, ...). The ``check_*``
+functions are the store's input validation: every value a caller passes in goes through one
+of them before any SQL is built, and a bad value raises ``InvalidInput`` naming the value and
+the rule it broke.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from corral.errors import InvalidInput
 
@@ -126,7 +130,7 @@ class Release:
 
 @dataclass(frozen=True)
 class Run:
-    """One agent run: what it booted, what it ran, how it ended."""
+    """One row of ``runs``: what an agent run booted, what it ran, how it ended."""
 
     id: str
     environment: str
@@ -134,7 +138,7 @@ class Run:
     entrypoint: str
     input: str  # JSON
     trigger: str
-    status: str
+    status: str  # a ``corral.states.RunStatus`` value
     created_at: datetime
     result: str | None = None  # JSON
     error_code: str | None = None
@@ -168,7 +172,24 @@ class Run:
 
 
 @dataclass(frozen=True)
+class TreeMember:
+    """One run of a call tree and what it has used so far, billed or not."""
+
+    id: str
+    parent_run: str | None
+    status: str
+    started_at: datetime | None
+    budget: float | None  # its budget_per_run as admitted; None: unbounded
+    input_tokens: int = 0
+    output_tokens: int = 0
+    sandbox_seconds: float = 0.0  # recorded when an execution of it ends
+    bridge_calls: int = 0  # calls the bridge forwarded (its own endpoints are free)
+
+
+@dataclass(frozen=True)
 class RunEvent:
+    """One row of ``run_events``: an entry of a run's append-only log."""
+
     run_id: str
     seq: int
     at: datetime
@@ -217,3 +238,178 @@ def check_connection(connection: str) -> str:
     if not isinstance(connection, str) or _NAME_RE.fullmatch(connection) is None:
         raise InvalidInput(f"invalid connection name {connection!r}: must be {CONNECTION_RULE}")
     return connection
+
+
+@dataclass(frozen=True)
+class KeyBinding:
+    """One row of ``idempotency_keys``: the run an idempotency key admitted."""
+
+    user: str
+    app: str
+    key: str
+    request_hash: str  # of the request that bound it: a replay must carry the same
+    run_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class App:
+    """One row of ``apps``: an app and its current version."""
+
+    name: str
+    version: int
+    spec: dict[str, Any]  # decoded JSON AppSpec of the current version
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AppVersion:
+    """One row of ``app_versions``: one version of an app, as it was stored."""
+
+    app: str
+    version: int
+    spec: dict[str, Any]  # decoded JSON AppSpec
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One row of ``ledger``, in integer micro-credits (``id`` is None until stored)."""
+
+    user: str
+    run: str | None
+    app: str | None
+    source: str  # what it is for: at most one entry each
+    kind: str  # grant | deduction | adjustment | voided
+    micros: int  # + grant, - deduction
+    detail: str | None
+    at: datetime
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class BridgeCall:
+    """One row of ``bridge_calls``: the audit record of one call through the bridge."""
+
+    id: int
+    at: datetime
+    run: str | None
+    connection: str | None  # None: refused before a connection was known
+    method: str
+    path: str
+    status: int
+    bytes_in: int
+    bytes_out: int
+    latency_ms: float
+    error: str | None
+    peer: str
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One row of ``usage_events``: model tokens, a bridge call or sandbox seconds."""
+
+    id: int
+    at: datetime
+    run: str
+    user: str
+    connection: str | None
+    kind: str  # model_tokens | bridge_call | sandbox_seconds
+    input_tokens: int
+    output_tokens: int
+    quantity: float
+
+
+@dataclass(frozen=True)
+class ConnectionProfile:
+    """One row of ``connections``: where a connection goes and how it authenticates."""
+
+    name: str
+    base_url: str
+    auth: str
+    meter: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SealedSigningKey:
+    """One row of ``signing_keys``: a run-token signing key, sealed by the vault."""
+
+    kid: str
+    sealed: bytes = field(repr=False)
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Span:
+    """One row of ``spans``: a finished OpenTelemetry span of a run's trace."""
+
+    span_id: str
+    trace_id: str
+    parent_id: str | None
+    run_id: str | None
+    name: str
+    start: datetime
+    end: datetime
+    attributes: str  # JSON object
+    status: str
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One row of ``schedules``."""
+
+    id: str
+    app: str
+    cron: str
+    timezone: str
+    input: Any  # decoded JSON
+    user: str
+    misfire: str  # skip | run_once
+    paused: bool
+    next_fire: datetime  # aware UTC
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app": self.app,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "input": self.input,
+            "user": self.user,
+            "misfire": self.misfire,
+            "paused": self.paused,
+            "next_fire": self.next_fire.isoformat(),
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One row of ``schedule_ticks``: a fire time and what became of it."""
+
+    schedule_id: str
+    fire_time: datetime
+    run_id: str | None
+    outcome: str  # claimed | enqueued | refused | skipped_misfire
+    scheduler: str
+    at: datetime  # when it was claimed (or retaken), or recorded as skipped
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One row of ``webhook_deliveries``."""
+
+    id: int
+    run_id: str
+    url: str
+    body: str  # JSON: exactly the bytes that are signed and sent
+    attempts: int  # attempts started so far (counted when leased)
+    next_attempt: datetime
+    status: str  # pending | delivered | failed
+    last_error: str | None = None
+    lease_owner: str | None = None
+    lease_expires: datetime | None = None
+    delivered_at: datetime | None = None

@@ -1,177 +1,81 @@
-"""Cron schedules and their ticks: what is scheduled, and which fire times have been handled.
+"""Cron schedules and their ticks: the ``schedules`` and ``schedule_ticks`` tables.
 
 A schedule names an app, an input, a user and a cron expression in a time zone; ``next_fire``
 is the next instant it is due. A tick is one fire time of one schedule, and the table's
 primary key ``(schedule_id, fire_time)`` makes every fire time a tick at most once, however
 many schedulers race for it.
 
-Firing is claim, admit, settle:
+This module stores and claims; it does no time maths and holds no policy. Which instants an
+expression names, what a missed fire time becomes and when a schedule fires next are the
+triggers' (``corral.triggers.schedules`` and ``scheduler``): they pass the computed instants
+in. Firing is claim, admit, settle, and the store holds the first and the last:
 
 1. ``claim`` (one transaction): advance ``next_fire`` past the fire time with a
    compare-and-swap on its old value (and on the schedule not being paused), and insert the
    tick row ``claimed`` (plus a ``skipped_misfire`` row for each missed fire time it is
    catching up on). Whoever loses the swap or the insert does nothing more.
-2. ``enqueue()`` (the caller's, outside any transaction here): admits the run through
-   ``Pipeline.execute_agent``, which commits the run in its own transactions. The claim is
-   committed first because on SQLite an open write transaction would lock those out.
+2. The scheduler admits the run through ``Pipeline.execute_agent``, which commits the run in
+   its own transactions. The claim is committed first because on SQLite an open write
+   transaction would lock those out.
 3. ``settle``: record the run id (``enqueued``) or that admission was refused (``refused``).
 
 A scheduler that dies between 1 and 3 leaves a ``claimed`` tick; after a timeout another one
-``retake``s it and calls ``enqueue`` again. The run's idempotency key is the tick itself
-(``idempotency_key(schedule_id, fire_time)``), so if the dead scheduler's run was admitted,
-the retry gets that run back instead of a second one.
+``retake``s it and admits again (with the tick as the run's idempotency key, so a run the dead
+scheduler admitted is found rather than admitted twice).
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import pairwise
-from typing import Any, Final
+from typing import Any
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection, Engine, Row
 
-from corral.errors import InvalidInput, NotFound
-from corral.limits import MAX_INPUT, json_size
-from corral.store.engine import is_unique_violation, transaction
-from corral.store.pipeline import AppNotFound
-from corral.store.rows import check_aware
+from corral.errors import AppNotFound, InvalidInput, ScheduleNotFound
+from corral.store.engine import transaction
+from corral.store.rows import Schedule, Tick, check_aware
 from corral.store.schema import apps, schedule_ticks, schedules
-from corral.triggers import cron
 
-MISFIRE_POLICIES: Final = ("skip", "run_once")
 # Outcomes of a tick. ``claimed`` is transient: a scheduler owns the fire time and is
 # admitting its run; every other outcome is final.
 CLAIMED, ENQUEUED, REFUSED, SKIPPED = "claimed", "enqueued", "refused", "skipped_misfire"
 
 
-class ScheduleNotFound(NotFound):
-    code = "schedule_not_found"
-
-    def __init__(self, schedule_id: str) -> None:
-        self.schedule_id = schedule_id
-        super().__init__(f"no schedule {schedule_id!r}; `corral schedule list` shows them")
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One row of ``schedules``."""
-
-    id: str
-    app: str
-    cron: str
-    timezone: str
-    input: Any  # decoded JSON
-    user: str
-    misfire: str  # skip | run_once
-    paused: bool
-    next_fire: datetime  # aware UTC
-    created_at: datetime
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "app": self.app,
-            "cron": self.cron,
-            "timezone": self.timezone,
-            "input": self.input,
-            "user": self.user,
-            "misfire": self.misfire,
-            "paused": self.paused,
-            "next_fire": self.next_fire.isoformat(),
-            "created_at": self.created_at.isoformat(),
-        }
-
-
-@dataclass(frozen=True)
-class Tick:
-    """One row of ``schedule_ticks``: a fire time and what became of it."""
-
-    schedule_id: str
-    fire_time: datetime
-    run_id: str | None
-    outcome: str  # claimed | enqueued | refused | skipped_misfire
-    scheduler: str
-    at: datetime  # when it was claimed (or retaken), or recorded as skipped
-
-
-def idempotency_key(schedule_id: str, fire_time: datetime) -> str:
-    """The idempotency key of the run a tick admits: the same for every retry of the tick."""
-    return f"schedule:{schedule_id}:{fire_time.astimezone(UTC).isoformat()}"
-
-
-class _Lost(Exception):
-    """Raised inside a claim to roll it back: another scheduler has this tick."""
-
-
 class Schedules:
+    """The ``schedules`` and ``schedule_ticks`` tables. Safe to share between threads."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    # -- managing schedules ------------------------------------------------------------------
+    # -- the schedules -----------------------------------------------------------------------
 
-    def add(
-        self,
-        app: str,
-        cron_expr: str,
-        timezone: str,
-        input: Any = None,
-        user: str = "local",
-        misfire: str = "skip",
-        *,
-        now: datetime,
-    ) -> Schedule:
-        """Schedule ``app``; it first fires at the first fire time after ``now``."""
-        spec = cron.check_cron(cron_expr)
-        cron.time_zone(timezone)
-        if misfire not in MISFIRE_POLICIES:
-            raise InvalidInput(
-                f"misfire policy must be one of {', '.join(MISFIRE_POLICIES)}, got {misfire!r}"
-            )
-        if not isinstance(user, str) or not user:
-            raise InvalidInput(f"a schedule's user must be a non-empty string, got {user!r}")
+    def add(self, schedule: Schedule) -> Schedule:
+        """Store a new schedule; ``AppNotFound`` if its app does not exist."""
+        check_aware(schedule.next_fire, "next fire time")
+        check_aware(schedule.created_at, "created_at")
         try:
-            encoded = json.dumps(input, allow_nan=False)
+            encoded = json.dumps(schedule.input, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the schedule's input is not JSON: {exc}") from None
-        if json_size(input) > MAX_INPUT:  # every tick's run would be refused at admission
-            raise InvalidInput(
-                f"the schedule's input is {json_size(input)} bytes of JSON; "
-                f"a run's input may be at most {MAX_INPUT}"
-            )
-        now = check_aware(now, "now")
-        schedule = Schedule(
-            id=f"sch-{secrets.token_hex(6)}",
-            app=app,
-            cron=spec,
-            timezone=timezone,
-            input=json.loads(encoded),
-            user=user,
-            misfire=misfire,
-            paused=False,
-            next_fire=cron.next_fire(spec, timezone, now),
-            created_at=now,
-        )
         with transaction(self._engine, write=True) as conn:
-            if conn.scalar(select(apps.c.name).where(apps.c.name == app)) is None:
-                raise AppNotFound(app)
+            if conn.scalar(select(apps.c.name).where(apps.c.name == schedule.app)) is None:
+                raise AppNotFound(schedule.app)
             conn.execute(
                 insert(schedules).values(
                     id=schedule.id,
-                    app=app,
-                    cron=spec,
-                    timezone=timezone,
+                    app=schedule.app,
+                    cron=schedule.cron,
+                    timezone=schedule.timezone,
                     input=encoded,
-                    user=user,
-                    misfire=misfire,
-                    paused=False,
+                    user=schedule.user,
+                    misfire=schedule.misfire,
+                    paused=schedule.paused,
                     next_fire=schedule.next_fire,
-                    created_at=now,
+                    created_at=schedule.created_at,
                 )
             )
         return schedule
@@ -199,24 +103,24 @@ class Schedules:
             raise ScheduleNotFound(schedule_id)
         return _schedule(row)
 
-    def resume(self, schedule_id: str, *, now: datetime) -> Schedule:
-        """Fire ``schedule_id`` again, from ``now`` on. The paused period is not caught up,
-        except that under ``run_once`` a fire time missed while paused runs once (the latest).
-        Resuming a schedule that is not paused changes nothing."""
-        now = check_aware(now, "now")
+    def resume(self, schedule_id: str, next_fire: Callable[[Schedule], datetime]) -> Schedule:
+        """Fire a paused schedule again, from ``next_fire(paused row)`` on, computed while the
+        row is locked (``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) so that
+        nothing moves it in between. Resuming a schedule that is not paused changes nothing."""
         with transaction(self._engine, write=True) as conn:
-            row = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).first()
+            row = conn.execute(
+                select(schedules).where(schedules.c.id == schedule_id).with_for_update()
+            ).first()
             if row is None:
                 raise ScheduleNotFound(schedule_id)
-            if not row.paused:
-                return _schedule(row)
-            next_fire = cron.next_fire(row.cron, row.timezone, now)
-            if row.misfire == "run_once" and row.next_fire <= now:
-                next_fire = cron.previous_fire(row.cron, row.timezone, now)
+            paused = _schedule(row)
+            if not paused.paused:
+                return paused
+            following = check_aware(next_fire(paused), "next fire time")
             conn.execute(
                 update(schedules)
                 .where(schedules.c.id == schedule_id)
-                .values(paused=False, next_fire=next_fire)
+                .values(paused=False, next_fire=following)
             )
             row = conn.execute(select(schedules).where(schedules.c.id == schedule_id)).one()
         return _schedule(row)
@@ -249,48 +153,42 @@ class Schedules:
                 .limit(1)
             )
 
+    # -- the ticks ---------------------------------------------------------------------------
+
     def ticks(self, schedule_id: str | None = None) -> list[Tick]:
         query = select(schedule_ticks).order_by(schedule_ticks.c.fire_time)
         if schedule_id is not None:
             query = query.where(schedule_ticks.c.schedule_id == schedule_id)
         with transaction(self._engine) as conn:
-            return [Tick(**r._asdict()) for r in conn.execute(query).all()]
+            return [_tick(r) for r in conn.execute(query).all()]
 
-    # -- firing ------------------------------------------------------------------------------
-
-    def fire(
+    def claim(
         self,
         schedule_id: str,
         fire_time: datetime,
         scheduler_name: str,
-        enqueue: Callable[[], str | None],
         *,
+        following: datetime,
         skipped: Sequence[datetime] = (),
         now: datetime | None = None,
     ) -> bool:
-        """Fire ``schedule_id`` at ``fire_time`` if no other scheduler has: claim, admit, settle.
+        """Claim the tick at ``fire_time`` for ``scheduler_name``, if no other scheduler has:
+        ``next_fire`` moves to ``following`` and the tick is recorded ``claimed``.
 
-        ``enqueue`` admits the run and returns its id, or None if admission was refused; it
-        is called only by the scheduler whose claim won. ``skipped`` are earlier, missed fire
-        times recorded ``skipped_misfire`` in the same claim; the swap then expects
-        ``next_fire`` to be the first of them. Returns whether this call won the tick.
-
-        If ``enqueue`` raises, the exception propagates and the tick stays ``claimed``, for
-        ``retake`` to finish once the claim is stale.
+        ``skipped`` are earlier, missed fire times recorded ``skipped_misfire`` in the same
+        claim; the swap then expects ``next_fire`` to be the first of them. Returns whether
+        this call won the tick; the winner admits its run, then ``settle``s the tick.
         """
         fire_time = check_aware(fire_time, "fire time")
         missed = [check_aware(t, "skipped fire time") for t in skipped]
         if any(b <= a for a, b in pairwise([*missed, fire_time])):
             raise InvalidInput("skipped fire times must be increasing and before the fire time")
+        following = _check_following(following, fire_time)
         now = check_aware(now or datetime.now(UTC), "now")
-        rows = [_tick(schedule_id, t, SKIPPED, scheduler_name, now) for t in missed]
-        rows.append(_tick(schedule_id, fire_time, CLAIMED, scheduler_name, now))
+        rows = [_tick_values(schedule_id, t, SKIPPED, scheduler_name, now) for t in missed]
+        rows.append(_tick_values(schedule_id, fire_time, CLAIMED, scheduler_name, now))
         expected = missed[0] if missed else fire_time
-        if not self._claim(schedule_id, expected, fire_time, rows):
-            return False
-        run_id = enqueue()
-        self._settle(schedule_id, fire_time, scheduler_name, run_id)
-        return True
+        return self._claim(schedule_id, expected, following, rows)
 
     def skip(
         self,
@@ -298,18 +196,39 @@ class Schedules:
         fire_times: Sequence[datetime],
         scheduler_name: str,
         *,
+        following: datetime,
         now: datetime | None = None,
     ) -> bool:
-        """Record missed ``fire_times`` as ``skipped_misfire`` and move ``next_fire`` past the
-        last of them, if no other scheduler has. Returns whether this call won them."""
+        """Record missed ``fire_times`` as ``skipped_misfire`` and move ``next_fire`` to
+        ``following``, past the last of them, if no other scheduler has. Returns whether this
+        call won them."""
         times = [check_aware(t, "fire time") for t in fire_times]
         if not times:
             return False
         if any(b <= a for a, b in pairwise(times)):
             raise InvalidInput("fire times to skip must be increasing")
+        following = _check_following(following, times[-1])
         now = check_aware(now or datetime.now(UTC), "now")
-        rows = [_tick(schedule_id, t, SKIPPED, scheduler_name, now) for t in times]
-        return self._claim(schedule_id, times[0], times[-1], rows)
+        rows = [_tick_values(schedule_id, t, SKIPPED, scheduler_name, now) for t in times]
+        return self._claim(schedule_id, times[0], following, rows)
+
+    def settle(
+        self, schedule_id: str, fire_time: datetime, scheduler_name: str, run_id: str | None
+    ) -> None:
+        """Record what became of a tick ``scheduler_name`` claimed: the run it admitted
+        (``enqueued``), or None if admission refused it (``refused``). Fenced by the claim: a
+        scheduler whose claim was retaken changes nothing."""
+        with transaction(self._engine, write=True) as conn:
+            conn.execute(
+                update(schedule_ticks)
+                .where(
+                    schedule_ticks.c.schedule_id == schedule_id,
+                    schedule_ticks.c.fire_time == fire_time,
+                    schedule_ticks.c.outcome == CLAIMED,
+                    schedule_ticks.c.scheduler == scheduler_name,
+                )
+                .values(outcome=ENQUEUED if run_id else REFUSED, run_id=run_id)
+            )
 
     def stalled(self, before: datetime) -> list[Tick]:
         """Ticks still ``claimed`` since before ``before``: their scheduler died, or hangs."""
@@ -320,21 +239,11 @@ class Schedules:
                 .where(schedule_ticks.c.outcome == CLAIMED, schedule_ticks.c.at < before)
                 .order_by(schedule_ticks.c.fire_time)
             ).all()
-        return [Tick(**r._asdict()) for r in rows]
+        return [_tick(r) for r in rows]
 
-    def retake(
-        self,
-        tick: Tick,
-        scheduler_name: str,
-        enqueue: Callable[[], str | None],
-        *,
-        now: datetime | None = None,
-    ) -> bool:
-        """Take over a stalled claim, if it is still the one ``tick`` shows, and finish it.
-
-        ``enqueue`` must use the tick's idempotency key: the stalled scheduler may have
-        admitted the run already, and then admission returns that run.
-        """
+    def retake(self, tick: Tick, scheduler_name: str, *, now: datetime | None = None) -> bool:
+        """Take over a stalled claim for ``scheduler_name``, if it is still the one ``tick``
+        shows. The winner admits the tick's run again, then ``settle``s it."""
         now = check_aware(now or datetime.now(UTC), "now")
         with transaction(self._engine, write=True) as conn:
             taken = conn.execute(
@@ -348,72 +257,63 @@ class Schedules:
                 )
                 .values(scheduler=scheduler_name, at=now)
             )
-            if taken.rowcount != 1:
-                return False
-        self._settle(tick.schedule_id, tick.fire_time, scheduler_name, enqueue())
-        return True
+            return taken.rowcount == 1
 
     def _claim(
-        self, schedule_id: str, expected: datetime, last: datetime, rows: list[dict[str, Any]]
+        self, schedule_id: str, expected: datetime, following: datetime, rows: list[dict[str, Any]]
     ) -> bool:
-        """Advance ``next_fire`` from ``expected`` to the fire time after ``last`` and insert
-        ``rows``, all or nothing; False if another scheduler (or a pause) got there first."""
-        try:
-            with transaction(self._engine, write=True) as conn:
-                row = conn.execute(
-                    select(schedules.c.cron, schedules.c.timezone).where(
-                        schedules.c.id == schedule_id
-                    )
-                ).first()
-                if row is None:
-                    return False  # removed meanwhile
-                following = cron.next_fire(row.cron, row.timezone, last)
-                # First statement that writes: on PostgreSQL it locks the row, so a racing
-                # claim waits here and then finds next_fire moved; SQLite has serialised us.
-                swapped = conn.execute(
-                    update(schedules)
-                    .where(
-                        schedules.c.id == schedule_id,
-                        schedules.c.next_fire == expected,
-                        schedules.c.paused.is_(False),
-                    )
-                    .values(next_fire=following)
+        """Advance ``next_fire`` from ``expected`` to ``following`` and insert ``rows``, all or
+        nothing; False if another scheduler (or a pause, or a removal) got there first."""
+        with transaction(self._engine, write=True) as conn:
+            # First statement: on PostgreSQL it locks the row, so a racing claim waits here
+            # and then finds next_fire moved; SQLite has serialised us with BEGIN IMMEDIATE.
+            swapped = conn.execute(
+                update(schedules)
+                .where(
+                    schedules.c.id == schedule_id,
+                    schedules.c.next_fire == expected,
+                    schedules.c.paused.is_(False),
                 )
-                if swapped.rowcount != 1:
-                    return False
-                _insert_ticks(conn, rows)
-        except _Lost:
-            return False
+                .values(next_fire=following)
+            )
+            if swapped.rowcount != 1:
+                return False
+            if _handled(conn, schedule_id, [r["fire_time"] for r in rows]):
+                # next_fire was moved back onto a fire time already handled (a resume); the
+                # tick's primary key allows one run per fire time. Nothing changes: the
+                # swap is undone under the row lock the claim still holds.
+                conn.execute(
+                    update(schedules)
+                    .where(schedules.c.id == schedule_id)
+                    .values(next_fire=expected)
+                )
+                return False
+            conn.execute(insert(schedule_ticks), rows)
         return True
 
-    def _settle(
-        self, schedule_id: str, fire_time: datetime, scheduler_name: str, run_id: str | None
-    ) -> None:
-        with transaction(self._engine, write=True) as conn:
-            conn.execute(
-                update(schedule_ticks)
-                .where(
-                    schedule_ticks.c.schedule_id == schedule_id,
-                    schedule_ticks.c.fire_time == fire_time,
-                    schedule_ticks.c.outcome == CLAIMED,
-                    schedule_ticks.c.scheduler == scheduler_name,
-                )
-                .values(outcome=ENQUEUED if run_id else REFUSED, run_id=run_id)
-            )
+
+def _handled(conn: Connection, schedule_id: str, fire_times: list[datetime]) -> bool:
+    """Whether any of ``fire_times`` of the schedule is already a tick. Only claims insert
+    ticks, each under the schedule's row lock, which the caller holds: no race."""
+    found = conn.scalar(
+        select(schedule_ticks.c.fire_time)
+        .where(
+            schedule_ticks.c.schedule_id == schedule_id,
+            schedule_ticks.c.fire_time.in_(fire_times),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
-def _insert_ticks(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    try:
-        conn.execute(insert(schedule_ticks), rows)
-    except IntegrityError as exc:
-        # next_fire was moved back onto a fire time already handled (a resume); the tick
-        # primary key still allows one run per fire time. Roll the claim back.
-        if is_unique_violation(exc):
-            raise _Lost from exc
-        raise
+def _check_following(following: datetime, last: datetime) -> datetime:
+    following = check_aware(following, "next fire time")
+    if following <= last:
+        raise InvalidInput(f"the next fire time {following} is not after {last}")
+    return following
 
 
-def _tick(
+def _tick_values(
     schedule_id: str, fire_time: datetime, outcome: str, scheduler: str, at: datetime
 ) -> dict[str, Any]:
     return {
@@ -426,8 +326,12 @@ def _tick(
     }
 
 
-def _schedule(row: Any) -> Schedule:
+def _schedule(row: Row[Any]) -> Schedule:
     values = row._asdict()
     values["input"] = json.loads(values["input"])
     values["paused"] = bool(values["paused"])
     return Schedule(**values)
+
+
+def _tick(row: Row[Any]) -> Tick:
+    return Tick(**row._asdict())

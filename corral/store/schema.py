@@ -1,6 +1,6 @@
 """The database schema as SQLAlchemy Core tables: the one description of what is stored.
 
-``store.py`` builds every query from these objects, and ``migrations/`` must produce
+The store's modules build every query from these objects, and ``migrations/`` must produce
 exactly these tables (a test compares the two). Changing a table here means adding an
 Alembic revision under ``migrations/versions/`` as well.
 

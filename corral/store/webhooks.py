@@ -1,78 +1,56 @@
-"""Webhook deliveries: one row per finished run whose app has a webhook, leased like runs.
+"""Webhook deliveries: the ``webhook_deliveries`` table, one row per finished run whose app
+has a webhook, leased like runs.
 
 A delivery is ``pending`` until a deliverer gets a 2xx for it (``delivered``) or gives up
 (``failed``). Any number of deliverers, in any number of processes, take pending deliveries
 from this table. ``claim`` leases the oldest due one in one transaction (``FOR UPDATE SKIP
 LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite) and counts the attempt there, so an
 attempt cut short by a dead deliverer is still counted. Every later write is fenced by the
-lease's owner: a deliverer whose lease was taken over changes nothing.
+lease's owner: a deliverer whose lease was taken over changes nothing. When to retry and
+when to give up is the deliverer's (``corral.pipeline.webhooks``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
 from sqlalchemy.sql.elements import ColumnElement
 
-from corral.errors import NotFound
+from corral.errors import DeliveryNotFound
+from corral.states import TERMINAL
 from corral.store.engine import transaction
-from corral.store.rows import Run
+from corral.store.rows import Delivery, Run
+from corral.store.runs import run_row
 from corral.store.schema import runs, webhook_deliveries
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
-TERMINAL_RUNS = ("succeeded", "failed", "timed_out", "cancelled")
 _ERROR_LIMIT = 1000  # characters of the last error kept on the row
 
 
-class DeliveryNotFound(NotFound):
-    code = "delivery_not_found"
+class Deliveries:
+    """The ``webhook_deliveries`` table. Safe to share between threads."""
 
-    def __init__(self, ref: str) -> None:
-        super().__init__(f"no webhook delivery {ref}")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One row of ``webhook_deliveries``."""
-
-    id: int
-    run_id: str
-    url: str
-    body: str  # JSON: exactly the bytes that are signed and sent
-    attempts: int  # attempts started so far (counted when leased)
-    next_attempt: datetime
-    status: str  # pending | delivered | failed
-    last_error: str | None = None
-    lease_owner: str | None = None
-    lease_expires: datetime | None = None
-    delivered_at: datetime | None = None
-
-
-def _delivery(row: Any) -> Delivery:
-    return Delivery(**row._asdict())
-
-
-class WebhookRecords:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     def enqueue(self, run_id: str, url: str, body: str, now: datetime | None = None) -> bool:
         """Record the delivery for ``run_id``, due at once; False if the run already has one."""
         at = now or datetime.now(UTC)
-        insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
-        statement = (
-            insert(webhook_deliveries)
-            .values(run_id=run_id, url=url, body=body, attempts=0, next_attempt=at, status=PENDING)
-            .on_conflict_do_nothing(index_elements=["run_id"])
-            .returning(webhook_deliveries.c.id)  # no row when the run already has one
-        )
         with transaction(self._engine, write=True) as conn:
+            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            statement = (
+                insert(webhook_deliveries)
+                .values(
+                    run_id=run_id, url=url, body=body, attempts=0, next_attempt=at, status=PENDING
+                )
+                .on_conflict_do_nothing(index_elements=["run_id"])
+                .returning(webhook_deliveries.c.id)  # no row when the run already has one
+            )
             return conn.execute(statement).first() is not None
 
     def claim(self, owner: str, lease: float, now: datetime | None = None) -> Delivery | None:
@@ -162,7 +140,7 @@ class WebhookRecords:
             select(runs)
             .outerjoin(webhook_deliveries, webhook_deliveries.c.run_id == runs.c.id)
             .where(
-                runs.c.status.in_(TERMINAL_RUNS),
+                runs.c.status.in_([str(s) for s in TERMINAL]),
                 runs.c.app.is_not(None),
                 runs.c.finished_at >= since,
                 webhook_deliveries.c.id.is_(None),
@@ -171,7 +149,7 @@ class WebhookRecords:
             .limit(limit)
         )
         with transaction(self._engine) as conn:
-            return [Run(**r._asdict()) for r in conn.execute(query).all()]
+            return [run_row(r) for r in conn.execute(query).all()]
 
     def _settle(self, delivery_id: int, owner: str, **values: Any) -> bool:
         with transaction(self._engine, write=True) as conn:
@@ -185,6 +163,10 @@ class WebhookRecords:
                 .values(**values)
             )
             return done.rowcount == 1
+
+
+def _delivery(row: Row[Any]) -> Delivery:
+    return Delivery(**row._asdict())
 
 
 def _claimable(now: datetime) -> ColumnElement[bool]:

@@ -28,24 +28,17 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from corral.errors import CorralError, StoreError
+from corral.errors import CorralError, ScheduleNotFound, StoreError
 from corral.pipeline.service import Pipeline, Trigger
-from corral.store import Store
-from corral.store.schedules import (
-    ENQUEUED,
-    REFUSED,
-    SKIPPED,
-    Schedule,
-    ScheduleNotFound,
-    Tick,
-    idempotency_key,
-)
+from corral.store import Schedule, Store, Tick
+from corral.store.schedules import ENQUEUED, REFUSED, SKIPPED
 from corral.triggers import cron
+from corral.triggers.schedules import following, idempotency_key
 
 GRACE: Final = timedelta(seconds=5)
 CLAIM_TIMEOUT: Final = timedelta(seconds=60)  # a claim older than this was abandoned
@@ -124,7 +117,7 @@ class Scheduler:
                 break
             # A backlog too long for one transaction: all of this stretch was missed, and the
             # latest missed fire time is further on, so skip it under either policy and go on.
-            if not self.store.schedules.skip(schedule.id, due[:-1], self.name, now=now):
+            if not self.skip(schedule, due[:-1], now=now):
                 return fired
             fired.extend(Fired(schedule.id, t, SKIPPED) for t in due[:-1])
             first = due[-1]
@@ -135,14 +128,12 @@ class Scheduler:
         elif schedule.misfire == "run_once":
             plan = [(late[-1], late[:-1])]
         else:
-            if self.store.schedules.skip(schedule.id, late, self.name, now=now):
+            if self.skip(schedule, late, now=now):
                 fired.extend(Fired(schedule.id, t, SKIPPED) for t in late)
             return fired
         for fire_time, skipped in plan:
             admit = _Admission(self.pipeline, schedule, fire_time)
-            if not self.store.schedules.fire(
-                schedule.id, fire_time, self.name, admit, skipped=skipped, now=now
-            ):
+            if not self.fire(schedule, fire_time, admit, skipped=skipped, now=now):
                 break  # another scheduler (or a pause, or a removal) got there first
             fired.extend(Fired(schedule.id, t, SKIPPED) for t in skipped)
             fired.append(admit.fired())
@@ -154,7 +145,7 @@ class Scheduler:
         except ScheduleNotFound:
             return []  # removed since: its ticks are gone with it
         admit = _Admission(self.pipeline, schedule, tick.fire_time)
-        if not self.store.schedules.retake(tick, self.name, admit, now=now):
+        if not self.retake(tick, admit, now=now):
             return []
         log.warning(
             "retook tick %s of schedule %s abandoned by %s",
@@ -163,6 +154,59 @@ class Scheduler:
             tick.scheduler,
         )
         return [admit.fired()]
+
+    # -- one tick: claim, admit, settle -------------------------------------------------------
+
+    def fire(
+        self,
+        schedule: Schedule,
+        fire_time: datetime,
+        enqueue: Callable[[], str | None],
+        *,
+        skipped: Sequence[datetime] = (),
+        now: datetime,
+    ) -> bool:
+        """Fire ``schedule`` at ``fire_time`` if no other scheduler has: claim, admit, settle.
+
+        ``enqueue`` admits the run and returns its id, or None if admission was refused; it
+        is called only if this scheduler's claim won. ``skipped`` are earlier, missed fire
+        times recorded ``skipped_misfire`` in the same claim. Returns whether this call won
+        the tick.
+
+        If ``enqueue`` raises, the exception propagates and the tick stays ``claimed``, for
+        ``retake`` to finish once the claim is stale.
+        """
+        if not self.store.schedules.claim(
+            schedule.id,
+            fire_time,
+            self.name,
+            following=following(schedule, fire_time),
+            skipped=skipped,
+            now=now,
+        ):
+            return False
+        self.store.schedules.settle(schedule.id, fire_time, self.name, enqueue())
+        return True
+
+    def skip(self, schedule: Schedule, fire_times: Sequence[datetime], *, now: datetime) -> bool:
+        """Record missed ``fire_times`` as skipped, if no other scheduler has."""
+        if not fire_times:
+            return False
+        after = following(schedule, fire_times[-1])
+        return self.store.schedules.skip(
+            schedule.id, fire_times, self.name, following=after, now=now
+        )
+
+    def retake(self, tick: Tick, enqueue: Callable[[], str | None], *, now: datetime) -> bool:
+        """Take over a stalled claim, if it is still the one ``tick`` shows, and finish it.
+
+        ``enqueue`` must use the tick's idempotency key: the stalled scheduler may have
+        admitted the run already, and then admission returns that run.
+        """
+        if not self.store.schedules.retake(tick, self.name, now=now):
+            return False
+        self.store.schedules.settle(tick.schedule_id, tick.fire_time, self.name, enqueue())
+        return True
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -184,7 +184,7 @@ def test_an_input_over_its_limit_is_413_at_admission(app: FastAPI, corral: Corra
         str(MAX_INPUT + 2),
         str(MAX_INPUT),
     )
-    assert corral.store.pipeline.runs() == []
+    assert corral.store.runs.recent() == []
 
 
 def test_a_body_over_the_request_limit_is_413_before_it_is_read(app: FastAPI) -> None:

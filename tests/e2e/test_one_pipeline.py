@@ -56,7 +56,7 @@ KEY = "mk-one-pipeline"
 @pytest.fixture(scope="module")
 def world(corral: Corral) -> Iterator[dict[str, str]]:
     market = FakeMarketData(api_key=KEY).start()
-    corral.store.bridge.put_connection("quotes", market.url, "header:x-api-key", None)
+    corral.store.connections.put("quotes", market.url, "header:x-api-key", None)
     corral.vault.put(USER, "quotes", "api_key", {"key": KEY})
     corral.ledger.grant(USER, 1000)
     env = f"t-{secrets.token_hex(4)}"
@@ -126,8 +126,16 @@ def by_click(world: dict[str, str], corral: Corral, tmp_path: Path) -> Run:
 def by_cron(world: dict[str, str], corral: Corral) -> Run:
     from datetime import UTC, datetime
 
-    schedule = corral.store.schedules.add(
-        world["app"], "* * * * *", "UTC", {"ticker": "ACME"}, USER, now=datetime.now(UTC)
+    from corral.triggers import schedules
+
+    schedule = schedules.add(
+        corral.store,
+        world["app"],
+        "* * * * *",
+        "UTC",
+        {"ticker": "ACME"},
+        USER,
+        now=datetime.now(UTC),
     )
     fired = corral.scheduler("e2e").tick(schedule.next_fire)
     corral.store.schedules.remove(schedule.id)
@@ -166,14 +174,14 @@ def shape(corral: Corral, run: Run) -> dict[str, object]:
     time.sleep(0.3)  # the bridge's last batch, and the traces written on completion
     events = [e.kind for e in corral.store.runs.events(run.id)]
     ledger = sorted(
-        json.loads(e["detail"] or "{}").get("usage", "")
-        for e in corral.store.pipeline.entries(run=run.id)
+        json.loads(e.detail or "{}").get("usage", "")
+        for e in corral.store.ledger.entries(run=run.id)
     )
-    spans = sorted({str(s["name"]) for s in corral.tracing.spans(run.id)})
+    spans = sorted({s.name for s in corral.tracing.spans(run.id)})
     calls = sorted(
-        (c["connection"], c["method"], c["status"])
-        for c in corral.store.bridge.calls(run.id)
-        if c["connection"] != "_corral"
+        (c.connection, c.method, c.status)
+        for c in corral.store.usage.calls(run.id)
+        if c.connection != "_corral"
     )
     return {
         "status": run.status,
@@ -215,9 +223,9 @@ def test_every_trigger_leaves_the_same_records(
         time.sleep(0.3)
         metric_increments[trigger] = runs_total(corral, trigger, world["app"]) - before
         shapes[trigger] = shape(corral, done)
-        agent_span = next(s for s in corral.tracing.spans(done.id) if s["name"] == "agent")
+        agent_span = next(s for s in corral.tracing.spans(done.id) if s.name == "agent")
         # The agent made a bridge call: its span has a real duration (runner's own stamps).
-        assert agent_span["end"] > agent_span["start"], trigger
+        assert agent_span.end > agent_span.start, trigger
 
     assert metric_increments == {"ui": 1.0, "schedule": 1.0, "http": 1.0, "agent": 1.0}
     reference = shapes["http"]

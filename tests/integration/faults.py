@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from corral.config import Settings
-from corral.pipeline.states import RunStatus
+from corral.states import RunStatus
 from corral.store import Run, Store
 from tests.integration.leftovers import environ_for
 
@@ -136,10 +136,10 @@ def assert_ended_once(store: Store, run_id: str) -> Run:
         f"{run_id} has {len(finished)} run.finished events: {kinds(store, run_id)}"
     )
     assert json.loads(finished[0].data)["status"] == run.status, (finished[0].data, run.status)
-    sources = [e["source"] for e in store.pipeline.entries(run=run_id)]
+    sources = [e.source for e in store.ledger.entries(run=run_id)]
     assert len(sources) == len(set(sources)), f"{run_id} was billed twice for one usage"
     if run.app is not None:  # `corral run` is the operator's own: admitted and billed by no one
-        unbilled = {f"usage:{u['id']}" for u in store.bridge.usage(run_id)} - set(sources)
+        unbilled = {f"usage:{u.id}" for u in store.usage.events(run_id)} - set(sources)
         assert not unbilled, f"{run_id} has usage never billed: {sorted(unbilled)}"
     return run
 

@@ -6,7 +6,8 @@ POINT names where the process dies:
 
 * ``module:Qualified.name[@when][#n]``: just ``before`` or ``after`` (the default) the
   ``n``-th call (default 1) of that function or method, e.g.
-  ``corral.store.store:Store.add_snapshot`` (the head has moved, nothing is tagged yet);
+  ``corral.store.environments:Environments.add_snapshot`` (the head has moved, nothing is
+  tagged yet);
 * ``swap:STEP``: at a runner hot swap's step (``staged``, ``validated``, ``swapped``,
   ``purged``, ``locked``), through the executor's ``Hooks`` seam.
 

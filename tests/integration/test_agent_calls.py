@@ -19,7 +19,7 @@ from corral.context import Corral
 from corral.pipeline import service
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
-from corral.store import Run
+from corral.store import LedgerEntry, Run
 from tests.integration.conftest import run
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -100,11 +100,11 @@ def execute(corral: Corral, app: str, input: Any, user: str) -> tuple[Run, dict[
     return done, json.loads(done.result or "null")
 
 
-def billed(corral: Corral, run_id: str) -> list[dict[str, Any]]:
+def billed(corral: Corral, run_id: str) -> list[LedgerEntry]:
     """The run's ledger entries, once its worker has billed it (just after it ends)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        entries = corral.store.pipeline.entries(run=run_id)
+        entries = corral.store.ledger.entries(run=run_id)
         if entries:
             return entries
         time.sleep(0.05)
@@ -127,9 +127,9 @@ def test_an_agent_calls_another_and_gets_its_result(
     assert done.depth == 0 and done.parent_run is None
 
     charged = billed(corral, child.id)
-    assert all(e["user"] == user and e["app"] == callee for e in charged)
-    assert all(e["kind"] == "deduction" and e["micros"] < 0 for e in charged)
-    assert corral.store.pipeline.spent(user=user) >= corral.store.pipeline.spent(run=child.id) > 0
+    assert all(e.user == user and e.app == callee for e in charged)
+    assert all(e.kind == "deduction" and e.micros < 0 for e in charged)
+    assert corral.store.ledger.spent(user=user) >= corral.store.ledger.spent(run=child.id) > 0
 
 
 def test_a_cycle_is_refused_naming_the_chain(corral: Corral, agents_env: str, user: str) -> None:
@@ -141,7 +141,7 @@ def test_a_cycle_is_refused_naming_the_chain(corral: Corral, agents_env: str, us
     refused = inner["result"]["refused"]
     assert (refused["status"], refused["code"]) == (409, "agent_call_refused")
     assert f"{a} -> {b} -> {a}" in refused["detail"]
-    assert [r.id for r in corral.store.pipeline.runs(app=a)] == [done.id]  # no second run of a
+    assert [r.id for r in corral.store.runs.recent(app=a)] == [done.id]  # no second run of a
 
 
 def test_calls_nested_deeper_than_the_limit_are_refused(
@@ -156,7 +156,7 @@ def test_calls_nested_deeper_than_the_limit_are_refused(
     refused = inner["result"]["refused"]
     assert (refused["status"], refused["code"]) == (409, "agent_call_refused")
     assert "at most 1 deep" in refused["detail"]
-    assert corral.store.pipeline.runs(app=c) == []
+    assert corral.store.runs.recent(app=c) == []
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_a_refused_call_raises_in_the_caller(
     refused = result["refused"]
     assert (refused["status"], refused["code"]) == (status, code), refused
     if callee is not None:
-        assert corral.store.pipeline.runs(app=target) == []
+        assert corral.store.runs.recent(app=target) == []
 
 
 def test_a_call_without_this_runs_token_is_unauthorized(
@@ -195,4 +195,4 @@ def test_a_call_without_this_runs_token_is_unauthorized(
     _, result = execute(corral, forger, {"app": target}, user)
 
     assert result == {"forged": [401, "token_forged"], "bare": [401, "token_missing"]}
-    assert corral.store.pipeline.runs(app=target) == []
+    assert corral.store.runs.recent(app=target) == []

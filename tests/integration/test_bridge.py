@@ -30,7 +30,7 @@ from corral.bridge.gate import BridgeGate
 from corral.bridge.tokens import KeyRing
 from corral.context import Corral
 from corral.pipeline.executor import AgentRequest
-from corral.store import Run
+from corral.store import BridgeCall, Run
 from tests.fakes import (
     FakeAnthropic,
     FakeGitHub,
@@ -120,8 +120,8 @@ class World:
         )
         return self.corral.executor.run(request, on_event)
 
-    def calls(self, run: str | None = None) -> list[dict[str, Any]]:
-        return self.corral.store.bridge.calls(run, limit=1_000_000)
+    def calls(self, run: str | None = None) -> list[BridgeCall]:
+        return self.corral.store.usage.calls(run, limit=1_000_000)
 
 
 def result(run: Run) -> Any:
@@ -185,7 +185,7 @@ def world(corral: Corral, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     }
     try:
         for name, (url, auth, meter) in profiles.items():
-            corral.store.bridge.put_connection(name, url, auth, meter)
+            corral.store.connections.put(name, url, auth, meter)
         corral.envs.create(env)
         _install(corral, env, tmp_path_factory.mktemp("wheels"))
         tag = secrets.token_hex(4)
@@ -211,7 +211,7 @@ def world(corral: Corral, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         for fake in fakes:
             fake.stop()
         for name in profiles:
-            corral.store.bridge.remove_connection(name)
+            corral.store.connections.remove(name)
         if any(e.name == env for e in corral.envs.all()):
             corral.envs.delete(env)
 
@@ -357,15 +357,16 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
     # Every refusal is in the audit table, from this sandbox, with its code.
     expected = sorted(e for _, e in seen.values() if e)
 
-    def refused() -> list[dict[str, Any]]:
+    started = run.started_at
+    assert started is not None
+
+    def refused() -> list[BridgeCall]:
         return [
-            r
-            for r in world.calls()
-            if r["peer"] == out["address"] and r["error"] and r["at"] >= run.started_at
+            r for r in world.calls() if r.peer == out["address"] and r.error and r.at >= started
         ]
 
     wait_for(lambda: len(refused()) >= len(expected), what="the refusals' audit rows")
-    assert sorted(r["error"] for r in refused()) == expected
+    assert sorted(r.error or "" for r in refused()) == expected
 
 
 # -- 3. outside the sandbox subnet -----------------------------------------------------------
@@ -408,8 +409,8 @@ def test_the_bridge_port_is_closed_to_everything_but_sandboxes(world: World) -> 
         assert seen[name] == {"connect": "timeout"}, (name, seen)
     time.sleep(0.3)  # the sink's batch interval, several times over
     peers = {"127.0.0.1", gw, outside.address, outside.near}
-    recent = [r for r in world.calls() if r["at"].timestamp() >= since - 1]
-    assert not [r for r in recent if r["peer"] in peers], recent
+    recent = [r for r in world.calls() if r.at.timestamp() >= since - 1]
+    assert not [r for r in recent if r.peer in peers], recent
 
 
 # -- 4. a token copied to another sandbox ------------------------------------------------------
@@ -499,33 +500,33 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
     # Usage, as the bridge read it from the providers' answers.
     metered = wait_for(
         lambda: (
-            [u for u in world.corral.store.bridge.usage(run.id) if u["kind"] == "model_tokens"]
-            if len(world.corral.store.bridge.usage(run.id)) >= 5
+            [u for u in world.corral.store.usage.events(run.id) if u.kind == "model_tokens"]
+            if len(world.corral.store.usage.events(run.id)) >= 5
             else None
         ),
         what="four model usage rows",
     )
-    assert sorted((u["connection"], u["input_tokens"], u["output_tokens"]) for u in metered) == (
+    assert sorted((u.connection, u.input_tokens, u.output_tokens) for u in metered) == (
         sorted((name.split("_")[0], *usage) for name, (_, usage) in expected.items())
     )
-    assert all(u["user"] == user for u in metered)
+    assert all(u.user == user for u in metered)
 
     # One audit row per call, with what happened and no credential.
     rows = wait_for(
         lambda: (
-            [r for r in world.calls(run.id) if r["connection"] in ("openai", "anthropic")]
-            if len([r for r in world.calls(run.id) if r["connection"] != "_corral"]) >= 4
+            [r for r in world.calls(run.id) if r.connection in ("openai", "anthropic")]
+            if len([r for r in world.calls(run.id) if r.connection != "_corral"]) >= 4
             else None
         ),
         what="four audit rows",
     )
-    assert sorted((r["method"], r["path"], r["status"], r["error"]) for r in rows) == sorted(
+    assert sorted((r.method, r.path, r.status, r.error) for r in rows) == sorted(
         [("POST", "/openai/v1/chat/completions", 200, None)] * 2
         + [("POST", "/anthropic/v1/messages", 200, None)] * 2
     )
     for row in rows:
-        assert row["bytes_in"] > 0 and row["bytes_out"] > 0 and row["latency_ms"] > 0, row
-        assert row["peer"].startswith("10.213.") and row["run"] == run.id, row
+        assert row.bytes_in > 0 and row.bytes_out > 0 and row.latency_ms > 0, row
+        assert row.peer.startswith("10.213.") and row.run == run.id, row
     for row in world.calls(run.id):
         text = repr(row)
         assert not any(key in text for key in world.keys.values()) and token not in text, row
@@ -537,7 +538,7 @@ def test_the_official_sdks_work_through_the_bridge(world: World) -> None:
 def test_oauth_tokens_are_refreshed_host_side(world: World) -> None:
     user, connection = new_user(), f"oauth-{secrets.token_hex(3)}"
     with FakeOAuthAPI() as api:
-        world.corral.store.bridge.put_connection(connection, api.url, "bearer", None)
+        world.corral.store.connections.put(connection, api.url, "bearer", None)
         first_access = api.access_token
         assert first_access is not None and api.refresh_token is not None
         world.corral.vault.put(
@@ -565,7 +566,7 @@ def test_oauth_tokens_are_refreshed_host_side(world: World) -> None:
         grants = [r.form() for r in api.requests.matching("POST", "/oauth/token")]
         refreshes, rejected = api.refresh_count, api.rejected_tokens
         current = api.access_token
-    world.corral.store.bridge.remove_connection(connection)
+    world.corral.store.connections.remove(connection)
 
     # Proactive: the stored token had expired, so the first call went out with a fresh one.
     assert (out["first"]["status"], out["first"]["body"]["token_serial"]) == (200, 2)
@@ -583,12 +584,12 @@ def test_oauth_tokens_are_refreshed_host_side(world: World) -> None:
     assert out["found"][pattern] == {}, out["found"][pattern]
     assert "python" in out["found"][JWT].get(out["token"], [])
 
-    def oauth_rows() -> list[dict[str, Any]]:
-        return [r for r in world.calls(run.id) if r["connection"] == connection]
+    def oauth_rows() -> list[BridgeCall]:
+        return [r for r in world.calls(run.id) if r.connection == connection]
 
     wait_for(lambda: len(oauth_rows()) >= 2, what="the OAuth calls' audit rows")
     rows = oauth_rows()
-    assert [(r["path"], r["status"]) for r in rows] == [(f"/{connection}/v1/data", 200)] * 2
+    assert [(r.path, r.status) for r in rows] == [(f"/{connection}/v1/data", 200)] * 2
 
 
 # -- 7. bad input and upstream failures ------------------------------------------------------
@@ -690,12 +691,12 @@ def test_logs_and_the_result_arrive_through_the_bridge(world: World) -> None:
     assert [d["output"] for d in results] == [json.loads(run.result or "")]
     assert any(k == "runner.started" for k, _ in events)
     posts = wait_for(
-        lambda: [r for r in world.calls(run.id) if r["connection"] == "_corral"],
+        lambda: [r for r in world.calls(run.id) if r.connection == "_corral"],
         what="the event POSTs' audit rows",
     )
     assert posts and all(
-        (r["method"], r["path"], r["status"], r["error"]) == ("POST", "/_corral/events", 202, None)
-        and r["bytes_in"] > 0
+        (r.method, r.path, r.status, r.error) == ("POST", "/_corral/events", 202, None)
+        and r.bytes_in > 0
         for r in posts
     ), posts
 

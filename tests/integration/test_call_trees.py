@@ -15,6 +15,7 @@ from sqlalchemy import insert, select, text
 
 from corral.billing.ledger import Ledger
 from corral.pipeline.budgets import Budgets
+from corral.states import RunStatus
 from corral.store import Run, Store
 from corral.store.engine import alembic_config, make_engine
 from corral.store.schema import runs
@@ -34,7 +35,9 @@ def add_run(
     created: datetime = NOW,
     owner: str | None = None,
 ) -> Run:
-    return store.runs.create(
+    """A run of the tree; one in a terminal ``status`` is recorded running, then ended."""
+    ended = RunStatus(status).terminal
+    run = store.runs.create(
         Run(
             id=id,
             environment="env",
@@ -42,7 +45,7 @@ def add_run(
             entrypoint="a.py:main",
             input="{}",
             trigger="agent" if parent else "http",
-            status=status,
+            status=RunStatus.RUNNING if ended else status,
             created_at=created,
             started_at=started,
             user="ann",
@@ -56,6 +59,11 @@ def add_run(
             lease_owner=owner,
         )
     )
+    if not ended:
+        return run
+    done = store.runs.finish(id, status=status, finished_at=NOW)
+    assert done is not None
+    return done[0]
 
 
 def use(
@@ -85,7 +93,7 @@ def use(
         rows.append(
             {"at": NOW, "run": run, "user": "ann", "kind": "sandbox_seconds", "quantity": seconds}
         )
-    store.bridge.add_usage(rows)
+    store.usage.add_events(rows)
     call = {
         "at": NOW,
         "run": run,
@@ -98,7 +106,7 @@ def use(
         "error": None,
         "peer": "10.213.0.2",
     }
-    store.bridge.add_calls(
+    store.usage.add_calls(
         [{**call, "connection": c} for c in calls]
         + [{**call, "connection": "market", "status": 502, "error": "refused"}] * errors
     )
@@ -188,7 +196,7 @@ def test_a_waiting_callers_worker_claims_only_that_callers_awaited_callees(
     lock = threading.Lock()
 
     def claim() -> None:
-        got = store.pipeline.claim("w", 10, later, awaited_by=caller.id)
+        got = store.runs.claim("w", 10, later, awaited_by=caller.id)
         with lock:
             taken.append(got)
 
@@ -202,7 +210,7 @@ def test_a_waiting_callers_worker_claims_only_that_callers_awaited_callees(
     assert all(store.runs.get(r).lease_owner == "w" for r in won)
     assert store.runs.get("run-fire-and-forget").status == "queued"  # left to the queue
     assert store.runs.get("run-theirs").status == "queued"
-    assert store.pipeline.claim("x", 10, later).id == "run-fire-and-forget"  # type: ignore[union-attr]
+    assert store.runs.claim("x", 10, later).id == "run-fire-and-forget"  # type: ignore[union-attr]
 
 
 def test_a_run_ends_once_and_is_announced_once(store: Store) -> None:

@@ -100,7 +100,7 @@ def new_user(corral: Corral) -> str:
 
 
 def only_run(corral: Corral, app: str) -> Run:
-    (found,) = corral.store.pipeline.runs(app=app)
+    (found,) = corral.store.runs.recent(app=app)
     return found
 
 
@@ -189,7 +189,7 @@ def test_on_postgresql_a_chain_deeper_than_the_worker_processes_completes(
             worker.terminate()
         for worker in workers:
             worker.wait(timeout=60)
-    statuses = [[r.status for r in pg_corral.store.pipeline.runs(app=app)] for app in apps]
+    statuses = [[r.status for r in pg_corral.store.runs.recent(app=app)] for app in apps]
     assert statuses == [["succeeded"]] * 4, (done.result, done.error)
     runs = [only_run(pg_corral, app) for app in apps]
     assert [r.depth for r in runs] == [0, 1, 2, 3]
@@ -201,7 +201,7 @@ def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
     corral: Corral, agents_env: str, two_workers: list[Worker], market: FakeMarketData
 ) -> None:
     user = new_user(corral)
-    corral.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
+    corral.store.connections.put("prices", market.url, "header:x-api-key", None)
     corral.vault.put(user, "prices", "api_key", {"key": "mk-trees"})
     # The callee has no budget of its own; only its caller's bounds what it may spend.
     callee = new_app(corral, agents_env, "agent.py:spender", connections=("prices",), timeout=60)
@@ -218,7 +218,7 @@ def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
     assert "token was revoked and its sandbox torn down" in (spent.error or "")
     assert spent.root_run == done.id and spent.parent_run == done.id
     assert corral.verifier.revoked(done.id) and corral.verifier.revoked(spent.id)
-    tree = corral.store.pipeline.spent(run=done.id) + corral.store.pipeline.spent(run=spent.id)
+    tree = corral.store.ledger.spent(run=done.id) + corral.store.ledger.spent(run=spent.id)
     assert tree >= 50_000  # micro-credits: 0.05 credits
     calls = len(market.requests)
     time.sleep(0.5)
@@ -231,4 +231,4 @@ def test_a_caller_cannot_spend_past_its_budget_through_a_callee(
             corral.pipeline.execute_agent(
                 other, {}, Trigger("agent", parent_run=parent.id), user=user
             )
-    assert corral.store.pipeline.runs(app=other) == []
+    assert corral.store.runs.recent(app=other) == []

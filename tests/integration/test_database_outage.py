@@ -201,7 +201,7 @@ def test_a_bridge_lookup_during_the_outage_waits_for_the_store(
     credential, never looked up before) waits out the outage instead of failing."""
     market = FakeMarketData(api_key="mk-outage").start()
     try:
-        on_cluster.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
+        on_cluster.store.connections.put("prices", market.url, "header:x-api-key", None)
         on_cluster.vault.put("alice", "prices", "api_key", {"key": "mk-outage"})
         app = f"a-{secrets.token_hex(4)}"
         on_cluster.pipeline.apps.create(

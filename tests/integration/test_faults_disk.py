@@ -87,7 +87,7 @@ FREEZE_DEATHS = {
     "layer written": "corral.snapshots.layout:Layout._write_blob",
     "blobs written": "corral.envs.service:Environments._try_unpack@before",
     "unpacking": "corral.snapshots.images:unpack_layer",
-    "head moved": "corral.store.store:Store.add_snapshot",
+    "head moved": "corral.store.environments:Environments.add_snapshot",
     "tagged": "corral.envs.service:Environments._tag",
 }
 HEAD_MOVED = ("head moved", "tagged")

@@ -145,7 +145,7 @@ def test_200_runs_from_50_clients_each_end_exactly_once(world: Corral, tmp_path:
     print(f"{len(ids)} runs from {CLIENTS} clients in {elapsed:.1f} s")  # for the record
     assert not errors, errors[:10]
 
-    runs = [r for r in world.store.pipeline.runs(app="greet", limit=1000) if r.user != "warm"]
+    runs = [r for r in world.store.runs.recent(app="greet", limit=1000) if r.user != "warm"]
     assert sorted(r.id for r in runs) == sorted(ids) and len(ids) == CLIENTS * RUNS_EACH
     for run_id in ids:
         ended = assert_ended_once(world.store, run_id)

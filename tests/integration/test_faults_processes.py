@@ -376,7 +376,7 @@ def test_a_run_killed_mid_swap_leaves_the_runner_whole(
 
         # The next run, in a process of its own, once the dead one's lease has run out: it
         # ends the dead one's run and reaps its sandbox as it starts, then runs its own.
-        wait_for(lambda: corral.store.pipeline.expired(), 30, "the dead run's lease to run out")
+        wait_for(lambda: corral.store.runs.expired(), 30, "the dead run's lease to run out")
         nxt = CorralProcess(corral.settings, *args, log=tmp_path / "next.log", env=lease)
         assert nxt.wait(120) == 0, nxt.output()
         latest = corral.store.runs.for_environment(env)[0]

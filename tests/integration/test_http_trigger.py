@@ -238,7 +238,7 @@ def test_an_idempotency_key_gives_one_run(
     assert first.json()["id"] == again.json()["id"]
     recorded = [
         r
-        for r in corral.store.pipeline.runs(app=greet, limit=500)
+        for r in corral.store.runs.recent(app=greet, limit=500)
         if json.loads(r.input) == {"who": who}
     ]
     assert [r.id for r in recorded] == [first.json()["id"]]

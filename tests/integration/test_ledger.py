@@ -23,10 +23,9 @@ from alembic import command
 
 from corral.billing.amounts import MAX_CREDITS, to_micros
 from corral.billing.ledger import Ledger
-from corral.errors import InvalidInput
-from corral.store import Store
+from corral.errors import BalanceLimit, InvalidInput
+from corral.store import LedgerEntry, Store
 from corral.store.engine import alembic_config, make_engine
-from corral.store.pipeline import BalanceLimit
 
 HOSTILE = [
     "inf",
@@ -55,14 +54,14 @@ def test_a_grant_must_be_a_finite_exact_positive_amount(store: Store, amount: An
     with pytest.raises(InvalidInput, match="a grant"):
         ledger.grant("alice", amount)
     assert ledger.balance("alice") == Decimal(5)
-    assert len(store.pipeline.entries(user="alice")) == 1
+    assert len(store.ledger.entries(user="alice")) == 1
 
 
 @pytest.mark.parametrize("amount", [0, -1, "-0.5", MAX_CREDITS + 1], ids=repr)
 def test_a_grant_must_be_above_zero_and_within_the_bound(store: Store, amount: Any) -> None:
     with pytest.raises(InvalidInput, match="a grant"):
         Ledger(store).grant("alice", amount)
-    assert store.pipeline.entries(user="alice") == []
+    assert store.ledger.entries(user="alice") == []
 
 
 def test_balances_are_exact(store: Store) -> None:
@@ -83,23 +82,23 @@ def test_deductions_sum_exactly(store: Store) -> None:
     ledger = Ledger(store)
     ledger.grant("alice", 1)
     at = datetime.now(UTC)
-    store.pipeline.post(
+    store.ledger.post(
         [
-            {
-                "user": "alice",
-                "run": "r1",
-                "app": "a",
-                "source": f"call:{i}",
-                "kind": "deduction",
-                "micros": -to_micros("0.0005"),
-                "detail": None,
-                "at": at,
-            }
+            LedgerEntry(
+                user="alice",
+                run="r1",
+                app="a",
+                source=f"call:{i}",
+                kind="deduction",
+                micros=-to_micros("0.0005"),
+                detail=None,
+                at=at,
+            )
             for i in range(2000)
         ]
     )
     # 2000 x 0.0005 in floats sums to 0.9999999999999453; here it is exactly one credit.
-    assert store.pipeline.spent(run="r1") == 1_000_000
+    assert store.ledger.spent(run="r1") == 1_000_000
     assert ledger.balance("alice") == 0
 
 
@@ -118,19 +117,19 @@ def test_deductions_sum_exactly(store: Store) -> None:
     ],
 )
 def test_the_store_refuses_entries_that_do_not_fit(store: Store, kind: str, micros: Any) -> None:
-    entry = {
-        "user": "alice",
-        "run": None,
-        "app": None,
-        "source": "s",
-        "kind": kind,
-        "micros": micros,
-        "detail": None,
-        "at": datetime.now(UTC),
-    }
+    entry = LedgerEntry(
+        user="alice",
+        run=None,
+        app=None,
+        source="s",
+        kind=kind,
+        micros=micros,
+        detail=None,
+        at=datetime.now(UTC),
+    )
     with pytest.raises(InvalidInput):
-        store.pipeline.post([entry])
-    assert store.pipeline.entries(user="alice") == []
+        store.ledger.post([entry])
+    assert store.ledger.entries(user="alice") == []
 
 
 @pytest.mark.parametrize(
@@ -167,7 +166,7 @@ def test_a_correction_is_a_new_entry_of_either_sign(store: Store) -> None:
     assert ledger.balance("alice") == 100
     ledger.adjust("alice", "0.5", "goodwill")
     assert ledger.balance("alice") == Decimal("100.5")
-    kinds = [(e["kind"], e["micros"], e["detail"]) for e in store.pipeline.entries(user="alice")]
+    kinds = [(e.kind, e.micros, e.detail) for e in store.ledger.entries(user="alice")]
     assert kinds == [
         ("grant", 1_000_000_000, "meant 100"),
         ("adjustment", -900_000_000, "typo: 1000 for 100"),
@@ -182,7 +181,7 @@ def test_a_correction_is_a_new_entry_of_either_sign(store: Store) -> None:
     for amount, note, message in wrong:
         with pytest.raises(InvalidInput, match=message):
             ledger.adjust("alice", amount, note)
-    assert len(store.pipeline.entries(user="alice")) == 3
+    assert len(store.ledger.entries(user="alice")) == 3
 
 
 # -- the migration of existing float amounts ---------------------------------------------
@@ -222,16 +221,16 @@ def test_migration_makes_float_amounts_exact_and_keeps_every_entry(blank_store_u
     finally:
         engine.dispose()
     with Store.open(blank_store_url) as store:
-        entries = store.pipeline.entries(user="alice")
-        assert [(e["kind"], e["micros"]) for e in entries] == [(k, m) for _, _, k, m in legacy]
+        entries = store.ledger.entries(user="alice")
+        assert [(e.kind, e.micros) for e in entries] == [(k, m) for _, _, k, m in legacy]
         for entry, (_, value, kind, _) in zip(entries, legacy, strict=True):
             if kind == "voided":
-                assert json.loads(entry["detail"]) == {
+                assert json.loads(entry.detail or "") == {
                     "voided": f"revision 0007: credits was {value!r}",
                     "detail": "note",
                 }
             else:
-                assert entry["detail"] == "note"
+                assert entry.detail == "note"
         assert Ledger(store).balance("alice") == Decimal("94.897")
 
 
@@ -286,4 +285,4 @@ def test_the_credits_command(store_url: str, tmp_path: Path) -> None:
     shown = _cli(store_url, tmp_path, "balance", "alice", "--json")
     assert json.loads(shown.stdout) == {"user": "alice", "balance": 100.25}
     with Store.open(store_url) as store:
-        assert len(store.pipeline.entries(user="alice")) == 2
+        assert len(store.ledger.entries(user="alice")) == 2

@@ -52,7 +52,7 @@ def test_wait_with_no_worker_says_how_to_start_one(
     assert out.returncode == 1
     assert "no worker is running" in out.stderr and "corral worker" in out.stderr, out.stderr
     assert "--here" in out.stderr
-    assert corral.store.pipeline.active(user, app) == []  # nothing was queued to wait for
+    assert corral.store.runs.active(user, app) == []  # nothing was queued to wait for
 
     queued = corral_cli(corral, "app", "run", app, "--user", user, "--json")  # no --wait
     assert queued.returncode == 0 and "no worker is running" in queued.stderr

@@ -89,11 +89,11 @@ def test_a_run_is_admitted_executed_and_billed_once(
     )
     assert (done.status, json.loads(done.result or "")) == ("succeeded", {"echo": {"x": 1}})
     assert done.deliveries == 1 and done.app_version == 1
-    charged = corral.store.pipeline.entries(run=done.id)
-    assert charged and all(e["kind"] == "deduction" and e["user"] == user for e in charged)
+    charged = corral.store.ledger.entries(run=done.id)
+    assert charged and all(e.kind == "deduction" and e.user == user for e in charged)
     before = corral.ledger.balance(user)
     # Exact, in micro-credits: no approximation needed.
-    assert corral.ledger.bill(done.id, user, app) * 1_000_000 == -sum(e["micros"] for e in charged)
+    assert corral.ledger.bill(done.id, user, app) * 1_000_000 == -sum(e.micros for e in charged)
     assert corral.ledger.balance(user) == before  # billing again deducts nothing more
 
 
@@ -149,7 +149,7 @@ def test_a_run_that_spends_its_budget_is_stopped(
     )
     user = user_with_credits(corral)
     market = FakeMarketData(api_key="mk-budget").start()
-    corral.store.bridge.put_connection("prices", market.url, "header:x-api-key", None)
+    corral.store.connections.put("prices", market.url, "header:x-api-key", None)
     corral.vault.put(user, "prices", "api_key", {"key": "mk-budget"})
     done = corral.pipeline.execute_agent(
         app, {}, Trigger("http"), user=user, wait=True, wait_timeout=90
@@ -157,7 +157,7 @@ def test_a_run_that_spends_its_budget_is_stopped(
     assert (done.status, done.error_code) == ("failed", "budget_exhausted")
     assert "token was revoked and its sandbox torn down" in (done.error or "")
     assert corral.verifier.revoked(done.id)
-    assert corral.store.pipeline.spent(run=done.id) >= 0.05
+    assert corral.store.ledger.spent(run=done.id) >= 0.05
     calls = len(market.requests)
     time.sleep(0.5)
     assert len(market.requests) == calls  # the sandbox is gone: nothing more arrives

@@ -73,19 +73,19 @@ def test_publishing_the_same_release_again_reactivates_it(store_url: str, tmp_pa
 
 def test_racing_puts_of_one_connection_profile(store_url: str) -> None:
     def put(store: Store) -> None:
-        store.bridge.put_connection("market", "http://127.0.0.1:9/", "header:X-Api-Key", None)
+        store.connections.put("market", "http://127.0.0.1:9/", "header:X-Api-Key", None)
 
     race(store_url, put)
     with Store.open(store_url) as store:
-        assert store.bridge.connection("market") is not None
-        assert [c["name"] for c in store.bridge.all_connections()] == ["market"]
+        assert store.connections.get("market") is not None
+        assert [c.name for c in store.connections.all()] == ["market"]
 
 
 def test_storing_a_signing_key_twice_is_a_no_op(store_url: str) -> None:
     def add(store: Store) -> None:
-        store.bridge.add_signing_key("k-shared", b"sealed", datetime.now(UTC))
+        store.signing_keys.add("k-shared", b"sealed", datetime.now(UTC))
 
     race(store_url, add)
     with Store.open(store_url) as store:
-        stored = store.bridge.signing_keys(datetime(2000, 1, 1, tzinfo=UTC))
-        assert [kid for kid, _, _ in stored] == ["k-shared"]
+        stored = store.signing_keys.since(datetime(2000, 1, 1, tzinfo=UTC))
+        assert [(k.kid, k.sealed) for k in stored] == [("k-shared", b"sealed")]

@@ -75,7 +75,7 @@ def counted(corral: Corral, app: str, status: str) -> float:
 
 
 def span_names(corral: Corral, run_id: str) -> list[str]:
-    return sorted(str(s["name"]) for s in corral.tracing.spans(run_id))
+    return sorted(s.name for s in corral.tracing.spans(run_id))
 
 
 def test_a_run_cancelled_while_queued_is_counted_traced_and_announced_once(

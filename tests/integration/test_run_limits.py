@@ -21,6 +21,7 @@ from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import AgentRequest
 from corral.pipeline.service import InputTooLarge, Trigger
 from corral.store import Run
+from corral.triggers import schedules
 from tests.integration.conftest import run
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
@@ -158,15 +159,15 @@ def test_an_input_over_its_limit_is_refused_at_admission(corral: Corral, app: st
     corral.ledger.grant("limits", 10)
     with pytest.raises(InputTooLarge, match=f"{MAX_INPUT + 2} bytes"):
         corral.pipeline.execute_agent(app, "x" * MAX_INPUT, Trigger("cli"), user="limits")
-    assert corral.store.pipeline.runs(app=app) == []
+    assert corral.store.runs.recent(app=app) == []
 
 
 def test_a_schedule_refuses_an_input_no_tick_could_run(corral: Corral, app: str) -> None:
     now = datetime.now(UTC)
     with pytest.raises(InvalidInput, match=f"{MAX_INPUT + 2} bytes"):
-        corral.store.schedules.add(app, "0 9 * * *", "UTC", "x" * MAX_INPUT, now=now)
+        schedules.add(corral.store, app, "0 9 * * *", "UTC", "x" * MAX_INPUT, now=now)
     with pytest.raises(InvalidInput, match="not JSON"):
-        corral.store.schedules.add(app, "0 9 * * *", "UTC", {"x": float("nan")}, now=now)
+        schedules.add(corral.store, app, "0 9 * * *", "UTC", {"x": float("nan")}, now=now)
     assert corral.store.schedules.all(app) == []
 
 
@@ -176,4 +177,4 @@ def test_an_agent_calling_with_an_input_over_its_limit_gets_413(
     corral.ledger.grant("local", 10)
     done = execute(corral, agent_env, "caller", {"app": app, "size": MAX_INPUT})
     assert json.loads(done.result or "") == [413, "input_too_large"], done.error
-    assert corral.store.pipeline.runs(app=app) == []
+    assert corral.store.runs.recent(app=app) == []

@@ -18,20 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from corral.billing.ledger import Ledger
 from corral.config import Settings
 from corral.envs.service import Environments
-from corral.errors import InvalidInput
+from corral.errors import AppNotFound, InvalidInput, ScheduleNotFound
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.executor import Executor
 from corral.pipeline.service import Pipeline, Trigger
 from corral.releases.service import ReleaseService
-from corral.store import Run, Snapshot, Store
-from corral.store.pipeline import AppNotFound
-from corral.store.schedules import Schedule, ScheduleNotFound, Tick, idempotency_key
+from corral.store import Run, Schedule, Snapshot, Store, Tick
+from corral.store.engine import transaction
+from corral.store.schema import schedules as schedules_table
+from corral.triggers import schedules
 from corral.triggers.cron import InvalidCron, InvalidTimeZone
 from corral.triggers.scheduler import BACKLOG, Fired, Scheduler
+from corral.triggers.schedules import idempotency_key
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)  # a fire time of every every-minute schedule
 MINUTE = timedelta(minutes=1)
@@ -69,7 +72,7 @@ def open_node(store_url: str, tmp_path: Path) -> Iterator[Callable[[], Node]]:
 
     first = open_()
     digest = "sha256:" + hashlib.sha256(b"scheduler test image").hexdigest()
-    first.store.create_environment(
+    first.store.environments.create(
         ENV, "base:test", Snapshot(digest, "", 0, None, None, 1, T0 - timedelta(days=1))
     )
     Apps(first.store).create(APP, AppSpec(ENV, "agent.py:main"))
@@ -85,15 +88,23 @@ def node(open_node: Callable[[], Node]) -> Node:
 
 
 def every_minute(node: Node, misfire: str = "skip", **options: Any) -> Schedule:
-    schedule = node.store.schedules.add(
-        APP, "* * * * *", "UTC", {"n": 1}, USER, misfire, now=T0 - timedelta(seconds=30), **options
+    schedule = schedules.add(
+        node.store,
+        APP,
+        "* * * * *",
+        "UTC",
+        {"n": 1},
+        USER,
+        misfire,
+        now=T0 - timedelta(seconds=30),
+        **options,
     )
     assert schedule.next_fire == T0
     return schedule
 
 
 def runs_of(node: Node) -> list[Run]:
-    return [r for r in node.store.pipeline.runs(APP, limit=10_000) if r.trigger == "schedule"]
+    return [r for r in node.store.runs.recent(APP, limit=10_000) if r.trigger == "schedule"]
 
 
 def ticks(node: Node, schedule: Schedule) -> dict[datetime, Tick]:
@@ -226,6 +237,21 @@ def test_a_backlog_longer_than_one_transaction_is_handled_in_stretches(
     assert node.store.schedules.get(schedule.id).next_fire == minute(missed)
 
 
+def test_a_fire_time_already_handled_is_never_claimed_again(node: Node) -> None:
+    schedule = every_minute(node)
+    scheduler = node.scheduler("only")
+    assert len(scheduler.tick(T0 + timedelta(seconds=1))) == 1
+    # next_fire moved back onto a fire time already handled: the tick's primary key still
+    # allows one run per fire time, and the losing claim leaves everything as it was.
+    with transaction(node.store._engine, write=True) as conn:
+        conn.execute(
+            update(schedules_table).where(schedules_table.c.id == schedule.id).values(next_fire=T0)
+        )
+    assert scheduler.tick(T0 + timedelta(seconds=2)) == []
+    assert len(runs_of(node)) == 1 and list(ticks(node, schedule)) == [T0]
+    assert node.store.schedules.get(schedule.id).next_fire == T0
+
+
 # -- pause and resume -------------------------------------------------------------------------
 
 
@@ -243,9 +269,9 @@ def test_pause_stops_firing_and_resume_does_not_fire_the_paused_period(
         assert scheduler.tick(minute(k) + timedelta(seconds=1)) == []
     assert node.store.schedules.next_due() is None
 
-    resumed = node.store.schedules.resume(schedule.id, now=minute(7) + timedelta(seconds=20))
+    resumed = schedules.resume(node.store, schedule.id, now=minute(7) + timedelta(seconds=20))
     assert not resumed.paused
-    assert node.store.schedules.resume(schedule.id, now=minute(7) + timedelta(seconds=25)) == (
+    assert schedules.resume(node.store, schedule.id, now=minute(7) + timedelta(seconds=25)) == (
         resumed
     )  # resuming a running schedule changes nothing
     if misfire == "skip":
@@ -268,7 +294,7 @@ def test_pause_stops_firing_and_resume_does_not_fire_the_paused_period(
 def test_pause_resume_and_remove_refuse_an_unknown_schedule(node: Node) -> None:
     for call in (
         lambda: node.store.schedules.pause("sch-nope"),
-        lambda: node.store.schedules.resume("sch-nope", now=T0),
+        lambda: schedules.resume(node.store, "sch-nope", now=T0),
         lambda: node.store.schedules.remove("sch-nope"),
         lambda: node.store.schedules.get("sch-nope"),
     ):
@@ -316,14 +342,21 @@ def test_an_invalid_schedule_is_refused_and_stores_nothing(
         **args,
     }
     with pytest.raises(error, match=says.replace("*", r"\*")):
-        node.store.schedules.add(now=T0, **values)
+        schedules.add(node.store, now=T0, **values)
     assert node.store.schedules.all() == []
     assert node.store.schedules.next_due() is None
 
 
 def test_a_valid_schedule_is_stored_normalised_with_its_first_fire_time(node: Node) -> None:
-    added = node.store.schedules.add(
-        APP, "0  9 * * mon", "Europe/Paris", {"report": "weekly"}, USER, "run_once", now=T0
+    added = schedules.add(
+        node.store,
+        APP,
+        "0  9 * * mon",
+        "Europe/Paris",
+        {"report": "weekly"},
+        USER,
+        "run_once",
+        now=T0,
     )
     assert added.cron == "0 9 * * MON"
     assert added.next_fire == datetime(2024, 5, 6, 7, tzinfo=UTC)  # Monday 09:00 CEST
@@ -333,7 +366,7 @@ def test_a_valid_schedule_is_stored_normalised_with_its_first_fire_time(node: No
 
 
 def test_admission_refused_is_recorded_and_the_schedule_moves_on(node: Node) -> None:
-    schedule = node.store.schedules.add(APP, "* * * * *", "UTC", None, "broke", now=T0)
+    schedule = schedules.add(node.store, APP, "* * * * *", "UTC", None, "broke", now=T0)
     fired = node.scheduler("only").tick(minute(1))
     assert [(f.outcome, f.run_id) for f in fired] == [("refused", None)]
     assert "budget_exhausted" in (fired[0].error or "")
@@ -367,7 +400,7 @@ def test_a_tick_abandoned_mid_admission_is_retaken_without_a_second_run(
         raise Crash
 
     with pytest.raises(Crash):
-        node.store.schedules.fire(schedule.id, T0, "doomed", dies, now=T0)
+        node.scheduler("doomed").fire(schedule, T0, dies, now=T0)
     stalled = node.store.schedules.stalled(T0 + timedelta(minutes=5))
     assert [(t.fire_time, t.outcome, t.scheduler) for t in stalled] == [(T0, "claimed", "doomed")]
     assert len(runs_of(node)) == (1 if admitted else 0)
@@ -382,7 +415,7 @@ def test_a_tick_abandoned_mid_admission_is_retaken_without_a_second_run(
     assert ticks(node, schedule)[T0].scheduler == "rescuer"
     assert node.store.schedules.stalled(T0 + timedelta(hours=1)) == []
     # the dead scheduler's late settle, were it to come back, changes nothing
-    assert node.store.schedules.retake(stalled[0], "zombie", lambda: "run-x", now=T0) is False
+    assert node.scheduler("zombie").retake(stalled[0], lambda: "run-x", now=T0) is False
 
 
 # -- the loop ---------------------------------------------------------------------------------

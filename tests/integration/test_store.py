@@ -60,106 +60,108 @@ def snap(
 
 def grow(store: Store, name: str, labels: list[str]) -> list[Snapshot]:
     """Create ``name`` from ``labels[0]`` and add the rest, each on top of the previous."""
-    store.create_environment(name, "base:bookworm", snap(labels[0]))
+    store.environments.create(name, "base:bookworm", snap(labels[0]))
     added = []
     for parent, label in itertools.pairwise(labels):
-        added.append(store.add_snapshot(name, snap(label, parent), expected_head=dg(parent)))
+        added.append(
+            store.environments.add_snapshot(name, snap(label, parent), expected_head=dg(parent))
+        )
     return added
 
 
 def test_create_get_list(store: Store) -> None:
-    assert store.list_environments() == []
-    web = store.create_environment("web", "base:bookworm", snap("web-1", message="imported"))
+    assert store.environments.all() == []
+    web = store.environments.create("web", "base:bookworm", snap("web-1", message="imported"))
     assert (web.name, web.base, web.head) == ("web", "base:bookworm", dg("web-1"))
     assert web.created_at == web.updated_at
-    assert store.get_environment("web") == web
-    api = store.create_environment("api", "oci-archive:/srv/api.tar", snap("api-1"))
-    assert store.list_environments() == [api, web]
-    assert store.history("web") == [
+    assert store.environments.get("web") == web
+    api = store.environments.create("api", "oci-archive:/srv/api.tar", snap("api-1"))
+    assert store.environments.all() == [api, web]
+    assert store.environments.history("web") == [
         Snapshot(dg("web-1"), "web", 1, None, None, 1000, T0, "imported")
     ]
 
 
 def test_duplicate_name_is_refused_and_changes_nothing(store: Store) -> None:
-    first = store.create_environment("web", "base:bookworm", snap("one"))
+    first = store.environments.create("web", "base:bookworm", snap("one"))
     with pytest.raises(EnvironmentExists) as caught:
-        store.create_environment("web", "oci-archive:/elsewhere.tar", snap("two"))
+        store.environments.create("web", "oci-archive:/elsewhere.tar", snap("two"))
     assert caught.value.name == "web"
-    assert store.get_environment("web") == first
-    assert [s.digest for s in store.history("web")] == [dg("one")]
+    assert store.environments.get("web") == first
+    assert [s.digest for s in store.environments.history("web")] == [dg("one")]
 
 
 def test_unknown_environment(store: Store) -> None:
-    store.create_environment("known", "base:bookworm", snap("k"))
+    store.environments.create("known", "base:bookworm", snap("k"))
     calls: dict[str, Callable[[], object]] = {
-        "get_environment": lambda: store.get_environment("ghost"),
-        "history": lambda: store.history("ghost"),
-        "get_snapshot": lambda: store.get_snapshot("ghost", dg("k")),
-        "add_snapshot": lambda: store.add_snapshot("ghost", snap("g2", "k"), dg("k")),
-        "delete_environment": lambda: store.delete_environment("ghost"),
+        "get_environment": lambda: store.environments.get("ghost"),
+        "history": lambda: store.environments.history("ghost"),
+        "get_snapshot": lambda: store.environments.snapshot("ghost", dg("k")),
+        "add_snapshot": lambda: store.environments.add_snapshot("ghost", snap("g2", "k"), dg("k")),
+        "delete_environment": lambda: store.environments.delete("ghost"),
     }
     for what, call in calls.items():
         with pytest.raises(EnvironmentNotFound, match="ghost"):
             call()
             pytest.fail(f"{what} did not raise")
-    assert [e.name for e in store.list_environments()] == ["known"]
+    assert [e.name for e in store.environments.all()] == ["known"]
 
 
 def test_history_is_newest_first_and_seq_counts_up(store: Store) -> None:
     added = grow(store, "web", ["s1", "s2", "s3", "s4"])
     assert [s.seq for s in added] == [2, 3, 4]
-    history = store.history("web")
+    history = store.environments.history("web")
     assert [s.seq for s in history] == [4, 3, 2, 1]
     assert [s.digest for s in history] == [dg("s4"), dg("s3"), dg("s2"), dg("s1")]
     assert [s.parent for s in history] == [dg("s3"), dg("s2"), dg("s1"), None]
     assert history[:3] == added[::-1]
-    env = store.get_environment("web")
+    env = store.environments.get("web")
     assert env.head == dg("s4")
     assert env.updated_at > env.created_at
 
 
 def test_get_snapshot(store: Store) -> None:
     grow(store, "web", ["s1", "s2"])
-    got = store.get_snapshot("web", dg("s2"))
-    assert got == store.history("web")[0]
+    got = store.environments.snapshot("web", dg("s2"))
+    assert got == store.environments.history("web")[0]
     assert (got.seq, got.layer, got.environment) == (2, dg("layer-s2"), "web")
     with pytest.raises(SnapshotNotFound, match=dg("nope")):
-        store.get_snapshot("web", dg("nope"))
+        store.environments.snapshot("web", dg("nope"))
 
 
 def test_stale_expected_head_conflicts_and_changes_nothing(store: Store) -> None:
     grow(store, "web", ["s1", "s2"])
-    before_env, before_history = store.get_environment("web"), store.history("web")
+    before_env, before_history = store.environments.get("web"), store.environments.history("web")
     for stale in (dg("s1"), dg("never-was")):
         with pytest.raises(Conflict) as caught:
-            store.add_snapshot("web", snap("s3", "s1"), expected_head=stale)
+            store.environments.add_snapshot("web", snap("s3", "s1"), expected_head=stale)
         assert dg("s2") in str(caught.value) and stale in str(caught.value)
-    assert store.get_environment("web") == before_env
-    assert store.history("web") == before_history
+    assert store.environments.get("web") == before_env
+    assert store.environments.history("web") == before_history
 
 
 def test_same_digest_twice_in_one_history_conflicts(store: Store) -> None:
     grow(store, "web", ["s1", "s2"])
     with pytest.raises(Conflict, match="already in the history"):
-        store.add_snapshot("web", snap("s1", "s2"), expected_head=dg("s2"))
-    assert store.get_environment("web").head == dg("s2")
-    assert len(store.history("web")) == 2
+        store.environments.add_snapshot("web", snap("s1", "s2"), expected_head=dg("s2"))
+    assert store.environments.get("web").head == dg("s2")
+    assert len(store.environments.history("web")) == 2
 
 
 def test_one_digest_may_start_two_environments(store: Store) -> None:
-    store.create_environment("a", "base:bookworm", snap("bookworm"))
-    store.create_environment("b", "base:bookworm", snap("bookworm"))
-    assert store.get_snapshot("a", dg("bookworm")).environment == "a"
-    assert store.get_snapshot("b", dg("bookworm")).environment == "b"
+    store.environments.create("a", "base:bookworm", snap("bookworm"))
+    store.environments.create("b", "base:bookworm", snap("bookworm"))
+    assert store.environments.snapshot("a", dg("bookworm")).environment == "a"
+    assert store.environments.snapshot("b", dg("bookworm")).environment == "b"
 
 
 def test_delete_cascades_to_snapshots(store: Store, store_url: str) -> None:
     grow(store, "doomed", ["d1", "d2", "d3"])
-    store.create_environment("other", "base:bookworm", snap("d1"))
-    store.delete_environment("doomed")
+    store.environments.create("other", "base:bookworm", snap("d1"))
+    store.environments.delete("doomed")
     with pytest.raises(EnvironmentNotFound):
-        store.get_environment("doomed")
-    assert [e.name for e in store.list_environments()] == ["other"]
+        store.environments.get("doomed")
+    assert [e.name for e in store.environments.all()] == ["other"]
     engine = make_engine(store_url)
     try:
         with engine.connect() as conn:
@@ -169,11 +171,11 @@ def test_delete_cascades_to_snapshots(store: Store, store_url: str) -> None:
     finally:
         engine.dispose()
     assert [tuple(row) for row in left] == [("other", 1)]
-    store.create_environment("doomed", "base:bookworm", snap("fresh"))
-    assert [(s.seq, s.digest) for s in store.history("doomed")] == [(1, dg("fresh"))]
-    store.delete_environment("doomed")
+    store.environments.create("doomed", "base:bookworm", snap("fresh"))
+    assert [(s.seq, s.digest) for s in store.environments.history("doomed")] == [(1, dg("fresh"))]
+    store.environments.delete("doomed")
     with pytest.raises(EnvironmentNotFound):
-        store.delete_environment("doomed")
+        store.environments.delete("doomed")
 
 
 BAD_NAMES = ["", "Web", "-web", ".web", "_web", "a" * 64, "we b", "we/b", "wéb", "web\n"]
@@ -183,18 +185,18 @@ GOOD_NAMES = ["a", "0", "a" * 63, "web.v2_test-1", "9lives"]
 def test_environment_names_are_validated(store: Store) -> None:
     for bad in BAD_NAMES:
         with pytest.raises(InvalidInput) as caught:
-            store.create_environment(bad, "base:bookworm", snap("x"))
+            store.environments.create(bad, "base:bookworm", snap("x"))
         assert repr(bad) in str(caught.value) and "1-63 characters" in str(caught.value)
         with pytest.raises(InvalidInput):
-            store.get_environment(bad)
-    assert store.list_environments() == []
+            store.environments.get(bad)
+    assert store.environments.all() == []
     for good in GOOD_NAMES:
-        store.create_environment(good, "base:bookworm", snap("x"))
-    assert [e.name for e in store.list_environments()] == sorted(GOOD_NAMES)
+        store.environments.create(good, "base:bookworm", snap("x"))
+    assert [e.name for e in store.environments.all()] == sorted(GOOD_NAMES)
 
 
 def test_snapshot_values_are_validated(store: Store) -> None:
-    store.create_environment("web", "base:bookworm", snap("s1"))
+    store.environments.create("web", "base:bookworm", snap("s1"))
     good = snap("s2", "s1")
     bad = {
         "digest": Snapshot("sha256:XYZ", "", 0, dg("s1"), None, 1, T0),
@@ -205,38 +207,47 @@ def test_snapshot_values_are_validated(store: Store) -> None:
     }
     for fragment, value in bad.items():
         with pytest.raises(InvalidInput, match=fragment):
-            store.add_snapshot("web", value, expected_head=dg("s1"))
+            store.environments.add_snapshot("web", value, expected_head=dg("s1"))
     with pytest.raises(InvalidInput, match="expected head"):
-        store.add_snapshot("web", good, expected_head="s1")
-    assert len(store.history("web")) == 1
-    assert store.add_snapshot("web", good, expected_head=dg("s1")).seq == 2
+        store.environments.add_snapshot("web", good, expected_head="s1")
+    assert len(store.environments.history("web")) == 1
+    assert store.environments.add_snapshot("web", good, expected_head=dg("s1")).seq == 2
 
 
 def test_datetimes_come_back_aware_utc(store: Store) -> None:
     india = timezone(timedelta(hours=5, minutes=30))
     local = datetime(2024, 5, 1, 17, 30, 0, 123456, tzinfo=india)  # == T0
     before = datetime.now(UTC)
-    store.create_environment("web", "base:bookworm", snap("s1", created_at=local))
-    store.add_snapshot("web", snap("s2", "s1", created_at=T0 + timedelta(hours=1)), dg("s1"))
+    store.environments.create("web", "base:bookworm", snap("s1", created_at=local))
+    store.environments.add_snapshot(
+        "web", snap("s2", "s1", created_at=T0 + timedelta(hours=1)), dg("s1")
+    )
     after = datetime.now(UTC)
-    env = store.get_environment("web")
-    stamps = [env.created_at, env.updated_at, *(s.created_at for s in store.history("web"))]
-    stamps += [e.created_at for e in store.list_environments()]
-    stamps.append(store.get_snapshot("web", dg("s1")).created_at)
+    env = store.environments.get("web")
+    stamps = [
+        env.created_at,
+        env.updated_at,
+        *(s.created_at for s in store.environments.history("web")),
+    ]
+    stamps += [e.created_at for e in store.environments.all()]
+    stamps.append(store.environments.snapshot("web", dg("s1")).created_at)
     for stamp in stamps:
         assert stamp.tzinfo is UTC, stamp
     assert before <= env.created_at < env.updated_at <= after
-    assert store.get_snapshot("web", dg("s1")).created_at == T0
-    assert [s.created_at for s in store.history("web")] == [T0 + timedelta(hours=1), T0]
+    assert store.environments.snapshot("web", dg("s1")).created_at == T0
+    assert [s.created_at for s in store.environments.history("web")] == [
+        T0 + timedelta(hours=1),
+        T0,
+    ]
 
 
 def test_open_twice_is_idempotent(store_url: str) -> None:
     with Store.open(store_url) as first:
-        first.create_environment("web", "base:bookworm", snap("s1"))
+        first.environments.create("web", "base:bookworm", snap("s1"))
         with Store.open(store_url) as second:
-            assert [e.name for e in second.list_environments()] == ["web"]
+            assert [e.name for e in second.environments.all()] == ["web"]
     with Store.open(store_url) as third:
-        assert third.get_environment("web").head == dg("s1")
+        assert third.environments.get("web").head == dg("s1")
     engine = make_engine(store_url)
     try:
         with engine.connect() as conn:
@@ -268,8 +279,8 @@ def test_processes_racing_to_migrate_a_blank_database(blank_store_url: str) -> N
     outputs = [racer.communicate(timeout=120)[0] for racer in racers]
     assert [racer.returncode for racer in racers] == [0] * 4, outputs
     with Store.open(blank_store_url) as store:
-        store.create_environment("web", "base:bookworm", snap("s1"))
-        assert len(store.history("web")) == 1
+        store.environments.create("web", "base:bookworm", snap("s1"))
+        assert len(store.environments.history("web")) == 1
 
 
 def test_migrations_build_exactly_the_schema(store_url: str) -> None:
@@ -284,7 +295,7 @@ def test_migrations_build_exactly_the_schema(store_url: str) -> None:
 
 @pytest.mark.parametrize("racers", [2, 8])
 def test_racing_add_snapshot_has_exactly_one_winner(store: Store, racers: int) -> None:
-    store.create_environment("web", "base:bookworm", snap("r0"))
+    store.environments.create("web", "base:bookworm", snap("r0"))
     head = "r0"
     for rnd in range(1, 6):
         labels = [f"r{rnd}-{i}" for i in range(racers)]
@@ -292,7 +303,7 @@ def test_racing_add_snapshot_has_exactly_one_winner(store: Store, racers: int) -
 
         def race(label: str, parent: str, barrier: threading.Barrier) -> Snapshot:
             barrier.wait(timeout=30)
-            return store.add_snapshot("web", snap(label, parent), dg(parent))
+            return store.environments.add_snapshot("web", snap(label, parent), dg(parent))
 
         won: list[Snapshot] = []
         lost: list[Conflict] = []
@@ -305,9 +316,9 @@ def test_racing_add_snapshot_has_exactly_one_winner(store: Store, racers: int) -
                     lost.append(exc)
         assert len(won) == 1 and len(lost) == racers - 1
         assert won[0].seq == rnd + 1
-        assert store.get_environment("web").head == won[0].digest
+        assert store.environments.get("web").head == won[0].digest
         head = next(label for label in labels if dg(label) == won[0].digest)
-    history = store.history("web")
+    history = store.environments.history("web")
     assert [s.seq for s in history] == [6, 5, 4, 3, 2, 1]
     assert all(s.parent == older.digest for s, older in itertools.pairwise(history))
 

@@ -26,7 +26,6 @@ from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import AgentRequest
 from corral.pipeline.service import Trigger
-from corral.pipeline.states import RunStatus
 from corral.pipeline.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -35,8 +34,8 @@ from corral.pipeline.webhooks import (
     Webhooks,
     verify_signature,
 )
-from corral.store import Run, Store
-from corral.store.webhooks import Delivery
+from corral.states import RunStatus
+from corral.store import Delivery, Run, Store
 from tests.integration.conftest import run
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]

@@ -39,7 +39,7 @@ def admit(corral: Corral, app: str, user: str, input: Any = None, **kw: Any) -> 
 
 
 def runs_of(corral: Corral, app: str) -> list[Run]:
-    return corral.store.pipeline.runs(app)
+    return corral.store.runs.recent(app)
 
 
 def test_an_admitted_run_is_queued_with_its_app_version_and_trigger(
@@ -94,7 +94,7 @@ def test_an_app_with_no_budget_left_is_refused(
         admit(corral, app(budget_per_run=0), user)
     capped = app(budget_total=0.5)
     first = admit(corral, capped, user)
-    corral.store.bridge.add_usage([usage(first, seconds=50.0)])  # 50 s at 0.01: 0.5 credits
+    corral.store.usage.add_events([usage(first, seconds=50.0)])  # 50 s at 0.01: 0.5 credits
     corral.ledger.bill(first.id, user, capped)
     with pytest.raises(BudgetExhausted, match=r"has spent its budget of 0\.5 credits"):
         admit(corral, capped, user)
@@ -192,7 +192,7 @@ def test_concurrent_twins_of_one_key_make_one_run(
         t.join()
     assert len(got) == 6 and len(set(got)) == 1
     assert [r.id for r in runs_of(corral, name)] == got[:1]  # the losers' runs are gone
-    assert corral.store.pipeline.claim("w", 10.0, only=got[0]) is not None  # and it is runnable
+    assert corral.store.runs.claim("w", 10.0, only=got[0]) is not None  # and it is runnable
 
 
 # -- agent-to-agent calls ---------------------------------------------------------------------
@@ -224,6 +224,6 @@ def test_a_caller_over_its_budget_may_start_no_callee(
     corral: Corral, app: Callable[..., str], user: str
 ) -> None:
     caller = admit(corral, app(budget_per_run=0.1), user)
-    corral.store.bridge.add_usage([usage(caller, seconds=10.0)])  # 0.1 credits: all of it
+    corral.store.usage.add_events([usage(caller, seconds=10.0)])  # 0.1 credits: all of it
     with pytest.raises(BudgetExhausted, match="may start no more runs"):
         admit(corral, app(), user, trigger=Trigger("agent", parent_run=caller.id))

@@ -68,8 +68,8 @@ def test_a_correction_needs_a_sign_and_a_reason_and_stays_in_the_history(
         ledger.adjust("corrected", -3, "  ")
     ledger.adjust("corrected", "-2.5", "granted twice by mistake")
     assert ledger.balance("corrected") == Decimal("7.5")
-    entries = corral.store.pipeline.entries(user="corrected")
-    assert [(e["kind"], e["micros"], e["detail"]) for e in entries] == [
+    entries = corral.store.ledger.entries(user="corrected")
+    assert [(e.kind, e.micros, e.detail) for e in entries] == [
         ("grant", 10_000_000, None),
         ("adjustment", -2_500_000, "granted twice by mistake"),
     ]
@@ -123,11 +123,11 @@ def test_each_usage_event_is_deducted_once_however_often_the_run_is_billed(
     assert ledger.bill(run.id, user, run.app) == expected
     assert ledger.bill(run.id, user, run.app) == expected  # again: nothing new
     assert ledger.balance(user) == 100 - expected
-    assert len(corral.store.pipeline.entries(run=run.id)) == 3
+    assert len(corral.store.ledger.entries(run=run.id)) == 3
 
     bridge.write_usage([used(run, connection=None, kind="sandbox_seconds", quantity=0.1)])
     assert ledger.bill(run.id, user, run.app) == expected + Decimal("0.001")
-    assert len(corral.store.pipeline.entries(run=run.id)) == 4
+    assert len(corral.store.ledger.entries(run=run.id)) == 4
 
 
 def test_two_billers_at_once_deduct_once(
@@ -149,4 +149,4 @@ def test_two_billers_at_once_deduct_once(
     for t in threads:
         t.join()
     assert ledger.balance(user) == Decimal("99.8")
-    assert len(corral.store.pipeline.entries(run=run.id)) == 20
+    assert len(corral.store.ledger.entries(run=run.id)) == 20

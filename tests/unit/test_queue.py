@@ -29,7 +29,7 @@ def later(seconds: float) -> datetime:
 def claim_all(corral: Corral, worker: str, now: datetime | None = None) -> list[str]:
     """Every run claimable now, in the order the queue hands them out."""
     out = []
-    while (run := corral.store.pipeline.claim(worker, 10.0, now)) is not None:
+    while (run := corral.store.runs.claim(worker, 10.0, now)) is not None:
         out.append(run.id)
     return out
 
@@ -44,7 +44,7 @@ def test_runs_are_claimed_oldest_first_with_a_lease_and_a_delivery(
     corral: Corral, queued: Callable[[], Run]
 ) -> None:
     first, second, third = queued(), queued(), queued()
-    claimed = corral.store.pipeline.claim("w1", 10.0)
+    claimed = corral.store.runs.claim("w1", 10.0)
     assert claimed is not None and claimed.id == first.id
     assert (claimed.status, claimed.lease_owner, claimed.deliveries) == ("running", "w1", 1)
     assert claimed.lease_expires is not None and claimed.lease_expires > later(9)
@@ -53,35 +53,35 @@ def test_runs_are_claimed_oldest_first_with_a_lease_and_a_delivery(
 
 def test_a_claim_can_be_narrowed_to_one_run(corral: Corral, queued: Callable[[], Run]) -> None:
     first, second = queued(), queued()
-    claimed = corral.store.pipeline.claim("w1", 10.0, only=second.id)
+    claimed = corral.store.runs.claim("w1", 10.0, only=second.id)
     assert claimed is not None and claimed.id == second.id
-    assert corral.store.pipeline.claim("w1", 10.0, only=second.id) is None  # taken
+    assert corral.store.runs.claim("w1", 10.0, only=second.id) is None  # taken
     assert claim_all(corral, "w1") == [first.id]
 
 
 def test_a_renewal_is_fenced_to_the_lease_holder(corral: Corral, queued: Callable[[], Run]) -> None:
     run = queued()
-    claimed = corral.store.pipeline.claim("w1", 1.0)
+    claimed = corral.store.runs.claim("w1", 1.0)
     assert claimed is not None and claimed.lease_expires is not None
-    assert corral.store.pipeline.heartbeat(run.id, "w1", 60.0)
+    assert corral.store.runs.heartbeat(run.id, "w1", 60.0)
     renewed = corral.store.runs.get(run.id).lease_expires
     assert renewed is not None and renewed > claimed.lease_expires + timedelta(seconds=50)
-    assert not corral.store.pipeline.heartbeat(run.id, "w2", 60.0)  # not its lease
+    assert not corral.store.runs.heartbeat(run.id, "w2", 60.0)  # not its lease
     corral.pipeline.cancel(run.id)  # flags it; still running, still w1's
-    assert corral.store.pipeline.heartbeat(run.id, "w1", 60.0)
+    assert corral.store.runs.heartbeat(run.id, "w1", 60.0)
 
 
 def test_an_expired_lease_is_requeued_once_after_its_backoff(
     corral: Corral, queued: Callable[[], Run]
 ) -> None:
     run = queued()
-    corral.store.pipeline.claim("dead", 10.0, now=later(-60))  # its lease ran out long ago
-    [expired] = [r for r in corral.store.pipeline.expired() if r.id == run.id]
-    assert corral.store.pipeline.requeue(expired, backoff=30.0)
-    assert not corral.store.pipeline.requeue(expired, backoff=30.0)  # fenced: once
-    assert not corral.store.pipeline.heartbeat(run.id, "dead", 10.0)  # its owner lost it
-    assert corral.store.pipeline.claim("w2", 10.0, only=run.id) is None  # backing off
-    again = corral.store.pipeline.claim("w2", 10.0, now=later(31), only=run.id)
+    corral.store.runs.claim("dead", 10.0, now=later(-60))  # its lease ran out long ago
+    [expired] = [r for r in corral.store.runs.expired() if r.id == run.id]
+    assert corral.store.runs.requeue(expired, backoff=30.0)
+    assert not corral.store.runs.requeue(expired, backoff=30.0)  # fenced: once
+    assert not corral.store.runs.heartbeat(run.id, "dead", 10.0)  # its owner lost it
+    assert corral.store.runs.claim("w2", 10.0, only=run.id) is None  # backing off
+    again = corral.store.runs.claim("w2", 10.0, now=later(31), only=run.id)
     assert again is not None and (again.lease_owner, again.deliveries) == ("w2", 2)
 
 
@@ -89,12 +89,12 @@ def test_a_handed_back_run_is_claimable_at_once_and_keeps_its_delivery_count(
     corral: Corral, queued: Callable[[], Run]
 ) -> None:
     run = queued()
-    corral.store.pipeline.claim("w1", 10.0)
-    assert not corral.store.pipeline.hand_back(run.id, "w2")  # only its holder may
-    assert corral.store.pipeline.hand_back(run.id, "w1")
+    corral.store.runs.claim("w1", 10.0)
+    assert not corral.store.runs.hand_back(run.id, "w2")  # only its holder may
+    assert corral.store.runs.hand_back(run.id, "w1")
     back = corral.store.runs.get(run.id)
     assert (back.status, back.lease_owner, back.deliveries) == ("queued", None, 1)
-    again = corral.store.pipeline.claim("w2", 10.0)
+    again = corral.store.runs.claim("w2", 10.0)
     assert again is not None and (again.id, again.deliveries) == (run.id, 2)
 
 
@@ -102,11 +102,11 @@ def test_a_run_released_by_a_concurrency_limit_costs_no_delivery(
     corral: Corral, queued: Callable[[], Run]
 ) -> None:
     run = queued()
-    corral.store.pipeline.claim("w1", 10.0)
-    corral.store.pipeline.release(run.id, "w1", delay=5.0)
+    corral.store.runs.claim("w1", 10.0)
+    corral.store.runs.release(run.id, "w1", delay=5.0)
     back = corral.store.runs.get(run.id)
     assert (back.status, back.deliveries, back.started_at) == ("queued", 0, None)
-    assert corral.store.pipeline.claim("w1", 10.0) is None  # not before its delay
+    assert corral.store.runs.claim("w1", 10.0) is None  # not before its delay
 
 
 def test_racing_claimers_each_get_a_different_run_or_none(
@@ -118,7 +118,7 @@ def test_racing_claimers_each_get_a_different_run_or_none(
 
     def claimer(n: int) -> None:
         start.wait()
-        claimed = corral.store.pipeline.claim(f"w{n}", 10.0)
+        claimed = corral.store.runs.claim(f"w{n}", 10.0)
         got.append(None if claimed is None else claimed.id)
 
     threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
@@ -139,9 +139,9 @@ def test_a_dead_workers_run_is_requeued_with_a_backoff_that_grows(
     run = queued()
     backoffs: list[tuple[datetime, datetime, datetime]] = []
     for _ in range(2):
-        claimed = corral.store.pipeline.claim("dead", 10.0, now=later(10**6), only=run.id)
+        claimed = corral.store.runs.claim("dead", 10.0, now=later(10**6), only=run.id)
         assert claimed is not None
-        corral.store.pipeline.heartbeat(run.id, "dead", -60.0)  # its last renewal, long ago
+        corral.store.runs.heartbeat(run.id, "dead", -60.0)  # its last renewal, long ago
         asked = datetime.now(UTC)
         recover_expired(corral.pipeline, corral.sandboxes, lease=3.0)
         done = datetime.now(UTC)
@@ -161,11 +161,11 @@ def test_a_run_lost_too_often_fails_as_worker_lost(
 ) -> None:
     run = queued()
     for n in range(MAX_DELIVERIES):
-        claimed = corral.store.pipeline.claim(f"w{n}", 10.0, now=later(10**6), only=run.id)
+        claimed = corral.store.runs.claim(f"w{n}", 10.0, now=later(10**6), only=run.id)
         assert claimed is not None and claimed.deliveries == n + 1
         if n < MAX_DELIVERIES - 1:
-            corral.store.pipeline.hand_back(run.id, f"w{n}")
-    corral.store.pipeline.heartbeat(run.id, f"w{MAX_DELIVERIES - 1}", -60.0)  # then it died
+            corral.store.runs.hand_back(run.id, f"w{n}")
+    corral.store.runs.heartbeat(run.id, f"w{MAX_DELIVERIES - 1}", -60.0)  # then it died
     recover_expired(corral.pipeline, corral.sandboxes, lease=3.0)
     lost = corral.store.runs.get(run.id)
     assert (lost.status, lost.error_code) == ("failed", "worker_lost")

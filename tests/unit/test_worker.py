@@ -52,8 +52,8 @@ def test_a_run_is_executed_billed_and_ended_once(
     seen = kinds(corral, done)
     assert seen[0] == "run.admitted" and seen[-1] == "run.finished"
     assert seen.count("run.finished") == 1 and "result" in seen
-    [deduction] = corral.store.pipeline.entries(run=done.id)  # billed as it ended
-    assert deduction["kind"] == "deduction" and deduction["micros"] < 0  # its sandbox seconds
+    [deduction] = corral.store.ledger.entries(run=done.id)  # billed as it ended
+    assert deduction.kind == "deduction" and deduction.micros < 0  # its sandbox seconds
 
 
 def test_an_agent_error_ends_the_run_at_its_first_attempt(
