@@ -100,5 +100,7 @@ def test_enqueue_runs_one_at_a_time_per_user_whatever_the_workers(
     second = corral.pipeline.execute_agent(one, {"ticks": 4}, HTTP, user=user)
     a, b = ended(corral, first), ended(corral, second)
     assert a.status == b.status == "succeeded"
-    assert a.finished_at is not None and b.started_at is not None
-    assert b.started_at >= a.finished_at  # the second began only once the first had ended
+    spans = sorted((r.started_at, r.finished_at) for r in (a, b) if r.started_at and r.finished_at)
+    # Whichever ran first (two workers may each take one, and give it back), the other
+    # began only once it had ended.
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]
