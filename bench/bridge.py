@@ -56,9 +56,10 @@ from bench._common import discard
 from corral.bridge.tokens import mint
 from corral.config import BRIDGE_PORTS, Settings
 from corral.context import Corral
+from corral.processes import Owner
 from corral.sandbox.network import Link, Network
 from corral.sandbox.runc_runtime import RuncRuntime
-from corral.sandbox.slots import Owner, Record
+from corral.sandbox.slots import Record
 from corral.states import RunStatus
 from corral.store import Run
 

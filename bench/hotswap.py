@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import discard, private_corral
-from corral.pipeline.executor import AgentRequest
+from corral.pipeline.apps import AdHoc
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 AGENT = 'def main(input):\n    return {"ok": True}\n'
@@ -33,19 +33,21 @@ def main() -> None:
             env, ("sh", "-c", f"printf '{AGENT}' > /home/user/agent.py"), stdout=subprocess.DEVNULL
         )
         before = corral.envs.freeze(env).digest
-        first = corral.executor.run(AgentRequest(env, "agent.py:main"))
+        first = corral.run_here(AdHoc(env, "agent.py:main"), None, user="local")
         assert first.status == "succeeded" and first.folded_snapshot, first.error
 
         swaps, with_swap, without = [], [], []
         for _ in range(RUNS):
             t = time.perf_counter()
-            swapped = corral.executor.run(AgentRequest(env, "agent.py:main", snapshot=before))
+            swapped = corral.run_here(
+                AdHoc(env, "agent.py:main", snapshot=before), None, user="local"
+            )
             with_swap.append(time.perf_counter() - t)
             assert swapped.swapped and swapped.status == "succeeded"
             locked = [e for e in corral.store.runs.events(swapped.id) if e.kind == "swap.locked"]
             swaps.append(json.loads(locked[0].data)["seconds"])
             t = time.perf_counter()
-            folded = corral.executor.run(AgentRequest(env, "agent.py:main"))
+            folded = corral.run_here(AdHoc(env, "agent.py:main"), None, user="local")
             without.append(time.perf_counter() - t)
             assert not folded.swapped and folded.status == "succeeded"
 

@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from typing import Any
 
 from corral.billing.ledger import Ledger
 from corral.bridge.backend import StoreBackend
 from corral.bridge.gate import BridgeGate, Sink
-from corral.bridge.keys import StoredKeyRing
-from corral.bridge.server import Bridge, BridgeUnavailable
-from corral.bridge.tokens import Verifier
+from corral.bridge.server import Bridge
+from corral.bridge.tokens import KEY_KEPT_FOR, ROTATE_AFTER, SigningKeyRing, TokenIssuer, Verifier
 from corral.config import Settings
 from corral.envs.service import Environments
+from corral.errors import BridgeUnavailable
 from corral.observability.metrics import Metrics
 from corral.observability.traces import Tracing
-from corral.pipeline.apps import Apps
-from corral.pipeline.executor import Executor, TokenIssuer
-from corral.pipeline.service import Pipeline
+from corral.pipeline.apps import AdHoc, Apps
+from corral.pipeline.executor import Executor
+from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
-from corral.pipeline.worker import STOP_GRACE_S, Worker
+from corral.pipeline.worker import STOP_GRACE_S, Worker, execute_now, recover_expired
 from corral.releases.service import ReleaseService
 from corral.sandbox.runc_runtime import RuncRuntime
 from corral.sandbox.runtime import Runtime
-from corral.store import Run, Store
+from corral.store import Run, RunEvent, Store
 from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
+from corral.vault.signing import SealedSigningKeys
 
 
 @dataclass
@@ -86,12 +89,17 @@ class Corral:
 
     @cached_property
     def vault(self) -> Vault:
-        """Host-side only: the bridge resolves credentials through it; no sandbox ever may."""
-        return Vault(self.store.credentials, MasterKeys.from_settings(self.settings))
+        """Host-side only: the bridge resolves credentials through it; no sandbox ever may.
+        It seals the bridge's signing keys too, under the same master keys."""
+        keys = MasterKeys.from_settings(self.settings)
+        kept_for = timedelta(seconds=KEY_KEPT_FOR)
+        return Vault(
+            self.store.credentials, keys, SealedSigningKeys(self.store.signing_keys, keys, kept_for)
+        )
 
     @cached_property
-    def signing_keys(self) -> StoredKeyRing:
-        return StoredKeyRing(self.store.signing_keys, MasterKeys.from_settings(self.settings))
+    def signing_keys(self) -> SigningKeyRing:
+        return SigningKeyRing(ROTATE_AFTER, store=self.vault.signing_keys)
 
     @cached_property
     def verifier(self) -> Verifier:
@@ -108,8 +116,10 @@ class Corral:
                 self.sandboxes()  # the gateway address must exist before we can listen on it
                 net = self.settings.network
                 backend = StoreBackend(self.store, self.vault)
-                gate = BridgeGate(net.subnet, self.verifier, backend, Sink(backend))
-                gate.pipeline = self.pipeline  # agent-to-agent calls start runs through it
+                # Agent-to-agent calls start runs through the pipeline (``AgentCalls``).
+                gate = BridgeGate(
+                    net.subnet, self.verifier, backend, Sink(backend), agents=self.pipeline
+                )
                 try:
                     self._bridge = Bridge(gate, str(net.gateway), net.bridge_port).start()
                 except BridgeUnavailable:
@@ -136,7 +146,7 @@ class Corral:
     @cached_property
     def pipeline(self) -> Pipeline:
         pipeline = Pipeline(self.store, self.executor, self.ledger)
-        pipeline.on_admitted.append(self.metrics.admitted_run)
+        pipeline.on_admitted.append(self.metrics.changed)  # its next scrape sees it
         return pipeline
 
     @cached_property
@@ -161,7 +171,7 @@ class Corral:
     ) -> list[Worker]:
         """Worker threads in this process, leasing runs from the shared queue, and (once per
         process) the thread that delivers the webhooks of finished runs. From then on, every
-        run this process ends is announced here: metrics, traces, webhooks."""
+        run this process ends is announced here: traces, webhooks."""
         self.bridge()
         self._announce_finished_runs()
         options.setdefault("lease", self.settings.run_lease)
@@ -174,24 +184,47 @@ class Corral:
             self._deliverer = Deliverer(self.webhooks, policy=webhook_policy).start()
         return workers
 
-    def execute_here(self, run: Run, wait_timeout: float | None = None) -> Run:
-        """Execute the queued ``run`` in this thread, now (``corral app run --here``), as a
-        worker would. If a worker elsewhere took it first, wait for that one instead."""
+    def execute_here(
+        self,
+        run: Run,
+        wait_timeout: float | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
+    ) -> Run:
+        """Execute the queued ``run`` in this thread, now (``corral app run --here``, ``corral
+        run``), as a worker would, telling ``on_event`` each event as it is recorded. If a
+        worker elsewhere took it first, follow that one's execution instead."""
         self.bridge()
         self._announce_finished_runs()
-        worker = Worker(self.pipeline, self.sandboxes)
-        asked = time.monotonic()
-        claimed = self.store.runs.claim(worker.name, worker.lease, only=run.id)
-        if claimed is None:
-            return self.pipeline.wait(run.id, wait_timeout)
-        worker.execute(claimed, leased_at=asked)
-        return self.store.runs.get(run.id)
+        return execute_now(
+            self.pipeline,
+            self.sandboxes,
+            run,
+            lease=self.settings.run_lease,
+            wait_timeout=wait_timeout,
+            on_event=on_event,
+        )
+
+    def run_here(
+        self,
+        spec: AdHoc,
+        input: Any,
+        *,
+        user: str,
+        on_event: Callable[[RunEvent], None] | None = None,
+    ) -> Run:
+        """``corral run``: admit an ad-hoc run of ``spec`` as the local operator (trigger
+        ``cli``; never refused for credits, still billed), then execute it here, now."""
+        # Like every start, first end what a dead `corral run` or worker left running.
+        recover_expired(self.pipeline, self.sandboxes, self.settings.run_lease)
+        run = self.pipeline.execute_agent(spec, input, Trigger("cli"), user=user, operator=True)
+        return self.execute_here(run, on_event=on_event)
 
     def _announce_finished_runs(self) -> None:
-        """From now on, every run this process ends is announced: metrics, traces, webhooks."""
+        """From now on, every run this process ends is announced: traces, webhooks (metrics
+        are read from the store; this drops this process's cached figures)."""
         if not self.pipeline.on_finished:
             self.pipeline.on_finished += [
-                self.metrics.finished_run,
+                self.metrics.changed,
                 self.tracing.finished_run,
                 self.webhooks.on_finished,
             ]

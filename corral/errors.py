@@ -1,4 +1,4 @@
-"""The root of every error Corral raises on purpose.
+"""The root of every error Corral raises on purpose, and the whole tree of them.
 
 ::
 
@@ -17,10 +17,17 @@
     │   ├── EnvironmentExists
     │   ├── EnvironmentBusy           another edit session or freeze holds the environment
     │   ├── AppExists
+    │   ├── BalanceLimit              a credit would lift a balance past what is stored exactly
     │   ├── LeaseLost                 a worker's lease on a run was taken over
-    │   └── BalanceLimit              a credit would lift a balance past what is stored exactly
+    │   ├── BudgetExhausted           the user's credits, or an app's budget, are spent
+    │   ├── ConcurrencyLimit          the app's concurrency policy refuses the run for now
+    │   ├── IdempotencyMismatch       an idempotency key first used with another request
+    │   └── CallRefused               an agent-to-agent call too deep, or a cycle
     ├── InvalidInput                  a name, digest, reference or argument is malformed
-    │   └── ImportForbidden           over HTTP, an image outside the server's import directory
+    │   ├── ImportForbidden           over HTTP, an image outside the server's import directory
+    │   ├── InputTooLarge             a run's input over ``corral.limits.MAX_INPUT``
+    │   ├── InvalidCron               names the expression and what is wrong with it
+    │   └── InvalidTimeZone           not an IANA time zone name
     ├── StoreError                    the database refused or is unreachable
     │   └── StoreUnavailable          transient: unreachable, restarting, or a dropped session
     ├── SnapshotError                 OCI layout and layer problems
@@ -36,20 +43,46 @@
     │   ├── NetworkError              ip/nft refused a change
     │   ├── SandboxCapacity           every address of the sandbox subnet is taken; retry
     │   ├── SandboxDied               the sandbox was killed before its command started
-    │   └── CommandNotFound           the command to run does not exist in the sandbox
-    └── VaultError                    stored credentials and the master keys that seal them
-        ├── MasterKeyError            no usable master key: an unsafe or malformed key file ...
-        ├── UnknownMasterKey          a record is sealed under a key id the key ring lacks
-        ├── CredentialTampered        authenticated decryption failed: bytes or identity altered
-        ├── CredentialNotFound        (also a NotFound) no credential for that user+connection
-        ├── CredentialRevoked         the credential was revoked; its sealed bytes are gone
-        └── MasterKeyInUse            (also a Conflict) retiring a key records still use
+    │   ├── CommandNotFound           the command to run does not exist in the sandbox
+    │   ├── SessionEnded              the sandbox ended before it answered
+    │   ├── ProtocolError             the sandbox broke the event protocol
+    │   ├── SessionTimeout            the sandbox did not answer in time
+    │   ├── SwapFailed                a step of the runner's hot swap failed
+    │   └── RunnerInvalid             the runner release does not work in this environment
+    ├── VaultError                    sealed records and the master keys that seal them
+    │   ├── MasterKeyError            no usable master key: an unsafe or malformed key file ...
+    │   ├── UnknownMasterKey          a record is sealed under a key id the key ring lacks
+    │   ├── CredentialTampered        a sealed record (credential, signing key) was altered
+    │   ├── CredentialNotFound        (also a NotFound) no credential for that user+connection
+    │   ├── CredentialRevoked         the credential was revoked; its sealed bytes are gone
+    │   └── MasterKeyInUse            (also a Conflict) retiring a key records still use
+    ├── BridgeError                   the host-side bridge between sandboxes and the world
+    │   ├── Refused                   the bridge answers a call itself: status, code, detail
+    │   ├── TokenRefused              a run token missing, malformed, forged, expired, revoked
+    │   ├── RefreshFailed             a credential's token endpoint refused an OAuth refresh
+    │   └── BridgeUnavailable         the bridge could not start listening
+    ├── PipelineError                 executing runs, and announcing that they ended
+    │   ├── NoWorker                  no live worker would execute a run someone waits for
+    │   └── DeliveryFailed            one webhook attempt failed (``permanent``: never retried)
+    └── OutboundError                 a request to another host (``corral.outbound``) failed
+        └── UnusableURL               not an http(s)://host/ URL: no retry can fix it
+
+A class with two parents is drawn under its first and names the other ("also a ...").
 
 Foreign exceptions are translated once, in the edge module that calls the foreign thing
 (``store`` for SQLAlchemy, ``sandbox/runc.py`` for runc, ``vault/sealed.py`` for
-cryptography), with ``raise ... from exc``. A vault error never carries secret material: it
-names the record, the key id or the file, and what failed.
-The HTTP status for each ``code`` lives in one table: ``corral/api/errors.py``.
+cryptography, ``outbound.py`` for sockets and TLS), with ``raise ... from exc``. A vault
+error never carries secret material: it names the record, the key id or the file, and what
+failed. The HTTP status for each ``code`` is data in ``corral/statuses.py``, read by the API
+and by the bridge alike.
+
+Not drawn, because they are control flow that never leaves its module (or, for ``Stopped``,
+its package) and never reaches a caller: ``_Gone`` and ``_HeadTooLarge``
+(``bridge/proxy.py``), ``_Lost`` (``store/schedules.py``), ``HandedBack``
+(``pipeline/worker.py``), ``Stopped`` (``pipeline/executor.py``, how a worker tells the
+executor to stop a run), ``_NotJSON`` (``limits.py``). The runner (``corral/runner``) runs
+inside the sandbox and imports nothing from corral: its ``AgentError`` and
+``AgentCallRefused`` are the agent's, not Corral's.
 """
 
 from __future__ import annotations
@@ -134,6 +167,30 @@ class EnvironmentBusy(Conflict):
         super().__init__(f"environment {name!r} is held by another edit session or freeze")
 
 
+class BudgetExhausted(Conflict):
+    """The user's credits, or the app's budget for a run, are spent."""
+
+    code = "budget_exhausted"
+
+
+class ConcurrencyLimit(Conflict):
+    """The app's concurrency policy refuses the run for now (``reject``, ``max_concurrent``)."""
+
+    code = "concurrency_limit"
+
+
+class IdempotencyMismatch(Conflict):
+    """The idempotency key was first used with another request."""
+
+    code = "idempotency_mismatch"
+
+
+class CallRefused(Conflict):
+    """An agent-to-agent call the guard refuses: too deep, or a cycle."""
+
+    code = "agent_call_refused"
+
+
 class InvalidInput(CorralError):
     """A name, digest, reference or argument is malformed."""
 
@@ -144,6 +201,34 @@ class ImportForbidden(InvalidInput):
     """Over HTTP, an image is imported only from the server's import directory."""
 
     code = "import_forbidden"
+
+
+class InputTooLarge(InvalidInput):
+    """The run's input is over ``corral.limits.MAX_INPUT``: refused before anything is stored."""
+
+    code = "input_too_large"
+
+
+CRON_FORMAT = "five fields: minute hour day-of-month month day-of-week, e.g. '0 9 * * MON'"
+
+
+class InvalidCron(InvalidInput):
+    code = "invalid_cron"
+
+    def __init__(self, expr: object, reason: str) -> None:
+        self.expr = expr
+        super().__init__(f"invalid cron expression {expr!r}: {reason}; expected {CRON_FORMAT}")
+
+
+class InvalidTimeZone(InvalidInput):
+    code = "invalid_time_zone"
+
+    def __init__(self, name: object, reason: str = "it is not an IANA time zone name") -> None:
+        self.name = name
+        super().__init__(
+            f"invalid time zone {name!r}: {reason}; use an IANA name such as "
+            "'Europe/Paris', 'America/New_York' or 'UTC'"
+        )
 
 
 class StoreError(CorralError):
@@ -281,6 +366,37 @@ class CommandNotFound(SandboxError):
         super().__init__(f"{command!r} is not found in environment {env!r}")
 
 
+class SessionEnded(SandboxError):
+    code = "sandbox_ended"
+
+    def __init__(self, detail: str = "the sandbox ended before it answered") -> None:
+        super().__init__(detail)
+
+
+class ProtocolError(SandboxError):
+    """The sandbox broke the event protocol."""
+
+    code = "protocol_error"
+
+
+class SessionTimeout(SandboxError):
+    """The sandbox did not answer in time."""
+
+    code = "sandbox_timeout"
+
+
+class SwapFailed(SandboxError):
+    """A swap step failed in a way a fresh sandbox may not repeat."""
+
+    code = "runner_swap_failed"
+
+
+class RunnerInvalid(SandboxError):
+    """The release does not work with this environment's interpreter: retrying cannot help."""
+
+    code = "runner_invalid"
+
+
 class VaultError(CorralError):
     """A credential could not be sealed, opened or found, or the master keys are unusable."""
 
@@ -294,22 +410,26 @@ class MasterKeyError(VaultError):
 
 
 class UnknownMasterKey(VaultError):
+    """``record`` names what is sealed: ``credential alice/github``, ``signing key k1f2e``."""
+
     code = "unknown_master_key"
 
     def __init__(self, key_id: str, record: str, source: str) -> None:
-        self.key_id = key_id
+        self.key_id, self.record = key_id, record
         super().__init__(
-            f"credential {record} is sealed under master key {key_id}, which {source} does "
-            "not hold: restore that key (as a non-primary key) to open it"
+            f"{record} is sealed under master key {key_id}, which {source} does not hold: "
+            "restore that key (as a non-primary key) to open it"
         )
 
 
 class CredentialTampered(VaultError):
+    """A sealed record (a credential, or a signing key of the bridge) failed authentication."""
+
     code = "credential_tampered"
 
     def __init__(self, record: str, what: str) -> None:
         self.record, self.what = record, what
-        super().__init__(f"credential {record} failed authentication: {what}")
+        super().__init__(f"{record} failed authentication: {what}")
 
 
 class CredentialNotFound(VaultError, NotFound):
@@ -336,12 +456,94 @@ class CredentialRevoked(VaultError):
 class MasterKeyInUse(VaultError, Conflict):
     code = "master_key_in_use"
 
-    def __init__(self, key_id: str, records: int) -> None:
-        self.key_id, self.records = key_id, records
+    def __init__(self, key_id: str, records: int, signing_keys: int = 0) -> None:
+        self.key_id, self.records, self.signing_keys = key_id, records, signing_keys
+        also = f" and {signing_keys} signing key(s) of the bridge" if signing_keys else ""
         super().__init__(
-            f"master key {key_id} still seals {records} credential(s); "
+            f"master key {key_id} still seals {records} credential(s){also}; "
             "`corral vault rotate` rewraps them first"
         )
+
+
+class BridgeError(CorralError):
+    """The host-side bridge could not serve a sandbox's call, or refused it."""
+
+    code = "bridge_error"
+
+
+class Refused(BridgeError):
+    """The bridge answers the request itself with ``status`` and ``{"error": code, ...}``.
+
+    ``code`` is per refusal (``unknown_connection``, ``token_expired``, ``body_too_large``
+    ...), as is ``status``. ``closes``: the refusal is about the message's framing, so where
+    the next message would begin is itself in doubt; the connection is closed after the
+    answer (RFC 9112 6.3).
+    """
+
+    code = "refused"
+
+    def __init__(self, status: int, code: str, detail: str, closes: bool = False) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.closes = status, code, closes
+
+
+class TokenRefused(BridgeError):
+    """A run token was missing, malformed, forged, expired, revoked or out of scope."""
+
+    code = "token_refused"
+
+    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
+        self.reason, self.status = reason, status
+        super().__init__(detail)
+
+
+class RefreshFailed(BridgeError):
+    """A credential's token endpoint refused an OAuth refresh, or answered nonsense."""
+
+    code = "refresh_failed"
+
+
+class BridgeUnavailable(BridgeError):
+    """The bridge could not start listening."""
+
+    code = "bridge_unavailable"
+
+
+class PipelineError(CorralError):
+    """A run could not be executed, or its end could not be announced."""
+
+    code = "pipeline_error"
+
+
+class NoWorker(PipelineError):
+    """No worker is alive to execute a run someone is about to wait for."""
+
+    code = "no_worker"
+
+
+class DeliveryFailed(PipelineError):
+    """One webhook attempt failed: connection error, timeout, or a status other than 2xx.
+
+    ``permanent``: no retry can fix it (a URL that is not http(s), a run no longer recorded).
+    """
+
+    code = "delivery_failed"
+
+    def __init__(self, reason: str, *, permanent: bool = False) -> None:
+        self.reason, self.permanent = reason, permanent
+        super().__init__(reason)
+
+
+class OutboundError(CorralError):
+    """A request Corral sent to another host got no answer: refused, reset, timed out, TLS."""
+
+    code = "outbound_error"
+
+
+class UnusableURL(OutboundError):
+    """The URL is not ``http(s)://host/...``: no retry can fix it."""
+
+    code = "unusable_url"
 
 
 # -- the store's records: apps, runs, releases, the ledger, schedules, webhook deliveries --------

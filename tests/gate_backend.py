@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from corral.bridge.connections import Connection
-from corral.bridge.gate import Credential
+from corral.vault.kinds import Credential
 
 
 class MemoryBackend:

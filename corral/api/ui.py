@@ -28,13 +28,13 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api import models
-from corral.api.errors import status_for
 from corral.api.runs import IdempotencyKey, Service, User, start_run
 from corral.errors import CorralError
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import SANDBOX_EVENTS
 from corral.pipeline.service import Trigger
 from corral.states import RunStatus
+from corral.statuses import status_for
 from corral.store import Run
 
 router = APIRouter(include_in_schema=False)

@@ -22,13 +22,9 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from corral.billing.amounts import MAX_MICROS, MICROS, credits, positive_micros, to_micros
-from corral.errors import Conflict, InvalidInput
+from corral.errors import InvalidInput
 from corral.store import BridgeCall, LedgerEntry, Store, UsageEvent
 from corral.store.rows import check_user
-
-
-class BudgetExhausted(Conflict):
-    code = "budget_exhausted"
 
 
 @dataclass(frozen=True)

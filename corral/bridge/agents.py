@@ -14,6 +14,10 @@ is the run as JSON: 200 once it has ended, 202 while it is still queued or runni
 Admission runs off the event loop (it reads and writes the store); the wait does not hold a
 thread: it polls the run's record from the loop, backing off, so any number of agents can
 wait on callees without starving the pool the bridge's other lookups run on.
+
+The bridge sits below the pipeline and never imports it: what it needs of it is
+``AgentCalls`` (admit a call, look a called run up), which the pipeline satisfies and
+``context.py`` passes to the gate at construction.
 """
 
 from __future__ import annotations
@@ -22,18 +26,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from corral.billing.ledger import BudgetExhausted
-from corral.bridge.http1 import Refused
 from corral.bridge.tokens import Claims
-from corral.errors import Conflict, CorralError, InvalidInput, NotFound, StoreUnavailable
+from corral.errors import CorralError, Refused, StoreUnavailable
 from corral.limits import strict_loads
-from corral.pipeline.service import ConcurrencyLimit, InputTooLarge, Pipeline, Trigger
-from corral.pipeline.shapes import run_json
-from corral.states import RunStatus
-from corral.store import Run
+from corral.statuses import status_for
 
 log = logging.getLogger("corral.bridge")
 
@@ -41,21 +41,40 @@ DEFAULT_WAIT = 600.0  # seconds, when the body names no timeout
 MAX_WAIT = 3600.0
 _POLL_FIRST, _POLL_MAX = 0.05, 0.5
 
-# Admission errors by family, most specific first (both of the first two are Conflicts); the
-# same statuses as the HTTP API's table, without importing the API into the bridge.
-_STATUS: tuple[tuple[type[CorralError], int], ...] = (
-    (BudgetExhausted, 402),
-    (ConcurrencyLimit, 429),  # admitted once one of the user's runs of the app ends
-    (NotFound, 404),  # app_not_found
-    (InputTooLarge, 413),  # over corral.limits.MAX_INPUT
-    (InvalidInput, 400),  # the input fails the app's schema
-    (Conflict, 409),  # agent_call_refused: too deep, or a cycle
-    (StoreUnavailable, 503),  # the database is restarting: nothing was admitted, retry
-)
+
+@dataclass(frozen=True)
+class CalledRun:
+    """A run an agent started, as the bridge needs it: whether it has ended, and its record
+    in the one JSON shape every surface shows (``corral.pipeline.shapes.run_json``)."""
+
+    id: str
+    ended: bool
+    shape: dict[str, Any]
+
+
+class AgentCalls(Protocol):
+    """What agent-to-agent calls need of the pipeline (``Pipeline`` satisfies it). Each
+    method blocks on the store; the bridge calls them off its event loop."""
+
+    def callable_by_agents(self, app: str) -> bool:
+        """Whether ``app``'s current version accepts agent callers (``AppNotFound`` if none)."""
+        ...
+
+    def admit_call(
+        self, app: str, input: Any, *, caller: str, user: str, awaited: bool
+    ) -> CalledRun:
+        """Admit a run of ``app`` called by the run ``caller``, as ``user``, through the same
+        admission as any trigger (trigger ``agent``); ``awaited``: the caller waits for it.
+        Raises the admission's ``CorralError`` when it refuses."""
+        ...
+
+    def called(self, run_id: str) -> CalledRun:
+        """The run's latest record."""
+        ...
 
 
 async def call_agent(
-    pipeline: Pipeline,
+    calls: AgentCalls,
     claims: Claims,
     app: str,
     body: bytes,
@@ -65,24 +84,26 @@ async def call_agent(
     input, wait, timeout = _parse(body)
     loop = asyncio.get_running_loop()
     try:
-        run = await loop.run_in_executor(None, _admit, pipeline, claims, app, input, wait)
-    except CorralError as exc:
-        status = next((s for cls, s in _STATUS if isinstance(exc, cls)), 500)
+        run = await loop.run_in_executor(None, _admit, calls, claims, app, input, wait)
+    except Refused:
+        raise  # the bridge's own answer (an app that agents may not call)
+    except CorralError as exc:  # admission said no: the API's status for the same refusal
+        status = status_for(exc)
         if status >= 500:
             log.error("run %s calling app %r: %s", claims.run, app, exc.detail, exc_info=exc)
         raise Refused(status, exc.code, exc.detail) from None
     if wait:
         # Never past the caller's own token: it could not read the answer anyway.
         patience = min(timeout, max(0.0, claims.expires - clock()))
-        run = await _until_ended(pipeline, run, loop.time() + patience)
-    return (200 if RunStatus(run.status).terminal else 202), describe(run)
+        run = await _until_ended(calls, run, loop.time() + patience)
+    return (200 if run.ended else 202), describe(run.shape)
 
 
-def describe(run: Run) -> dict[str, Any]:
+def describe(shape: dict[str, Any]) -> dict[str, Any]:
     """What the calling agent is told about a run: a projection of the run's one JSON shape."""
     return {
         key: value.isoformat() if isinstance(value, datetime) else value
-        for key, value in run_json(run).items()
+        for key, value in shape.items()
         if key in _SHOWN_TO_AGENTS
     }
 
@@ -123,26 +144,24 @@ def _parse(body: bytes) -> tuple[Any, bool, float]:
     return request.get("input"), wait, min(float(timeout), MAX_WAIT)
 
 
-def _admit(pipeline: Pipeline, claims: Claims, app: str, input: Any, wait: bool) -> Run:
-    _, spec = pipeline.apps.get(app)  # AppNotFound: 404
-    if not spec.callable_by_agents:
+def _admit(calls: AgentCalls, claims: Claims, app: str, input: Any, wait: bool) -> CalledRun:
+    if not calls.callable_by_agents(app):  # AppNotFound: 404
         raise Refused(403, "agent_call_forbidden", f"app {app!r} may not be called by agents")
     # ``awaited``: the caller's worker lends the callee its capacity while the caller waits.
-    trigger = Trigger("agent", parent_run=claims.run, awaited=wait)
-    return pipeline.execute_agent(app, input, trigger, user=claims.user, wait=False)
+    return calls.admit_call(app, input, caller=claims.run, user=claims.user, awaited=wait)
 
 
-async def _until_ended(pipeline: Pipeline, run: Run, deadline: float) -> Run:
+async def _until_ended(calls: AgentCalls, run: CalledRun, deadline: float) -> CalledRun:
     loop = asyncio.get_running_loop()
     pause = _POLL_FIRST
-    while not RunStatus(run.status).terminal:
+    while not run.ended:
         left = deadline - loop.time()
         if left <= 0:
             break
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 1.5, _POLL_MAX)
         try:
-            run = await loop.run_in_executor(None, pipeline.store.runs.get, run.id)
+            run = await loop.run_in_executor(None, calls.called, run.id)
         except StoreUnavailable:  # a database blip: the callee runs on, and so does the wait
             continue
     return run

@@ -5,29 +5,35 @@ threads, never on the event loop. A lookup a sandbox's call waits on (is the run
 connection, the credential) rides out a database outage of up to ``OUTAGE_WAIT_S``: the call
 takes longer and goes through; past that the sandbox is answered 503 ``store_unavailable``.
 The only outbound HTTP this module makes is the refresh-token grant to a credential's own
-token URL.
+token URL, through ``corral.outbound``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from corral.bridge.connections import Connection
-from corral.bridge.gate import Credential
-from corral.bridge.http1 import Refused
-from corral.errors import CorralError, CredentialNotFound, CredentialRevoked, StoreUnavailable
+from corral.config import Secret
+from corral.errors import (
+    CredentialNotFound,
+    CredentialRevoked,
+    OutboundError,
+    RefreshFailed,
+    Refused,
+    StoreUnavailable,
+)
+from corral.outbound import Client
 from corral.store import Store
 from corral.store.engine import patiently
+from corral.vault.kinds import Credential
 from corral.vault.vault import Vault
 
-_SECRET_NAMES = ("token", "key", "password", "access_token", "refresh_token", "client_secret")
 OUTAGE_WAIT_S = 20.0  # under the runner's retry window and an agent's usual request timeout
 T = TypeVar("T")
 
@@ -39,14 +45,11 @@ def _patiently(call: Callable[[], T], what: str) -> T:
         raise Refused(503, exc.code, "the bridge cannot reach its database; retry") from None
 
 
-class RefreshFailed(CorralError):
-    code = "refresh_failed"
-
-
 class StoreBackend:
-    def __init__(self, store: Store, vault: Vault) -> None:
+    def __init__(self, store: Store, vault: Vault, client: Client | None = None) -> None:
         self.store = store
         self.vault = vault
+        self.client = client or Client(timeout=15.0)
 
     def run_is_live(self, run: str) -> bool:
         return _patiently(lambda: self.store.runs.is_live(run), f"is run {run} live")
@@ -69,27 +72,11 @@ class StoreBackend:
             return None  # the gate refuses the call, naming the connection
         # Any other vault error (a tampered record, an unknown master key) is the host's
         # problem, not the caller's: it propagates and the call fails with a 500.
-        fields: dict[str, str] = {}
-        for name in (
-            "token",
-            "key",
-            "username",
-            "password",
-            "access_token",
-            "refresh_token",
-            "token_url",
-            "client_id",
-            "client_secret",
-        ):
-            value = getattr(found, name, None)
-            if value is not None:
-                fields[name] = value.reveal() if name in _SECRET_NAMES else str(value)
-        expires = float(found.expires_at) if found.expires_at is not None else None
-        return Credential(found.kind, fields, expires)
+        return found
 
     def refresh(self, user: str, connection: str, credential: Credential) -> Credential:
         """The refresh-token grant (RFC 6749 section 6); the vault keeps the new tokens."""
-        fields = credential.fields
+        fields = credential.revealed()
         body = urllib.parse.urlencode(
             {
                 "grant_type": "refresh_token",
@@ -98,33 +85,41 @@ class StoreBackend:
                 "client_secret": fields.get("client_secret", ""),
             }
         ).encode()
-        request = urllib.request.Request(
-            fields.get("token_url", ""),
-            data=body,
-            method="POST",
-            headers={
-                "content-type": "application/x-www-form-urlencoded",
-                "accept": "application/json",
-            },
-        )
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "accept": "application/json",
+            "user-agent": "corral-bridge",
+        }
         try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                answer = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            # Redirects only within the token endpoint's own origin, and as GET: the client
+            # secret is never sent anywhere but to the URL stored with it.
+            answer = self.client.request(
+                "POST", fields.get("token_url", ""), headers=headers, body=body, follow=5
+            )
+        except OutboundError as exc:  # unreachable, or a URL that is not http(s)
+            raise RefreshFailed(f"the token endpoint refused the refresh: {exc.detail}") from None
+        if not answer.ok or answer.truncated:
+            why = f"HTTP {answer.status}" if not answer.ok else "an answer over 1 MiB"
+            raise RefreshFailed(f"the token endpoint refused the refresh: {why}")
+        try:
+            grant = json.loads(answer.body)
+        except ValueError as exc:
             raise RefreshFailed(f"the token endpoint refused the refresh: {exc}") from None
-        access = answer.get("access_token")
+        access = grant.get("access_token") if isinstance(grant, dict) else None
         if not isinstance(access, str) or not access:
             raise RefreshFailed("the token endpoint answered without an access_token")
-        expires_in = answer.get("expires_in")
+        expires_in = grant.get("expires_in")
         expires_at = int(time.time() + float(expires_in)) if expires_in else None
         rotated = (
-            answer.get("refresh_token") if isinstance(answer.get("refresh_token"), str) else None
+            grant.get("refresh_token") if isinstance(grant.get("refresh_token"), str) else None
         )
         self.vault.update_oauth(user, connection, access, expires_at, rotated)
-        updated = dict(fields, access_token=access)
-        if rotated:
-            updated["refresh_token"] = rotated
-        return Credential(credential.kind, updated, float(expires_at) if expires_at else None)
+        return replace(
+            credential,
+            access_token=Secret(access),
+            refresh_token=Secret(rotated) if rotated else credential.refresh_token,
+            expires_at=expires_at or None,
+        )
 
     def write_calls(self, calls: list[dict[str, Any]]) -> None:
         self.store.usage.add_calls(calls)

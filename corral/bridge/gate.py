@@ -23,14 +23,14 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote, unquote_plus
 
 from corral.bridge import http1
-from corral.bridge.agents import MAX_WAIT, call_agent
+from corral.bridge.agents import MAX_WAIT, AgentCalls, call_agent
 from corral.bridge.connections import BUILTIN, Connection, credential_headers
 from corral.bridge.exchange import Exchange, Head, Route
-from corral.bridge.http1 import Refused
 from corral.bridge.meter import read_usage
-from corral.bridge.tokens import Claims, TokenRefused, Verifier
+from corral.bridge.tokens import Claims, Verifier
+from corral.errors import Refused, TokenRefused
 from corral.limits import MAX_EVENT, MAX_RESULT, json_size, strict_loads
-from corral.pipeline.service import Pipeline
+from corral.vault.kinds import Credential
 
 RESERVED = "_corral"
 # Every header a sandbox could use to present a credential of its own; never passed on.
@@ -40,13 +40,6 @@ _CREDENTIAL_TTL = 5.0  # a revoked or rotated credential stops working within th
 
 # An endpoint the bridge answers itself: (request head, body) -> (status, JSON body).
 LocalHandler = Callable[[Head, bytes], Awaitable[tuple[int, dict[str, Any]]]]
-
-
-@dataclass(frozen=True)
-class Credential:
-    kind: str
-    fields: dict[str, str]  # host memory only: never logged, never sent to a sandbox
-    expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,11 +157,11 @@ class BridgeGate:
         max_body: int = 10 << 20,
         upstream_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
-        pipeline: Pipeline | None = None,
+        agents: AgentCalls | None = None,
     ) -> None:
         self.subnet = subnet
         # Serves agent-to-agent calls (``/_corral/apps/{app}/runs``); without it they get 503.
-        self.pipeline = pipeline
+        self.agents = agents
         self.verifier = verifier
         self.backend = backend
         self.sink = sink
@@ -257,12 +250,13 @@ class BridgeGate:
         cached = self._attached.get(key)
         if cached is not None and cached[0] is connection and cached[1] is credential:
             return cached[2]
-        add, query = credential_headers(connection, credential.kind, credential.fields)
+        fields = credential.revealed()  # host memory only: never logged, never sent back
+        add, query = credential_headers(connection, credential.kind, fields)
         attach = _Attach(
             add=add,
             query=query,
             drop=AUTH_HEADERS | {http1.canonical(k) for k, _ in add},
-            secrets=_secrets(credential, add),
+            secrets=_secrets(fields, add),
         )
         if len(self._attached) > 100_000:
             self._attached.clear()
@@ -424,11 +418,11 @@ class BridgeGate:
         async def call(head: Head, body: bytes) -> tuple[int, dict[str, Any]]:
             if head.method != b"POST":
                 raise Refused(405, "method_not_allowed", "POST a run of the app")
-            if self.pipeline is None:
+            if self.agents is None:
                 raise Refused(
                     503, "agent_calls_unavailable", "this bridge was started without the pipeline"
                 )
-            return await call_agent(self.pipeline, claims, app, body, self._clock)
+            return await call_agent(self.agents, claims, app, body, self._clock)
 
         return call
 
@@ -472,14 +466,14 @@ def _token(head: Head) -> str | None:
     return None
 
 
-def _secrets(credential: Credential, add: list[tuple[bytes, bytes]]) -> list[bytes]:
+def _secrets(fields: dict[str, str], add: list[tuple[bytes, bytes]]) -> list[bytes]:
     """Every form in which the credential could come back: raw values, the header values, and
     the spellings an upstream echoing it would use (percent-encoded in a URL, escaped in JSON).
     An upstream that transforms it otherwise (hashes, re-encodes) is beyond what any proxy can
     recognise; see docs/design/bridge.md."""
     raw = {
         str(v).encode()
-        for k, v in credential.fields.items()
+        for k, v in fields.items()
         if k not in ("token_url", "client_id", "expires_at") and len(str(v)) >= 8
     }
     for _, value in add:

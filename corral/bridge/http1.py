@@ -38,6 +38,8 @@ from enum import Enum
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
+from corral.errors import Refused
+
 # Connection-specific and framing fields (RFC 9110 section 7.6.1, RFC 9112 section 6): the
 # bridge frames every message it writes itself, so none of these is ever passed on.
 HOP_BY_HOP = frozenset(
@@ -80,18 +82,6 @@ CREDENTIAL_RESPONSE = frozenset({b"set-cookie", b"set-cookie2", b"authentication
 MAX_LENGTH_DIGITS = 18  # 10^18 bytes: beyond any limit, and still an exact int64
 _DIGITS = re.compile(rb"[0-9]+")
 _DECODABLE = {b"gzip": "gzip", b"x-gzip": "gzip", b"deflate": "deflate"}
-
-
-class Refused(Exception):
-    """The bridge answers the request itself with ``status`` and ``{"error": code, ...}``.
-
-    ``closes``: the refusal is about the message's framing, so where the next message would
-    begin is itself in doubt; the connection is closed after the answer (RFC 9112 6.3).
-    """
-
-    def __init__(self, status: int, code: str, detail: str, closes: bool = False) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.closes = status, code, detail, closes
 
 
 class Delimit(Enum):

@@ -56,8 +56,9 @@ from corral.bridge.exchange import (
     Route,
     no_delay,
 )
-from corral.bridge.http1 import Delimit, Framing, Refused
+from corral.bridge.http1 import Delimit, Framing
 from corral.bridge.upstream import Pool, UpstreamProtocol
+from corral.errors import Refused
 
 __all__ = ["ClientProtocol", "Connections"]
 

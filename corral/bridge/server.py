@@ -20,14 +20,10 @@ import uvloop
 from corral.bridge.gate import BridgeGate
 from corral.bridge.proxy import ClientProtocol, Connections
 from corral.bridge.upstream import Pool
-from corral.errors import CorralError
+from corral.errors import BridgeUnavailable
 
 log = logging.getLogger("corral.bridge")
 REVOCATION_POLL_S = 0.05
-
-
-class BridgeUnavailable(CorralError):
-    code = "bridge_unavailable"
 
 
 class Bridge:

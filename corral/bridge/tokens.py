@@ -3,7 +3,9 @@
 A token names who and what is calling (user, app, session, run), the connections it may use,
 the sandbox address it may be used from, and an expiry that covers the run window and no more.
 Signing keys are Ed25519, named by a key id in the JWT header, and rotate: the newest key
-signs, every key younger than the longest token lifetime still verifies.
+signs, every key younger than the longest token lifetime still verifies. A ``SigningKeyRing``
+holds them; with a ``KeyStore`` it shares them with every Corral process through the store,
+sealed by the vault (``corral/vault/signing.py``).
 
 The verifier is built for the bridge's hot path: a token's signature is checked once and the
 claims cached until the token expires; revocation is a set consulted on every call. Two things
@@ -11,6 +13,10 @@ are revoked: one token (by its id, ``jti``) when the attempt it was minted for e
 became of the run; and every token of a run once the run has *ended* (a final status). A run
 that was merely interrupted (its worker lost the database or its lease) is redelivered under
 the same run id, so it is never revoked by run id until it truly ends.
+
+``TokenIssuer`` is the run side of the same lifetime: whoever executes a run (a worker, the
+CLI) mints a token per attempt through it and revokes what it minted; the pipeline only says
+when an attempt or a run has ended.
 """
 
 from __future__ import annotations
@@ -18,28 +24,27 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from corral.errors import CorralError
+from corral.errors import TokenRefused
+from corral.store import Run
 
 ISSUER = "corral"
 AUDIENCE = "corral-bridge"
 ALGORITHM = "EdDSA"
+ROTATE_AFTER = 6 * 3600.0  # seconds a signing key signs before a fresh one takes over
+MAX_TOKEN_LIFETIME = 24 * 3600.0
+# How long a signing key matters: it signs for ROTATE_AFTER, and the last token it signed
+# lives for MAX_TOKEN_LIFETIME more. Older keys are never loaded, rewrapped or counted.
+KEY_KEPT_FOR = ROTATE_AFTER + MAX_TOKEN_LIFETIME
 _CACHE_LIMIT = 100_000
-
-
-class TokenRefused(CorralError):
-    """A run token was missing, malformed, forged, expired, revoked or out of scope."""
-
-    code = "token_refused"
-
-    def __init__(self, reason: str, detail: str, status: int = 401) -> None:
-        self.reason, self.status = reason, status
-        super().__init__(detail)
 
 
 @dataclass(frozen=True)
@@ -72,39 +77,76 @@ class SigningKey:
         return cls(f"k{secrets.token_hex(6)}", Ed25519PrivateKey.generate(), now)
 
 
-class KeyRing:
-    """Signing keys in memory: the newest signs, all verify until retired."""
+class KeyStore(Protocol):
+    """Where a ring keeps its keys, so that every process verifies what any of them signed
+    (``corral.vault.signing.SealedSigningKeys``: sealed in the store under the master keys)."""
 
-    def __init__(self, rotate_after: float = 6 * 3600, keys: Iterable[SigningKey] = ()) -> None:
+    def save(self, kid: str, private: bytes, created: datetime) -> None: ...
+
+    def load(self, known: Collection[str] = ()) -> list[tuple[str, bytes, datetime]]: ...
+
+
+class SigningKeyRing:
+    """Signing keys: the newest signs, all verify until they are too old to matter.
+
+    In memory only, or backed by a ``KeyStore`` shared by every Corral process: then a new
+    key is stored before it signs anything, and a key id this ring has not seen is looked up
+    in the store (at most every 50 ms) before a token signed with it is refused.
+    """
+
+    def __init__(
+        self,
+        rotate_after: float = ROTATE_AFTER,
+        keys: Iterable[SigningKey] = (),
+        store: KeyStore | None = None,
+    ) -> None:
         self.rotate_after = rotate_after
         self._keys: dict[str, SigningKey] = {k.kid: k for k in keys}
         self._lock = threading.Lock()
-        self.on_new_key: Callable[[SigningKey], None] | None = None
+        self._store = store
+        self._load_lock = threading.Lock()
+        self._loaded_at = 0.0
 
     def signing(self, now: float) -> SigningKey:
+        if self._store is not None and self._loaded_at == 0.0:
+            self._load()
         with self._lock:
             newest = max(self._keys.values(), key=lambda k: k.created, default=None)
             if newest is None or now - newest.created >= self.rotate_after:
                 newest = SigningKey.generate(now)
-                if self.on_new_key is not None:
+                if self._store is not None:
                     # Stored first: if that fails (the database is down) the key is not used,
                     # and the next call makes another; no token is signed by a key that other
                     # processes cannot find.
-                    self.on_new_key(newest)
+                    raw = newest.private.private_bytes(
+                        Encoding.Raw, PrivateFormat.Raw, NoEncryption()
+                    )
+                    self._store.save(newest.kid, raw, datetime.fromtimestamp(newest.created, UTC))
                 self._keys[newest.kid] = newest
             return newest
 
     def public(self, kid: str) -> Ed25519PublicKey | None:
         key = self._keys.get(kid)
+        if key is None and self._store is not None and time.monotonic() - self._loaded_at > 0.05:
+            self._load()  # minted by another process since we last looked
+            key = self._keys.get(kid)
         return None if key is None else key.public
 
     def add(self, key: SigningKey) -> None:
         with self._lock:
             self._keys[key.kid] = key
 
+    def _load(self) -> None:
+        assert self._store is not None
+        with self._load_lock:
+            for kid, raw, created in self._store.load(known=set(self._keys)):
+                private = Ed25519PrivateKey.from_private_bytes(raw)
+                self.add(SigningKey(kid, private, created.timestamp()))
+            self._loaded_at = time.monotonic()
+
 
 def mint(
-    ring: KeyRing,
+    ring: SigningKeyRing,
     *,
     user: str,
     app: str,
@@ -138,7 +180,7 @@ def mint(
 class Verifier:
     """Checks run tokens. Thread-safe; the bridge calls ``verify`` on every request."""
 
-    def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, ring: SigningKeyRing, clock: Callable[[], float] = time.time) -> None:
         self._ring = ring
         self._clock = clock
         self._cache: dict[str, Claims] = {}
@@ -228,3 +270,63 @@ class Verifier:
             expires=float(raw["exp"]),
             token_id=str(raw["jti"]),
         )
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A token minted for one attempt of a run."""
+
+    token: str
+    token_id: str
+    expires: float
+
+
+class TokenIssuer:
+    """Mints a token per attempt once its sandbox's address is known; revokes that token when
+    the attempt ends, and the run's tokens once the run has ended.
+
+    Revocation here reaches this process's bridge at once (``verifier``); bridges in other
+    processes learn of ended runs from the store within their poll interval.
+    """
+
+    def __init__(self, ring: SigningKeyRing, verifier: Verifier | None = None) -> None:
+        self.ring, self.verifier = ring, verifier
+
+    def mint(
+        self,
+        run: Run,
+        *,
+        connections: Iterable[str],
+        address: str,
+        lifetime: float,
+        attempt: int,
+        session: str = "",
+    ) -> Issued:
+        """A token for ``attempt`` of ``run``, usable from ``address`` for ``connections``,
+        as the run's user and app, for ``lifetime`` seconds."""
+        token_id = f"{run.id}.{run.deliveries}.{attempt}.{secrets.token_hex(4)}"
+        now = time.time()
+        token = mint(
+            self.ring,
+            user=run.user,
+            app=run.app or "",
+            session=session or run.id,
+            run=run.id,
+            connections=connections,
+            address=address,
+            lifetime=lifetime,
+            now=now,
+            token_id=token_id,
+        )
+        return Issued(token, token_id, now + lifetime)
+
+    def revoke(self, issued: Issued) -> None:
+        """The attempt ``issued`` was minted for is over, however it ended."""
+        if self.verifier is not None:
+            self.verifier.revoke_token(issued.token_id, issued.expires)
+
+    def ended(self, run: Run) -> None:
+        """``run``'s final status is stored: none of its tokens may be used again. Never for a
+        run that may be redelivered (its next attempt is served under the same run id)."""
+        if self.verifier is not None:
+            self.verifier.revoke_run(run.id)

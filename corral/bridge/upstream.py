@@ -16,7 +16,8 @@ import httptools
 
 from corral.bridge import http1
 from corral.bridge.exchange import HIGH_WATER, MAX_HEAD, Downstream, Exchange, Route, no_delay
-from corral.bridge.http1 import Delimit, Refused
+from corral.bridge.http1 import Delimit
+from corral.errors import Refused
 
 MAX_DECODED = 64 << 20  # a compressed response may expand to at most this much
 _NOT_RETURNED = http1.HOP_BY_HOP | http1.CREDENTIAL_RESPONSE

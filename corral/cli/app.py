@@ -21,12 +21,12 @@ from corral.billing import amounts
 from corral.cli.main import handled, json_option
 from corral.cli.output import emit
 from corral.context import Corral
-from corral.errors import InvalidInput
+from corral.errors import InvalidInput, NoWorker
 from corral.limits import strict_loads
 from corral.pipeline.apps import POLICIES, AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.shapes import run_json
-from corral.pipeline.worker import NoWorker, live_workers
+from corral.pipeline.worker import live_workers
 from corral.states import RunStatus
 from corral.store import Run
 from corral.store.rows import check_user

@@ -13,8 +13,7 @@ from corral.cli.output import emit
 from corral.context import Corral
 from corral.errors import InvalidInput
 from corral.pipeline import shapes
-from corral.pipeline.executor import AgentRequest
-from corral.pipeline.worker import recover_expired
+from corral.pipeline.apps import AdHoc
 from corral.store import Release, Run, RunEvent
 
 
@@ -24,7 +23,12 @@ from corral.store import Release, Run, RunEvent
 @click.option("--input", "input_", default="null", help="The agent's input, as JSON.")
 @click.option("--timeout", type=float, help="Seconds for the whole run.")
 @click.option("--snapshot", help="Boot this snapshot of the history, not the head.")
-@click.option("--user", default="local", show_default=True, help="Whose credentials it uses.")
+@click.option(
+    "--user",
+    default="local",
+    show_default=True,
+    help="Whose credentials it uses and whose credits pay for it.",
+)
 @click.option(
     "--connection",
     "connections",
@@ -45,23 +49,17 @@ def run(
     connections: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Run ENTRYPOINT (file.py:function) of environment ENV through the runner."""
+    """Run ENTRYPOINT (file.py:function) of environment ENV through the runner, here and now.
+
+    An ad-hoc run (trigger cli, no app) admitted through the pipeline like every other run,
+    so it is billed, metered, traced and announced; as the local operator, never refused for
+    want of credits (its deductions still post)."""
     try:
         value = json.loads(input_)
     except ValueError as exc:
         raise InvalidInput(f"--input is not JSON: {exc}") from exc
-    request = AgentRequest(
-        env,
-        entrypoint,
-        value,
-        timeout=timeout,
-        snapshot=snapshot,
-        user=user,
-        connections=connections,
-    )
-    # Like every start, first end what a dead `corral run` or worker left running.
-    recover_expired(corral.pipeline, corral.sandboxes, corral.settings.run_lease)
-    finished = corral.executor.run(request, on_event=None if as_json else _show)
+    spec = AdHoc(env, entrypoint, snapshot=snapshot, timeout=timeout, connections=connections)
+    finished = corral.run_here(spec, value, user=user, on_event=None if as_json else _show)
     emit(
         as_json,
         run_json(finished, corral.store.runs.events(finished.id)),

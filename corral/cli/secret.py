@@ -91,7 +91,7 @@ def revoke(corral: Corral, user: str, connection: str, as_json: bool) -> None:
 
 @click.group("vault")
 def vault_group() -> None:
-    """The master keys that seal every credential."""
+    """The master keys that seal every credential, and the bridge's signing keys."""
 
 
 @vault_group.command("rotate")
@@ -99,7 +99,8 @@ def vault_group() -> None:
 @click.pass_obj
 @handled
 def rotate(corral: Corral, as_json: bool) -> None:
-    """Make a new master key primary and rewrap every credential under it.
+    """Make a new master key primary and rewrap every credential under it, and every signing
+    key of the bridge that still verifies run tokens.
 
     With the key file, a new key is generated and the old ones kept. With
     CORRAL_MASTER_KEY, put the new key first in the variable (old ones after it) first.
@@ -107,7 +108,10 @@ def rotate(corral: Corral, as_json: bool) -> None:
     done = corral.vault.rotate()
 
     def human() -> None:
-        click.echo(f"primary master key: {done.primary}; rewrapped {done.rewrapped} credential(s)")
+        click.echo(
+            f"primary master key: {done.primary}; rewrapped {done.rewrapped} credential(s) "
+            f"and {done.signing_keys} signing key(s)"
+        )
         for kid, n in sorted(done.usage.items()):
             click.echo(f"  {kid}: {n} credential(s)")
         for failure in done.failed:
@@ -124,7 +128,8 @@ def rotate(corral: Corral, as_json: bool) -> None:
 @click.pass_obj
 @handled
 def retire(corral: Corral, key_id: str, as_json: bool) -> None:
-    """Remove old master key KEY_ID from the key file, once no credential uses it."""
+    """Remove old master key KEY_ID from the key file, once no credential (and no signing key
+    of the bridge) uses it."""
     left = corral.vault.retire(key_id)
     emit(
         as_json,
@@ -138,7 +143,8 @@ def retire(corral: Corral, key_id: str, as_json: bool) -> None:
 @click.pass_obj
 @handled
 def keys(corral: Corral, as_json: bool) -> None:
-    """Every master key id, which is primary, and how many credentials each seals."""
+    """Every master key id, which is primary, and how many credentials (and signing keys of
+    the bridge) each seals."""
     statuses = corral.vault.keys()
 
     def human() -> None:
@@ -146,7 +152,8 @@ def keys(corral: Corral, as_json: bool) -> None:
         for k in statuses:
             mark = "*" if k.primary else " "
             note = "" if k.present else "  (MISSING from the key ring)"
-            click.echo(f"{mark} {k.key_id}  {k.records} credential(s){note}")
+            signing = f", {k.signing_keys} signing key(s)" if k.signing_keys else ""
+            click.echo(f"{mark} {k.key_id}  {k.records} credential(s){signing}{note}")
 
     emit(as_json, [k.to_dict() for k in statuses], human)
 

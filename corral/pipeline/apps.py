@@ -1,6 +1,8 @@
 """Apps: a frozen environment, an entrypoint and its settings. Every change is a new version.
 
 A run records the app version it ran, so what ran is always known even after the app moved on.
+An ad-hoc run (``corral run ENV FILE:FN``) has no app: ``AdHoc`` says once what an app's
+version would say, and the run records it (``options``) in place of a version.
 """
 
 from __future__ import annotations
@@ -93,6 +95,37 @@ class AppSpec:
         except jsonschema.ValidationError as exc:
             where = "/".join(str(p) for p in exc.absolute_path) or "(the input)"
             raise InvalidInput(f"input fails the app's schema at {where}: {exc.message}") from None
+
+
+@dataclass(frozen=True)
+class AdHoc:
+    """What an app-less run executes (``corral run``): any environment and entrypoint, which
+    is why only the local operator runs one. No schema, budget or concurrency policy: those
+    are an app's; the run is still admitted, billed, metered and traced like an app's."""
+
+    environment: str
+    entrypoint: str  # "agent.py:main"
+    snapshot: str | None = None  # a snapshot of the history; default the head
+    timeout: float | None = None  # seconds for the whole run; default CORRAL_SANDBOX_TIMEOUT
+    connections: tuple[str, ...] = ()  # what its token may reach
+
+    def __post_init__(self) -> None:
+        # The entrypoint's form is left to the runner, which fails the run ``bad_entrypoint``
+        # naming the form: an operator's experiment, not an app someone else will call.
+        check_name(self.environment)
+        if self.timeout is not None and not (
+            isinstance(self.timeout, int | float)
+            and not isinstance(self.timeout, bool)
+            and math.isfinite(self.timeout)
+            and self.timeout > 0
+        ):
+            raise InvalidInput(
+                f"timeout must be a finite number of seconds above 0, not {self.timeout!r}"
+            )
+
+    def options(self) -> dict[str, Any]:
+        """What the run records of it (``runs.options``), for whoever executes it."""
+        return {"timeout": self.timeout, "connections": list(self.connections)}
 
 
 class Apps:

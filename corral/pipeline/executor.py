@@ -1,6 +1,7 @@
 """Running one agent: boot, make the runner current, run, record, fold in.
 
-``Executor.run`` is the sandbox half of every agent run, whoever asked for it. For each
+``Executor.execute`` is the sandbox half of every agent run, whoever asked for it (a worker
+leases the run first; ``corral run`` too, through the pipeline like every trigger). For each
 attempt it boots a fresh sandbox from the environment's snapshot with the bootstrap as its
 first process, hot-swaps the current runner release in if the snapshot holds another one
 (``corral.sandbox.hotswap``), sends the run spec, and records every event the sandbox sends.
@@ -35,21 +36,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from corral.bridge import tokens
-from corral.bridge.tokens import KeyRing, Verifier
+from corral.bridge.tokens import SigningKeyRing, TokenIssuer
 from corral.config import Settings
 from corral.envs.service import Environments, process_env
-from corral.errors import CommandNotFound, DiskFull, InvalidInput, SandboxError, StoreUnavailable
+from corral.errors import (
+    CommandNotFound,
+    DiskFull,
+    InvalidInput,
+    ProtocolError,
+    RunnerInvalid,
+    SandboxError,
+    SessionEnded,
+    SessionTimeout,
+    StoreUnavailable,
+)
 from corral.limits import RUNNER_LIMITS
-from corral.pipeline.leases import held, owner_name
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
-from corral.sandbox.channels import ProtocolError, SessionEnded, SessionTimeout
-from corral.sandbox.hotswap import RunnerInvalid
 from corral.sandbox.runtime import Runtime, Sandbox, SandboxRequest
 from corral.snapshots.fsattr import Immutability
 from corral.states import RunStatus
@@ -97,57 +104,6 @@ class Finish(Protocol):
     def __call__(self, run_id: str, *, lease_owner: str | None, **fields: Any) -> Run: ...
 
 
-@dataclass(frozen=True)
-class Issued:
-    """A token minted for one attempt of a run."""
-
-    token: str
-    token_id: str
-    expires: float
-
-
-class TokenIssuer:
-    """Mints a token per attempt once its sandbox's address is known; revokes that token when
-    the attempt ends, and the run's tokens once the run has ended (see ``bridge.tokens``).
-
-    Revocation here reaches this process's bridge at once; bridges in other processes learn
-    of ended runs from the store within their poll interval.
-    """
-
-    def __init__(self, ring: KeyRing, verifier: Verifier | None = None) -> None:
-        self.ring, self.verifier = ring, verifier
-
-    def mint(
-        self, run: Run, request: AgentRequest, address: str, lifetime: float, attempt: int
-    ) -> Issued:
-        token_id = f"{run.id}.{run.deliveries}.{attempt}.{secrets.token_hex(4)}"
-        now = time.time()
-        token = tokens.mint(
-            self.ring,
-            user=request.user,
-            app=request.app,
-            session=request.session or run.id,
-            run=run.id,
-            connections=request.connections,
-            address=address,
-            lifetime=lifetime,
-            now=now,
-            token_id=token_id,
-        )
-        return Issued(token, token_id, now + lifetime)
-
-    def revoke(self, issued: Issued) -> None:
-        """The attempt ``issued`` was minted for is over, however it ended."""
-        if self.verifier is not None:
-            self.verifier.revoke_token(issued.token_id, issued.expires)
-
-    def ended(self, run: Run) -> None:
-        """``run``'s final status is stored: none of its tokens may be used again. Never for a
-        run that may be redelivered (its next attempt is served under the same run id)."""
-        if self.verifier is not None:
-            self.verifier.revoke_run(run.id)
-
-
 class Hooks(Protocol):
     """Test seam: called after every swap step, with the live sandbox."""
 
@@ -179,7 +135,7 @@ class Executor:
         hooks: Hooks | None = None,
         max_attempts: int = 3,
     ) -> None:
-        self.tokens = tokens or TokenIssuer(KeyRing())
+        self.tokens = tokens or TokenIssuer(SigningKeyRing())
         self._local = threading.local()  # per worker thread: the running run's stop check
         self.ensure_bridge = bridge
         self.settings = settings
@@ -191,27 +147,10 @@ class Executor:
         self.hooks = hooks
         self.max_attempts = max_attempts
 
-    def run(self, request: AgentRequest, on_event: Callable[[RunEvent], None] | None = None) -> Run:
-        """Record a run and execute it here and now (``corral run``), holding its lease like a
-        worker: if this process dies, the run is ended by whoever next finds the lease expired
-        (``worker.recover_expired``) instead of reading ``running`` forever."""
-        owner, lease = owner_name("run"), self.settings.run_lease
-        run = self.prepare(
-            request, lease_owner=owner, lease_expires=datetime.now(UTC) + timedelta(seconds=lease)
-        )
-        with held(self.store, run.id, owner, lease) as holding:
-
-            def stop() -> Stopped | None:
-                if holding.lost.is_set() or holding.lapsed.is_set():
-                    return Stopped(RunStatus.FAILED, "lease_lost", "this process lost the run")
-                return None
-
-            return self.execute(run, request, on_event, stop=stop)
-
     def prepare(
-        self, request: AgentRequest, status: RunStatus = RunStatus.RUNNING, **fields: Any
+        self, request: AgentRequest, status: RunStatus = RunStatus.QUEUED, **fields: Any
     ) -> Run:
-        """Check ``request`` and record its run; the pipeline records runs ``queued``."""
+        """Check ``request`` and record its run (``queued``: admission calls this)."""
         env = self.envs.get(request.environment)
         digest = env.head
         if request.snapshot:
@@ -242,11 +181,12 @@ class Executor:
         run: Run,
         request: AgentRequest,
         on_event: Callable[[RunEvent], None] | None = None,
+        *,
         stop: Stop | None = None,
-        finish: Finish | None = None,
+        finish: Finish,
     ) -> Run:
         """Run a recorded run to its end: attempts, events, fold-in, usage, the final record
-        (written by ``finish``; without it, straight to the store: ``corral run``).
+        (written by ``finish``: ``Pipeline.finish``).
 
         ``StoreUnavailable`` leaves only after the database stayed out of reach longer than
         ``engine.OUTAGE_BUDGET_S``; the run is then still ``running`` under its lease."""
@@ -309,10 +249,9 @@ class Executor:
             f"run {run.id}: usage",
             check=self._interrupt,
         )
-        end = finish or self._finish_here
         finished_at = datetime.now(UTC)
         finished = patiently(
-            lambda: end(
+            lambda: finish(
                 run.id,
                 lease_owner=run.lease_owner,  # fenced: only while this worker still holds it
                 detail={"attempts": attempts},  # for its run.finished event
@@ -336,11 +275,6 @@ class Executor:
                     if event.kind == "run.finished":
                         on_event(event)
         return finished
-
-    def _finish_here(self, run_id: str, *, lease_owner: str | None, **fields: Any) -> Run:
-        """A run's end written straight to the store (``corral run``, outside the pipeline)."""
-        done = self.store.runs.finish(run_id, lease_owner=lease_owner, **fields)
-        return self.store.runs.get(run_id) if done is None else done[0]
 
     def _attempts(
         self,
@@ -429,7 +363,14 @@ class Executor:
             lifetime = max(1.0, deadline - time.monotonic()) + 30
             address = sandbox.address
             issued = patiently(  # a new signing key is stored before it signs
-                lambda: self.tokens.mint(run, request, address, lifetime, attempt),
+                lambda: self.tokens.mint(
+                    run,
+                    connections=request.connections,
+                    address=address,
+                    lifetime=lifetime,
+                    attempt=attempt,
+                    session=request.session,
+                ),
                 f"run {run.id}: its token",
                 check=self._interrupt,
             )

@@ -1,8 +1,17 @@
 """``execute_agent``: the one path from any trigger to a recorded, billed agent run.
 
-A human clicking Run, a cron tick, a script calling the API and another agent all call
-``Pipeline.execute_agent(app, input, trigger, ...)``. Nothing below branches on ``trigger``: it
-is a field on the run, a label on the metrics, an attribute on the trace.
+A human clicking Run, a cron tick, a script calling the API, another agent and the CLI all
+call ``Pipeline.execute_agent(app, input, trigger, ...)``. Nothing below branches on
+``trigger``: it is a field on the run, a label on the metrics, an attribute on the trace.
+
+``app`` is an app's name, or an ``AdHoc`` spec (``corral run ENV FILE:FN``: an environment
+and an entrypoint, no app): the same admission minus what only an app has (a version, a
+schema, an idempotency key, budgets, a concurrency policy), recorded on the run in place of
+the version (``app`` is null, ``options`` holds the spec). It is recorded parked, so no
+worker takes it: its caller executes it at once (``Corral.run_here``: ``corral run`` streams
+it to the terminal). The local operator (the embedded CLI, ``operator=True``) is never
+refused for want of credits: a fresh install runs at once, and its runs' deductions still
+post, so its balance says what they cost.
 
 Admission (synchronous, in the caller): the app and its current version, the input against
 the app's schema, the idempotency key, the user's credits and the app's budget, the
@@ -13,9 +22,13 @@ concurrency policy, the agent-to-agent depth and cycle guard. Then the run is re
 Ending. Every path that ends a run (its worker, a cancel while it is queued, a worker lost
 too often, a run finished from its log) goes through ``Pipeline.finish``: one conditional
 write moves the run into its terminal state, so exactly one path wins, and the winner
-announces it: the completion hooks (metrics, traces, webhooks) fire once per run. A process
-without hooks (the CLI) leaves the announcement to the next worker process's sweep
-(``announce_pending``).
+announces it: the completion hooks (traces, webhooks; metrics are read from the store) fire
+once per run. A process without hooks (a cancel from the CLI) leaves the announcement to the
+next worker process's sweep (``announce_pending``).
+
+Agent-to-agent calls reach the pipeline from the bridge through ``bridge.agents.AgentCalls``,
+which ``Pipeline`` satisfies (``callable_by_agents``, ``admit_call``, ``called``): the
+bridge, below the pipeline, never imports it.
 """
 
 from __future__ import annotations
@@ -26,20 +39,29 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from corral.billing.amounts import to_micros
-from corral.billing.ledger import BudgetExhausted, Ledger
-from corral.errors import Conflict, InvalidInput
+from corral.billing.ledger import Ledger
+from corral.bridge.agents import CalledRun
+from corral.errors import (
+    BudgetExhausted,
+    CallRefused,
+    ConcurrencyLimit,
+    IdempotencyMismatch,
+    InputTooLarge,
+    InvalidInput,
+)
 from corral.limits import MAX_INPUT, json_size
-from corral.pipeline.apps import Apps, AppSpec
+from corral.pipeline.apps import AdHoc, Apps, AppSpec
 from corral.pipeline.budgets import Budgets
 from corral.pipeline.executor import AgentRequest, Executor
+from corral.pipeline.shapes import run_json
 from corral.states import ACTIVE, RunStatus
-from corral.store import KeyBinding, Run, Store
+from corral.store import KeyBinding, Run, RunEvent, Store
 from corral.store.rows import check_user
 
 log = logging.getLogger("corral.pipeline")
@@ -52,26 +74,6 @@ ANNOUNCE_GRACE = timedelta(seconds=2)  # the process that ended a run announces 
 
 # Called once with every run that has ended, whatever ended it: metrics, traces, webhooks.
 OnFinished = Callable[[Run], None]
-
-
-class ConcurrencyLimit(Conflict):
-    code = "concurrency_limit"
-
-
-class IdempotencyMismatch(Conflict):
-    code = "idempotency_mismatch"
-
-
-class InputTooLarge(InvalidInput):
-    """The run's input is over ``corral.limits.MAX_INPUT``: refused before anything is stored."""
-
-    code = "input_too_large"
-
-
-class CallRefused(Conflict):
-    """An agent-to-agent call the guard refuses: too deep, or a cycle."""
-
-    code = "agent_call_refused"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ class Pipeline:
 
     def execute_agent(
         self,
-        app: str,
+        app: str | AdHoc,
         input: Any,
         trigger: Trigger,
         *,
@@ -107,7 +109,13 @@ class Pipeline:
         idempotency_key: str | None = None,
         wait: bool = False,
         wait_timeout: float | None = None,
+        operator: bool = False,
     ) -> Run:
+        """Admit a run of ``app`` (an app's name, or an ``AdHoc`` spec) and record it queued.
+
+        ``operator``: the caller is the local operator (the embedded CLI on this machine),
+        who is never refused for want of credits; what the run uses is still deducted.
+        """
         began = time.perf_counter()
         check_user(user)
         size = json_size(input)
@@ -115,17 +123,38 @@ class Pipeline:
             raise InputTooLarge(
                 f"the input is {size} bytes of JSON; a run's input may be at most {MAX_INPUT}"
             )
-        version, spec = self.apps.get(app)
-        digest = _request_hash(app, input)
-        if idempotency_key:  # a replay returns the original run, whatever has changed since
-            bound = self.store.runs.key_binding(user, app, idempotency_key, IDEMPOTENCY_TTL)
-            if bound is not None:
-                return self._replay(bound, digest, idempotency_key, wait, wait_timeout)
-        spec.check_input(input)
+        name: str | None
+        spec: AppSpec | None
+        digest = ""  # of the request, for an app's idempotency key
+        if isinstance(app, AdHoc):
+            if idempotency_key or trigger.parent_run or wait:
+                # No app to key, call or queue: its caller executes it now (``run_here``).
+                raise InvalidInput(
+                    "an ad-hoc run takes no idempotency key, has no calling run and is not "
+                    "waited for: its caller executes it"
+                )
+            name, version, spec = None, None, None
+            request = self.ad_hoc_request(app, input, trigger, user)
+            options: dict[str, Any] = {**app.options(), "budget_per_run": None}
+        else:
+            name = app
+            version, spec = self.apps.get(app)
+            digest = _request_hash(app, input)
+            if idempotency_key:  # a replay returns the original run, whatever has changed since
+                bound = self.store.runs.key_binding(user, app, idempotency_key, IDEMPOTENCY_TTL)
+                if bound is not None:
+                    return self._replay(bound, digest, idempotency_key, wait, wait_timeout)
+            spec.check_input(input)
+            request = self.request(app, spec, input, trigger, user)
+            options = {
+                "timeout": spec.timeout,
+                "connections": list(spec.connections),
+                "budget_per_run": spec.budget_per_run,
+            }
         parent = self.store.runs.get(trigger.parent_run) if trigger.parent_run else None
-        depth = self._guard(app, parent)
-        if spec.budget_per_run == 0:
-            raise BudgetExhausted(f"app {app!r} has a budget of zero credits per run")
+        depth = self._guard(name, parent)
+        if spec is not None and spec.budget_per_run == 0:
+            raise BudgetExhausted(f"app {name!r} has a budget of zero credits per run")
         if parent is not None:  # a callee spends from its callers' budgets too
             over = self.budgets.overspent(parent)
             if over is not None:
@@ -133,41 +162,38 @@ class Pipeline:
                     f"run {over.owner} and the runs it called have spent {over.spent:.4f} of "
                     f"its budget of {over.budget} credits; it may start no more runs"
                 )
-        if self.ledger.balance(user) <= 0:
+        if not operator and self.ledger.balance(user) <= 0:
             raise BudgetExhausted(f"user {user!r} has no credits left")
-        if spec.budget_total is not None and self.store.ledger.spent(app=app) >= to_micros(
-            spec.budget_total
+        if (
+            spec is not None
+            and spec.budget_total is not None
+            and self.store.ledger.spent(app=name) >= to_micros(spec.budget_total)
         ):
             raise BudgetExhausted(
-                f"app {app!r} has spent its budget of {spec.budget_total} credits"
+                f"app {name!r} has spent its budget of {spec.budget_total} credits"
             )
-        self._apply_policy(app, spec, user)
+        if name is not None and spec is not None:
+            self._apply_policy(name, spec, user)
 
-        request = self.request(app, spec, input, trigger, user)
         run_id = f"run-{secrets.token_hex(8)}"
         run = self.executor.prepare(
             request,
             RunStatus.QUEUED,
             id=run_id,
-            app=app,
+            app=name,
             app_version=version,
             parent_run=parent.id if parent else None,
             root_run=parent.root if parent else run_id,
             awaited=bool(parent and trigger.awaited),
             depth=depth,
-            options=json.dumps(
-                {
-                    "timeout": spec.timeout,
-                    "connections": list(spec.connections),
-                    "budget_per_run": spec.budget_per_run,
-                }
-            ),
-            # Parked until its idempotency key is bound: a twin request must not run too.
-            available_at=_PARKED if idempotency_key else None,
+            options=json.dumps(options),
+            # Parked until its idempotency key is bound: a twin request must not run too. An
+            # ad-hoc run stays parked: no worker takes it, its caller executes it (run_here).
+            available_at=_PARKED if idempotency_key or name is None else None,
         )
-        if idempotency_key:
+        if idempotency_key and name is not None:
             bound = self.store.runs.bind_key(
-                user, app, idempotency_key, digest, run.id, IDEMPOTENCY_TTL
+                user, name, idempotency_key, digest, run.id, IDEMPOTENCY_TTL
             )
             if bound.run_id != run.id:  # a concurrent twin won the key
                 self.store.runs.discard_parked(run.id)
@@ -204,6 +230,34 @@ class Pipeline:
             connections=spec.connections,
         )
 
+    @staticmethod
+    def ad_hoc_request(spec: AdHoc, input: Any, trigger: Trigger, user: str) -> AgentRequest:
+        return AgentRequest(
+            environment=spec.environment,
+            entrypoint=spec.entrypoint,
+            input=input,
+            trigger=trigger.kind,
+            timeout=spec.timeout,
+            snapshot=spec.snapshot,
+            user=user,
+            connections=spec.connections,
+        )
+
+    def request_for(self, run: Run, spec: AppSpec | None) -> AgentRequest:
+        """What executing the recorded ``run`` asks of the executor: from its app version's
+        ``spec``, or for an ad-hoc run (no app) from what it recorded at admission."""
+        input, trigger = json.loads(run.input), Trigger(run.trigger)
+        if run.app is not None and spec is not None:
+            return self.request(run.app, spec, input, trigger, run.user)
+        recorded = json.loads(run.options or "{}")
+        ad_hoc = AdHoc(
+            run.environment,
+            run.entrypoint,
+            timeout=recorded.get("timeout"),
+            connections=tuple(recorded.get("connections", ())),
+        )
+        return self.ad_hoc_request(ad_hoc, input, trigger, run.user)
+
     def _replay(
         self, bound: KeyBinding, digest: str, key: str, wait: bool, wait_timeout: float | None
     ) -> Run:
@@ -211,11 +265,22 @@ class Pipeline:
             raise IdempotencyMismatch(f"idempotency key {key!r} was used with a different request")
         return self.wait(bound.run_id, wait_timeout) if wait else self.store.runs.get(bound.run_id)
 
-    def wait(self, run_id: str, timeout: float | None = None) -> Run:
-        """Block until the run ends (or ``timeout`` passes); returns its latest record."""
+    def wait(
+        self,
+        run_id: str,
+        timeout: float | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
+    ) -> Run:
+        """Block until the run ends (or ``timeout`` passes); returns its latest record.
+        ``on_event`` is told every event of the run's log, in order, as it is read."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
         while True:
             run = self.store.runs.get(run_id)
+            if on_event is not None:  # read after the status: a run's end and its last event
+                for event in self.store.runs.events(run_id, after=seen):  # are one write
+                    seen = event.seq
+                    on_event(event)
             if RunStatus(run.status).terminal:
                 return run
             if deadline is not None and time.monotonic() >= deadline:
@@ -229,7 +294,7 @@ class Pipeline:
         self.store.runs.get(run_id)  # RunNotFound for an unknown id
         run = self.finish(
             run_id,
-            from_status=(RunStatus.QUEUED,),
+            from_status=("queued",),
             status=str(RunStatus.CANCELLED),
             error_code="cancelled",
             error="cancelled before it started",
@@ -244,7 +309,7 @@ class Pipeline:
         *,
         lease_owner: str | None = None,
         lease_expires: datetime | None = None,
-        from_status: Iterable[str] = ACTIVE,
+        from_status: tuple[str, ...] = ACTIVE,
         detail: dict[str, Any] | None = None,
         **fields: Any,
     ) -> Run:
@@ -300,7 +365,21 @@ class Pipeline:
         pending = self.store.runs.unannounced(datetime.now(UTC) - grace)
         return sum(1 for run in pending if self.announce(run))
 
-    def _guard(self, app: str, parent: Run | None) -> int:
+    # -- agent-to-agent calls: the bridge's ``AgentCalls`` ----------------------------------
+
+    def callable_by_agents(self, app: str) -> bool:
+        return self.apps.get(app)[1].callable_by_agents
+
+    def admit_call(
+        self, app: str, input: Any, *, caller: str, user: str, awaited: bool
+    ) -> CalledRun:
+        trigger = Trigger("agent", parent_run=caller, awaited=awaited)
+        return called_run(self.execute_agent(app, input, trigger, user=user))
+
+    def called(self, run_id: str) -> CalledRun:
+        return called_run(self.store.runs.get(run_id))
+
+    def _guard(self, app: str | None, parent: Run | None) -> int:
         """Depth and cycle checks for an agent-to-agent call; 0 for every other trigger."""
         if parent is None:
             return 0
@@ -330,6 +409,10 @@ class Pipeline:
         elif spec.concurrency == "reject" and not limit and active:
             raise ConcurrencyLimit(f"app {app!r} is already running for {user!r}")
         # enqueue: always admitted; workers start it when fewer than the limit are running
+
+
+def called_run(run: Run) -> CalledRun:
+    return CalledRun(run.id, RunStatus(run.status).terminal, run_json(run))
 
 
 def _request_hash(app: str, input: Any) -> str:

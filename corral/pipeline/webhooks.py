@@ -17,7 +17,8 @@ like the run queue: any number of deliverers in any number of processes; see
     Corral-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
 
 signed with the ``webhook_secret`` of the app version that ran (no signature header if it
-has none), at the moment of sending. A 2xx answer delivers it; a connection error, a timeout
+has none), at the moment of sending, through ``corral.outbound`` (no redirect followed, the
+answer read up to 64 KiB and ignored). A 2xx answer delivers it; a connection error, a timeout
 or any other status is retried after ``base_delay * 2 ** (attempt - 1)`` seconds (capped at
 ``max_delay``) until ``max_attempts`` attempts have failed; then it is ``failed``.
 
@@ -30,18 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
 import json
 import logging
 import secrets
 import socket
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from corral.errors import InvalidInput, RunNotFound
+from corral.errors import DeliveryFailed, InvalidInput, OutboundError, RunNotFound, UnusableURL
+from corral.outbound import Client
 from corral.pipeline.apps import Apps, AppSpec
 from corral.states import RunStatus
 from corral.store import Delivery, Run, Store
@@ -205,41 +205,23 @@ class RetryPolicy:
         return float(min(self.base_delay * 2 ** max(0, attempts - 1), self.max_delay))
 
 
-class DeliveryFailed(Exception):
-    """One attempt failed: connection error, timeout, or a status other than 2xx."""
-
-    def __init__(self, reason: str, *, permanent: bool = False) -> None:
-        super().__init__(reason)
-        self.reason, self.permanent = reason, permanent
-
-
-def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+def post(client: Client, url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
     """POST ``body`` to ``url`` without following redirects; the status, if 2xx.
 
-    ``DeliveryFailed`` otherwise (``permanent`` for a URL no retry can fix).
+    ``DeliveryFailed`` otherwise (``permanent`` for a URL no retry can fix). The answer's body
+    is read up to ``_RESPONSE_LIMIT`` bytes and ignored.
     """
     try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise DeliveryFailed(f"invalid webhook URL: {exc}", permanent=True) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise DeliveryFailed(f"webhook URL {url!r} is not http(s)://host/...", permanent=True)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = kind(parts.hostname, port, timeout=timeout)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    try:
-        connection.request("POST", target, body=body, headers=headers)
-        response = connection.getresponse()
-        response.read(_RESPONSE_LIMIT)
-        status = response.status
-    except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, TLS
-        raise DeliveryFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
-    finally:
-        connection.close()
-    if not 200 <= status < 300:
-        raise DeliveryFailed(f"the receiver answered HTTP {status}")
-    return status
+        answer = client.request(
+            "POST", url, headers=headers, body=body, timeout=timeout, limit=_RESPONSE_LIMIT
+        )
+    except UnusableURL as exc:
+        raise DeliveryFailed(f"invalid webhook URL: {exc.detail}", permanent=True) from None
+    except OutboundError as exc:  # refused, reset, timed out, TLS
+        raise DeliveryFailed(exc.detail) from None
+    if not answer.ok:
+        raise DeliveryFailed(f"the receiver answered HTTP {answer.status}")
+    return answer.status
 
 
 class Deliverer:
@@ -255,8 +237,10 @@ class Deliverer:
         poll: float = 0.2,
         sweep_every: float = 5.0,
         sweep_window: float = 3600.0,
+        client: Client | None = None,
     ) -> None:
         self.webhooks = webhooks
+        self.client = client or Client()
         self.store = webhooks.store
         self.policy = policy or RetryPolicy()
         self.name = name or f"{socket.gethostname()}-webhooks-{secrets.token_hex(4)}"
@@ -342,7 +326,7 @@ class Deliverer:
             secret = self._secret(delivery)
             if secret:
                 headers[SIGNATURE_HEADER] = sign(secret, body, int(time.time()))
-            post(delivery.url, body, headers, self.policy.timeout)
+            post(self.client, delivery.url, body, headers, self.policy.timeout)
         except DeliveryFailed as failed:
             return self._failed(delivery, failed)
         self._settle(self.store.webhooks.delivered(delivery.id, self.name), delivery)

@@ -47,14 +47,15 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from corral.errors import CorralError, StoreUnavailable
+from corral.errors import StoreUnavailable
 from corral.observability.logs import run_context
+from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import Stopped
 from corral.pipeline.leases import Lease, held, owner_name
-from corral.pipeline.service import Pipeline, Trigger
+from corral.pipeline.service import Pipeline
 from corral.sandbox.runtime import Runtime
 from corral.states import RunStatus
-from corral.store import Run, Store
+from corral.store import Run, RunEvent, Store
 from corral.store.engine import patiently
 
 log = logging.getLogger("corral.worker")
@@ -64,12 +65,6 @@ SEEN_EVERY_S = 2.0  # how often a worker renews its row in ``workers``
 ALIVE_WITHIN_S = 15.0  # a worker unseen for longer is taken for dead
 SWEEP_EVERY = 1.0  # seconds between a worker's sweeps for runs ended without hooks
 LEND_POLL = 0.25  # seconds between looks for the awaited callees of a run being executed
-
-
-class NoWorker(CorralError):
-    """No worker is alive to execute a run someone is about to wait for."""
-
-    code = "no_worker"
 
 
 def live_workers(store: Store) -> list[str]:
@@ -231,23 +226,30 @@ class Worker:
         )
         return True
 
-    def execute(self, run: Run, leased_at: float | None = None) -> None:
-        """Execute a run this worker has just claimed (its lease granted at ``leased_at``)."""
+    def execute(
+        self,
+        run: Run,
+        leased_at: float | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
+    ) -> None:
+        """Execute a run this worker has just claimed (its lease granted at ``leased_at``),
+        telling ``on_event`` each event as it is recorded (``corral run`` shows them)."""
         leased_at = time.monotonic() if leased_at is None else leased_at
-        assert run.app is not None and run.app_version is not None
-        app, version = run.app, run.app_version
-        _, spec = patiently(lambda: self.pipeline.apps.get(app, version), f"run {run.id}")
-        limited = spec.concurrency == "enqueue" and spec.max_concurrent
-        if limited:
-            running = patiently(
-                lambda: self.store.runs.running_count(run.user, app), f"run {run.id}"
-            )
-            if running > spec.max_concurrent:
-                patiently(
-                    lambda: self.store.runs.release(run.id, self.name, delay=0.2),
-                    f"run {run.id}",
+        spec: AppSpec | None = None  # an ad-hoc run has no app, and no concurrency policy
+        if run.app is not None and run.app_version is not None:
+            app, version = run.app, run.app_version
+            _, spec = patiently(lambda: self.pipeline.apps.get(app, version), f"run {run.id}")
+            limit = spec.max_concurrent if spec.concurrency == "enqueue" else 0
+            if limit:
+                running = patiently(
+                    lambda: self.store.runs.running_count(run.user, app), f"run {run.id}"
                 )
-                return
+                if running > limit:
+                    patiently(
+                        lambda: self.store.runs.release(run.id, self.name, delay=0.2),
+                        f"run {run.id}",
+                    )
+                    return
         if run.deliveries > 1:
             self.runtime().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
@@ -265,9 +267,7 @@ class Worker:
                 f"run {run.id}: its final record",
             )
             return
-        request = self.pipeline.request(
-            run.app, spec, json.loads(run.input), Trigger(run.trigger), run.user
-        )
+        request = self.pipeline.request_for(run, spec)
         lending = threading.Event()
 
         def lend() -> None:
@@ -319,7 +319,9 @@ class Worker:
             ):
                 holding.append(lease)
                 lender.start()
-                self.pipeline.executor.execute(run, request, stop=stop, finish=self.pipeline.finish)
+                self.pipeline.executor.execute(
+                    run, request, on_event, stop=stop, finish=self.pipeline.finish
+                )
         except HandedBack as back:
             self._hand_back(run, back.reason)
         except StoreUnavailable:
@@ -352,11 +354,34 @@ class Worker:
             log.warning("run %s: worker %s handed it back: %s", run.id, self.name, reason)
 
 
+def execute_now(
+    pipeline: Pipeline,
+    runtime: Callable[[], Runtime],
+    run: Run,
+    *,
+    lease: float,
+    wait_timeout: float | None = None,
+    on_event: Callable[[RunEvent], None] | None = None,
+) -> Run:
+    """Execute the queued ``run`` in this thread, now, as a worker of its own would (a lease,
+    heartbeats, the same ending), telling ``on_event`` each event as it is recorded. If a
+    worker elsewhere claimed it first, follow that one's execution instead. Returns the run's
+    latest record (``corral app run --here``, ``corral run``)."""
+    worker = Worker(pipeline, runtime, name=owner_name("run"), lease=lease)
+    asked = time.monotonic()
+    claimed = pipeline.store.runs.claim(worker.name, worker.lease, only=run.id)
+    if claimed is None:
+        return pipeline.wait(run.id, wait_timeout, on_event)
+    worker.execute(claimed, leased_at=asked, on_event=on_event)
+    return pipeline.store.runs.get(run.id)
+
+
 def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: float) -> None:
     """Runs whose owner stopped renewing its lease (it died, or hangs): reap the dead owners'
     sandboxes on this host, then put each run back in the queue, or end it if nobody can run
-    it again: an app run delivered ``MAX_DELIVERIES`` times, or a ``corral run`` (its caller,
-    a terminal, is gone with it). ``lease`` is the caller's own, for the requeue's backoff."""
+    it again: an app run delivered ``MAX_DELIVERIES`` times, or an ad-hoc run (``corral run``:
+    its caller, a terminal, is gone with it). ``lease`` is the caller's own, for the requeue's
+    backoff."""
     store = pipeline.store
     expired = store.runs.expired()
     if expired:
@@ -366,7 +391,7 @@ def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: f
             why = (
                 f"{run.deliveries} workers lost this run"
                 if run.app is not None
-                else f"the `corral run` process running it ({run.lease_owner}) died"
+                else f"the process running this ad-hoc run ({run.lease_owner}) died"
             )
             pipeline.finish(  # only while the dead owner's lease is still the one
                 run.id,

@@ -21,24 +21,9 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from corral.errors import SandboxError
+from corral.errors import ProtocolError, SessionEnded, SessionTimeout
 
 MAX_LINE = 512 * 1024
-
-
-class SessionEnded(SandboxError):
-    code = "sandbox_ended"
-
-    def __init__(self, detail: str = "the sandbox ended before it answered") -> None:
-        super().__init__(detail)
-
-
-class ProtocolError(SandboxError):
-    code = "protocol_error"
-
-
-class SessionTimeout(SandboxError):
-    code = "sandbox_timeout"
 
 
 class Pipes:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from corral.errors import SandboxError
+from corral.errors import RunnerInvalid, SwapFailed
 from corral.releases import bundle
 from corral.sandbox.runtime import Sandbox
 from corral.snapshots.fsattr import Immutability
@@ -44,18 +44,6 @@ _RELEASE_ID = re.compile(r"^[0-9a-f]{16}$")
 VALIDATE_TIMEOUT_S = 30.0
 
 Step = Callable[..., None]
-
-
-class SwapFailed(SandboxError):
-    """A swap step failed in a way a fresh sandbox may not repeat."""
-
-    code = "runner_swap_failed"
-
-
-class RunnerInvalid(SandboxError):
-    """The release does not work with this environment's interpreter: retrying cannot help."""
-
-    code = "runner_invalid"
 
 
 def installed(rootfs: Path) -> tuple[str | None, list[str]]:

@@ -40,6 +40,7 @@ from typing import Any
 
 from corral.config import Settings
 from corral.errors import out_of_space
+from corral.processes import Owner
 from corral.sandbox import host
 from corral.sandbox.channels import Channels, Pipes
 from corral.sandbox.network import Network, host_resolvers
@@ -54,7 +55,7 @@ from corral.sandbox.runtime import (
     Stream,
     check_startable,
 )
-from corral.sandbox.slots import Owner, Record, Slots
+from corral.sandbox.slots import Record, Slots
 from corral.sandbox.spec import BindMount, ProcessSpec, runtime_config
 from corral.snapshots import overlay
 from corral.snapshots.fsattr import Immutability

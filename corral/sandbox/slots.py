@@ -20,30 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from corral.errors import SandboxCapacity
+from corral.processes import Owner
 
 # A slot directory without a record is a claim in progress; older than this, a crash.
 _CLAIM_GRACE_S = 30.0
-
-
-@dataclass(frozen=True)
-class Owner:
-    pid: int
-    start: int
-
-    @classmethod
-    def me(cls) -> Owner:
-        return cls.of(os.getpid())
-
-    @classmethod
-    def of(cls, pid: int) -> Owner:
-        """The live process ``pid``, told apart from any later one that reuses the number."""
-        return cls(pid, _start_time(pid))
-
-    def alive(self) -> bool:
-        try:
-            return _start_time(self.pid) == self.start
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            return False
 
 
 @dataclass(frozen=True)
@@ -115,9 +95,3 @@ class Slots:
                     if time.time() - entry.stat().st_mtime > _CLAIM_GRACE_S:
                         stale.append(int(entry.name))
         return dead, stale
-
-
-def _start_time(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        # The command name may hold spaces and parens: split after the last ')'.
-        return int(f.read().rsplit(")", 1)[1].split()[19])

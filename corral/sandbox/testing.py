@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any
 
 from corral.errors import CommandNotFound, InvalidInput, RequirementMissing
+from corral.processes import Owner
 from corral.sandbox.channels import Channels, Pipes
 from corral.sandbox.runtime import (
     BOOT_DIR,
@@ -50,7 +51,6 @@ from corral.sandbox.runtime import (
     Stream,
     check_startable,
 )
-from corral.sandbox.slots import Owner
 from corral.snapshots.fsattr import Immutability
 
 RUNNER_HOME = "opt/corral/runner"

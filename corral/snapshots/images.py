@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from corral.snapshots.layout import (
     Descriptor,
     Layout,
 )
+from corral.snapshots.tar import extract
 
 # Platform-owned trees: immutable in the layer cache, so that overlayfs refuses every change
 # to them in every sandbox (lifting the flag needs CAP_LINUX_IMMUTABLE; no sandbox has it).
@@ -151,11 +151,9 @@ class Images:
                         )
                     )
                 )
-                proc = subprocess.run(
-                    ["tar", "-x", "-f", path, "-C", str(tmp)], capture_output=True, text=True
-                )
-                if proc.returncode != 0:
-                    raise ImportFailed(f"cannot read OCI archive {path}: {proc.stderr.strip()}")
+                failed = extract(path, tmp)
+                if failed is not None:
+                    raise ImportFailed(f"cannot read OCI archive {path}: {failed}")
                 root = tmp
             if not (root / "index.json").is_file():
                 raise ImportFailed(f"{path} is not an OCI image layout (no index.json)")

@@ -12,28 +12,26 @@ directory replaced        xattr ``trusted.overlay.opaque=y``     empty file ``.w
 ``write_layer`` walks an upper directory in sorted order and writes a PAX tar with numeric
 owners, modes, mtimes, hard links and xattrs (``trusted.overlay.*`` is overlayfs bookkeeping and
 stays out). Its cost is proportional to the size of the change, never to the environment.
-``unpack_layer`` extracts a layer (plain or gzip) with GNU tar and turns OCI whiteouts back into
-overlayfs whiteouts, so the directory can serve as a read-only lower layer.
+``unpack_layer`` extracts a layer (plain or gzip) with GNU tar (``tar.py``) and turns OCI
+whiteouts back into overlayfs whiteouts, so the directory can serve as a read-only lower layer.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from corral.errors import DiskFull, SnapshotError, out_of_space
+from corral.snapshots.tar import extract, ran_out_of_space
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE = "trusted.overlay.opaque"
 _SKIP_XATTR_PREFIXES = ("trusted.overlay.",)
-# How GNU tar says it ran out of space (in English; _no_room covers the other locales).
-_NO_SPACE = ("No space left on device", "Disk quota exceeded")
 
 
 def is_empty(upper: Path) -> bool:
@@ -74,33 +72,13 @@ def write_layer(upper: Path, out: BinaryIO) -> None:
 
 def unpack_layer(blob: Path, dest: Path) -> None:
     """Extract the layer ``blob`` into the empty directory ``dest`` in overlayfs form."""
-    argv = [
-        "tar",
-        "-x",
-        "-f",
-        str(blob),
-        "-C",
-        str(dest),
-        "--numeric-owner",
-        "--same-permissions",
-        "--same-owner",
-        "--xattrs",
-        "--xattrs-include=*",
-        "--no-overwrite-dir",
-    ]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        if any(s in proc.stderr for s in _NO_SPACE) or _no_room(dest):
+    failed = extract(blob, dest, layer=True)
+    if failed is not None:
+        if ran_out_of_space(failed, dest):
             raise DiskFull(str(dest))
-        raise SnapshotError(f"could not unpack layer {blob.name}: {proc.stderr.strip()}")
+        raise SnapshotError(f"could not unpack layer {blob.name}: {failed}")
     with out_of_space(dest):
         _overlay_whiteouts(dest)
-
-
-def _no_room(path: Path) -> bool:
-    """Less than a MiB left for ``path``'s filesystem: what a write that failed there met."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def _overlay_whiteouts(root: Path) -> None:

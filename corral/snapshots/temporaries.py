@@ -4,7 +4,7 @@ Everything Corral writes into its data directory is first written under a tempor
 renamed into place (blobs, ``index.json``, unpacked layers, platform layers). A process killed
 mid-write leaves its temporary behind; nothing renames or removes it later. So every such
 temporary is named ``.<kind>-<pid>-<start>-<random>``, after its writer (the pid and the
-process's start time, as in the sandbox slot registry: a recycled pid is not mistaken for the
+process's start time, ``corral.processes.Owner``: a recycled pid is not mistaken for the
 writer), and ``sweep`` removes the ones whose writer is dead. Opening a layout or the layer
 cache sweeps it, so a killed freeze leaves nothing behind past the next command.
 """
@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from corral.sandbox.slots import Owner
+from corral.processes import Owner
 from corral.snapshots.fsattr import unlock_everything
 
 log = logging.getLogger("corral.snapshots")

@@ -247,17 +247,17 @@ class Runs:
 
         With ``awaited_by``, only a run that the run ``awaited_by`` called and is waiting on:
         the caller's worker lends it the capacity the waiting caller holds. With ``only``,
-        only that run, if it is runnable and queued (``corral app run --here``).
+        only that run, if it is queued, even parked: its caller executes it now (``corral app
+        run --here``; ``corral run``, whose run is parked so that no worker takes it).
         """
         now = now or datetime.now(UTC)
-        where = [
-            _may_become(RunStatus.RUNNING),
-            or_(runs.c.available_at.is_(None), runs.c.available_at <= now),
-        ]
+        where = [_may_become(RunStatus.RUNNING)]
+        if only is None:
+            where.append(or_(runs.c.available_at.is_(None), runs.c.available_at <= now))
+        else:
+            where.append(runs.c.id == only)
         if awaited_by is not None:
             where += [runs.c.parent_run == awaited_by, runs.c.awaited.is_(True)]
-        if only is not None:
-            where.append(runs.c.id == only)
         with transaction(self._engine, write=True) as conn:
             candidate = conn.execute(
                 select(runs.c.id)

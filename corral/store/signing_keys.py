@@ -1,7 +1,8 @@
 """Run-token signing keys: the ``signing_keys`` table, shared by every Corral process.
 
-The private keys are stored sealed; sealing and opening are the vault's, and which key signs
-is the bridge's (``corral.bridge.keys``). Here they are bytes under a key id.
+The private keys are stored sealed; sealing, opening and rewrapping are the vault's
+(``corral.vault.signing``), and which key signs is the bridge's (``corral.bridge.tokens``).
+Here they are bytes under a key id.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, Row
 
@@ -44,6 +45,17 @@ class SigningKeys:
                 .order_by(signing_keys.c.created_at)
             )
             return [_key(r) for r in rows]
+
+    def replace(self, kid: str, old: bytes, new: bytes) -> bool:
+        """Store ``new`` as key ``kid``'s sealed value if it still is ``old`` (a rewrap that
+        another process did first, or a key that is gone, is left alone): True if replaced."""
+        with transaction(self._engine, write=True) as conn:
+            done = conn.execute(
+                update(signing_keys)
+                .where(signing_keys.c.kid == kid, signing_keys.c.sealed_private_key == old)
+                .values(sealed_private_key=new)
+            )
+            return done.rowcount == 1
 
 
 def _key(row: Row[Any]) -> SealedSigningKey:

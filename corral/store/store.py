@@ -22,6 +22,7 @@ from corral.store.runs import Runs
 from corral.store.schedules import Schedules
 from corral.store.signing_keys import SigningKeys
 from corral.store.spans import Spans
+from corral.store.stats import RunStats
 from corral.store.usage import Usage
 from corral.store.webhooks import Deliveries
 from corral.store.workers import Workers
@@ -47,6 +48,7 @@ class Store:
         self.schedules = Schedules(engine)
         self.webhooks = Deliveries(engine)
         self.credentials = Credentials(engine)
+        self.stats = RunStats(engine)  # read-only: the metrics' figures
 
     @classmethod
     def open(cls, url: str) -> Store:

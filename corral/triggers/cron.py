@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
-from corral.errors import InvalidInput
+from corral.errors import InvalidCron, InvalidInput, InvalidTimeZone
 
 FIELDS: Final = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _BOUNDS: Final = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
@@ -44,29 +44,9 @@ _NAMES: Final[tuple[tuple[str, ...], ...]] = (
 )
 _VALUE = r"(?:\d+|[A-Za-z]{3})"
 _ITEM: Final = re.compile(rf"(?:\*|({_VALUE})(?:-({_VALUE}))?)(?:/(\d+))?")
-_EXAMPLE: Final = "five fields: minute hour day-of-month month day-of-week, e.g. '0 9 * * MON'"
 # A wall time occurs at most twice, so walking past a repeated stretch takes a bounded number
 # of candidates; this guard only turns a bug into an error instead of a hang.
 _MAX_STALE_STEPS: Final = 100_000
-
-
-class InvalidCron(InvalidInput):
-    code = "invalid_cron"
-
-    def __init__(self, expr: object, reason: str) -> None:
-        self.expr = expr
-        super().__init__(f"invalid cron expression {expr!r}: {reason}; expected {_EXAMPLE}")
-
-
-class InvalidTimeZone(InvalidInput):
-    code = "invalid_time_zone"
-
-    def __init__(self, name: object, reason: str = "it is not an IANA time zone name") -> None:
-        self.name = name
-        super().__init__(
-            f"invalid time zone {name!r}: {reason}; use an IANA name such as "
-            "'Europe/Paris', 'America/New_York' or 'UTC'"
-        )
 
 
 def check_cron(expr: str) -> str:

@@ -1,6 +1,6 @@
-"""Master keys: the key ring that wraps every credential's data key, and where it lives.
+"""Master keys: the key ring that wraps every sealed record's data key, and where it lives.
 
-A ``KeyRing`` holds 32-byte AES-256 master keys by key id (the first 16 hex digits of the
+A ``MasterKeyRing`` holds 32-byte AES-256 master keys by key id (the first 16 hex digits of the
 key's sha256), one of them primary: new records are wrapped under the primary, and the
 others are kept only so that records wrapped before a rotation can still be opened.
 
@@ -57,7 +57,7 @@ def new_key() -> bytes:
 
 
 @dataclass(frozen=True, eq=False)
-class KeyRing:
+class MasterKeyRing:
     """Master keys by key id; ``primary`` wraps new data keys. Immutable."""
 
     primary: str
@@ -75,7 +75,7 @@ class KeyRing:
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
 
     @classmethod
-    def of(cls, keys: Iterable[bytes], source: str) -> KeyRing:
+    def of(cls, keys: Iterable[bytes], source: str) -> MasterKeyRing:
         """A ring of ``keys``, the first one primary; a repeated key is kept once."""
         listed = list(keys)
         if not listed:
@@ -94,13 +94,13 @@ class KeyRing:
         """Every key id, the primary first."""
         return (self.primary, *sorted(k for k in self.keys if k != self.primary))
 
-    def promoted(self, key: bytes) -> KeyRing:
+    def promoted(self, key: bytes) -> MasterKeyRing:
         """This ring with ``key`` added (if new) and made primary."""
         kid = key_id(key)
-        return KeyRing(primary=kid, keys={**self.keys, kid: key}, source=self.source)
+        return MasterKeyRing(primary=kid, keys={**self.keys, kid: key}, source=self.source)
 
-    def without(self, kid: str) -> KeyRing:
-        return KeyRing(
+    def without(self, kid: str) -> MasterKeyRing:
+        return MasterKeyRing(
             primary=self.primary,
             keys={k: v for k, v in self.keys.items() if k != kid},
             source=self.source,
@@ -114,7 +114,7 @@ class MasterKeys:
         self._env = env
         self.path = path
         self._lock = threading.Lock()
-        self._ring: KeyRing | None = None
+        self._ring: MasterKeyRing | None = None
         self._seen: tuple[int, ...] | None = None  # the key file's identity when last read
 
     @classmethod
@@ -129,7 +129,7 @@ class MasterKeys:
     def source(self) -> str:
         return ENV_SOURCE if self._env is not None else str(self.path)
 
-    def ring(self, needing: str | None = None) -> KeyRing:
+    def ring(self, needing: str | None = None) -> MasterKeyRing:
         """The current ring; the key file is created on first use and re-read if it changed.
 
         ``needing``: a key id the caller is about to use. If the ring lacks it, the file is
@@ -140,7 +140,7 @@ class MasterKeys:
             if self._env is not None:
                 if self._ring is None:
                     keys = master_key_parts(self._env.reveal())
-                    self._ring = KeyRing.of(keys, ENV_SOURCE)
+                    self._ring = MasterKeyRing.of(keys, ENV_SOURCE)
                 return self._ring
             ring = self._ring
             if ring is None or self._changed() or (needing and ring.get(needing) is None):
@@ -150,7 +150,7 @@ class MasterKeys:
                 self._ring = ring
             return ring
 
-    def promote(self, key: bytes | None) -> KeyRing:
+    def promote(self, key: bytes | None) -> MasterKeyRing:
         """Make ``key`` (a fresh one if None) the primary, keeping every older key.
 
         With the key file as the source the new ring is written to it. With
@@ -173,7 +173,7 @@ class MasterKeys:
             self._write(ring.promoted(key if key is not None else new_key()))
         return self.ring()
 
-    def remove(self, kid: str) -> KeyRing:
+    def remove(self, kid: str) -> MasterKeyRing:
         """Remove key ``kid`` from the key file. The caller checks that no record needs it."""
         if self._env is not None:
             raise MasterKeyError(
@@ -197,7 +197,7 @@ class MasterKeys:
         except FileNotFoundError:
             return True
 
-    def _load_or_create(self, *, locked: bool = False) -> tuple[KeyRing, tuple[int, ...]]:
+    def _load_or_create(self, *, locked: bool = False) -> tuple[MasterKeyRing, tuple[int, ...]]:
         """The key file's ring and the file's identity, creating the file if there is none.
 
         ``locked``: the caller already holds ``_locked`` (flock is per open file, so taking
@@ -209,13 +209,13 @@ class MasterKeys:
         if not locked:
             with self._locked():  # two first uses at once must not write two different keys
                 return self._load_or_create(locked=True)
-        self._write(KeyRing.of([new_key()], str(self.path)))
+        self._write(MasterKeyRing.of([new_key()], str(self.path)))
         loaded = self._load()
         if loaded is None:
             raise MasterKeyError(f"key file {self.path} vanished as soon as it was written")
         return loaded
 
-    def _load(self) -> tuple[KeyRing, tuple[int, ...]] | None:
+    def _load(self) -> tuple[MasterKeyRing, tuple[int, ...]] | None:
         """The key file's ring and identity, or None if there is no key file."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -253,7 +253,7 @@ class MasterKeys:
                 "been read, run `corral vault rotate` and retire the old key"
             )
 
-    def _parse(self, raw: bytes) -> KeyRing:
+    def _parse(self, raw: bytes) -> MasterKeyRing:
         where = f"key file {self.path}"
         try:
             doc = json.loads(raw)
@@ -274,9 +274,9 @@ class MasterKeys:
             keys[kid] = key
         if not isinstance(doc.get("primary"), str) or doc["primary"] not in keys:
             raise MasterKeyError(f"{where}: 'primary' must name one of its keys")
-        return KeyRing(primary=doc["primary"], keys=keys, source=str(self.path))
+        return MasterKeyRing(primary=doc["primary"], keys=keys, source=str(self.path))
 
-    def _write(self, ring: KeyRing) -> None:
+    def _write(self, ring: MasterKeyRing) -> None:
         """Replace the key file with ``ring``, atomically, mode 0600. Call under ``_locked``."""
         doc = {
             "primary": ring.primary,

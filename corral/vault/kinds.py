@@ -4,8 +4,9 @@
   kind and the field, and the type of a bad value - never the value.
 * ``CredentialInfo`` is metadata only: what ``list``, ``put`` and ``revoke`` return, and all
   the CLI and any API may ever show. It has no secret field, so it cannot leak one.
-* ``Credential`` is a resolved credential, for the host-side bridge only. Its secret fields
-  are ``Secret``: its ``repr``, a log line or an f-string shows ``**********``.
+* ``Credential`` is a resolved credential, for the host-side bridge only: the one shape the
+  bridge's gate attaches to a call. Its secret fields are ``Secret``: its ``repr``, a log
+  line or an f-string shows ``**********``; ``revealed()`` is for the wire alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ FIELDS: Final[Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
 }
 SECRET_FIELDS: Final = frozenset(
     {"token", "key", "password", "access_token", "refresh_token", "client_secret"}
+)
+# Every field of every kind but ``expires_at``, in the order they are listed above.
+_WIRE_FIELDS: Final = tuple(
+    dict.fromkeys(name for kind in KINDS for name in FIELDS[kind][0] if name != "expires_at")
 )
 _MAX_FIELD: Final = 16 * 1024  # characters; a JWT access token is a few KiB at most
 _LOOPBACK: Final = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -197,6 +202,19 @@ class Credential:
             for name, value in fields.items()
         }
         return cls(user, connection, check_kind(kind), updated_at, **values)  # type: ignore[arg-type]
+
+    def revealed(self) -> dict[str, str]:
+        """Every field set, secrets revealed, as text: what the bridge puts on the wire.
+
+        Host memory only: never logged, never sent to a sandbox. ``expires_at`` is not a
+        field to send, and stays out.
+        """
+        out = {}
+        for name in _WIRE_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.reveal() if isinstance(value, Secret) else str(value)
+        return out
 
     def expired(self, leeway: float = 60.0, now: float | None = None) -> bool:
         """Whether an oauth2 access token expires within ``leeway`` seconds (False if unknown)."""

@@ -13,9 +13,10 @@ nothing that runs in or answers to a sandbox may build a ``Vault``. Everything e
 a log line or a ``repr``.
 
 Rotation never stops service: ``rotate`` makes a new master key primary first, while the
-old one stays in the ring, then rewraps one record per transaction; every record opens
-under either key throughout, so readers never wait for it. ``retire`` then removes the old
-key, and only once no record still uses it.
+old one stays in the ring, then rewraps one record per transaction: every credential, and
+every signing key of the bridge (``signing.py``) that still verifies tokens. Every record
+opens under either key throughout, so readers never wait for it. ``retire`` then removes
+the old key, and only once no credential and no signing key still uses it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from corral.vault.kinds import (
     stored_fields,
 )
 from corral.vault.sealed import Identity, Sealed, rewrap, seal, unseal
+from corral.vault.signing import SealedSigningKeys
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,16 @@ class Rotation:
     """What ``rotate`` did."""
 
     primary: str  # the key id every record should now be under
-    rewrapped: int  # records moved to it by this rotation
-    failed: tuple[str, ...]  # "user/connection: code" of records that could not be rewrapped
-    usage: Mapping[str, int]  # live records per key id, afterwards
+    rewrapped: int  # credentials moved to it by this rotation
+    failed: tuple[str, ...]  # "user/connection: code" (or "signing key <kid>: code") not moved
+    usage: Mapping[str, int]  # live credentials per key id, afterwards
+    signing_keys: int = 0  # the bridge's signing keys moved to it by this rotation
 
     def to_dict(self) -> dict[str, object]:
         return {
             "primary": self.primary,
             "rewrapped": self.rewrapped,
+            "signing_keys": self.signing_keys,
             "failed": list(self.failed),
             "usage": dict(self.usage),
         }
@@ -74,24 +78,33 @@ class KeyStatus:
 
     key_id: str
     primary: bool
-    records: int
+    records: int  # credentials
     present: bool  # False: records name this key id but the ring lacks it
+    signing_keys: int = 0  # the bridge's signing keys that still verify tokens
 
     def to_dict(self) -> dict[str, object]:
         return {
             "key_id": self.key_id,
             "primary": self.primary,
             "records": self.records,
+            "signing_keys": self.signing_keys,
             "present": self.present,
         }
 
 
 class Vault:
-    """Sealed credentials in the store, master keys from ``MasterKeys``. Thread-safe."""
+    """Sealed credentials in the store, master keys from ``MasterKeys``. Thread-safe.
 
-    def __init__(self, credentials: Credentials, keys: MasterKeys) -> None:
+    ``signing_keys``: the bridge's signing keys, sealed under the same master keys (the
+    same ``MasterKeys``), rewrapped and counted with the credentials.
+    """
+
+    def __init__(
+        self, credentials: Credentials, keys: MasterKeys, signing_keys: SealedSigningKeys
+    ) -> None:
         self._credentials = credentials
         self._keys = keys
+        self.signing_keys = signing_keys
 
     @property
     def key_source(self) -> str:
@@ -170,7 +183,8 @@ class Vault:
         return _info(self._credentials.modify(user, connection, refreshed))
 
     def rotate(self, new_key: bytes | None = None) -> Rotation:
-        """Make a new master key primary and rewrap every data key under it.
+        """Make a new master key primary and rewrap every data key under it: the
+        credentials', and the bridge's signing keys'.
 
         With the key file as the source, ``new_key`` (a fresh random key if None) is added
         to the file as primary, the old keys kept. With ``CORRAL_MASTER_KEY``, the new key
@@ -187,30 +201,41 @@ class Vault:
                 failed.append(f"{user}/{connection}: {exc.code}")
             except CredentialNotFound:
                 pass  # gone since the list was taken: nothing left to rewrap
+        signing, signing_failed = self.signing_keys.rewrap()
         return Rotation(
-            self._keys.ring().primary, rewrapped, tuple(failed), self._credentials.key_usage()
+            self._keys.ring().primary,
+            rewrapped,
+            (*failed, *signing_failed),
+            self._credentials.key_usage(),
+            signing,
         )
 
     def retire(self, key_id: str) -> tuple[str, ...]:
         """Remove old master key ``key_id`` from the key file; the remaining key ids.
 
-        ``MasterKeyInUse`` while any live record is still sealed under it.
+        ``MasterKeyInUse`` while any live credential, or any signing key that still
+        verifies tokens, is sealed under it.
         """
         ring = self._keys.ring()
         if key_id == ring.primary:
             raise MasterKeyError(f"key {key_id} is the primary key; rotate to a new one first")
         records = self._credentials.key_usage().get(key_id, 0)
-        if records:
-            raise MasterKeyInUse(key_id, records)
+        signing = self.signing_keys.usage().get(key_id, 0)
+        if records or signing:
+            raise MasterKeyInUse(key_id, records, signing)
         return self._keys.remove(key_id).key_ids
 
     def keys(self) -> builtins.list[KeyStatus]:
         """Every key id in the ring or named by a record, the primary first."""
         ring = self._keys.ring()
         usage = self._credentials.key_usage()
-        ids = list(ring.key_ids) + sorted(set(usage) - set(ring.keys))
+        signing = self.signing_keys.usage()
+        ids = list(ring.key_ids) + sorted((set(usage) | set(signing)) - set(ring.keys))
         return [
-            KeyStatus(kid, kid == ring.primary, usage.get(kid, 0), kid in ring.keys) for kid in ids
+            KeyStatus(
+                kid, kid == ring.primary, usage.get(kid, 0), kid in ring.keys, signing.get(kid, 0)
+            )
+            for kid in ids
         ]
 
     # -- plumbing -------------------------------------------------------------------
@@ -226,7 +251,7 @@ class Vault:
         except ValueError:
             # Authentic bytes that are not a credential: sealed by something other than put().
             raise CredentialTampered(
-                str(identity), "it decrypts, but not to a valid credential"
+                identity.described, "it decrypts, but not to a valid credential"
             ) from None
 
     def _rewrap_one(self, user: str, connection: str) -> int:
@@ -256,9 +281,13 @@ def _plaintext(fields: Mapping[str, FieldValue]) -> bytes:
 
 def _sealed(row: CredentialRow) -> Sealed:
     if row.key_id is None or row.dek_nonce is None or row.wrapped_dek is None:
-        raise CredentialTampered(f"{row.user}/{row.connection}", "its sealed columns are empty")
+        raise CredentialTampered(
+            f"credential {row.user}/{row.connection}", "its sealed columns are empty"
+        )
     if row.nonce is None or row.ciphertext is None:
-        raise CredentialTampered(f"{row.user}/{row.connection}", "its sealed columns are empty")
+        raise CredentialTampered(
+            f"credential {row.user}/{row.connection}", "its sealed columns are empty"
+        )
     return Sealed(row.key_id, row.dek_nonce, row.wrapped_dek, row.nonce, row.ciphertext)
 
 

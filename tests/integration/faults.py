@@ -7,8 +7,8 @@ a log file that a failing assertion shows.
 
 ``assert_ended_once`` is what "every run ends exactly once" means, checked on the store: one
 terminal status, finished at a recorded time, exactly one ``run.finished`` event and it
-agrees with that status, no ledger source twice and (for an app's run) every usage event
-billed.
+agrees with that status, no ledger source twice and every usage event billed (an ad-hoc
+``corral run`` too: it goes through the same pipeline).
 """
 
 from __future__ import annotations
@@ -138,9 +138,8 @@ def assert_ended_once(store: Store, run_id: str) -> Run:
     assert json.loads(finished[0].data)["status"] == run.status, (finished[0].data, run.status)
     sources = [e.source for e in store.ledger.entries(run=run_id)]
     assert len(sources) == len(set(sources)), f"{run_id} was billed twice for one usage"
-    if run.app is not None:  # `corral run` is the operator's own: admitted and billed by no one
-        unbilled = {f"usage:{u.id}" for u in store.usage.events(run_id)} - set(sources)
-        assert not unbilled, f"{run_id} has usage never billed: {sorted(unbilled)}"
+    unbilled = {f"usage:{u.id}" for u in store.usage.events(run_id)} - set(sources)
+    assert not unbilled, f"{run_id} has usage never billed: {sorted(unbilled)}"
     return run
 
 

@@ -23,15 +23,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import h11
 
 from corral.bridge import tokens
 from corral.bridge.connections import Connection
-from corral.bridge.gate import BridgeGate, Credential, Sink
+from corral.bridge.gate import BridgeGate, Sink
 from corral.bridge.server import Bridge
-from corral.bridge.tokens import KeyRing, Verifier
+from corral.bridge.tokens import SigningKeyRing, Verifier
+from corral.vault.kinds import Credential
 from tests.gate_backend import MemoryBackend
 
 # -- the upstream ------------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class ProxyWorld:
     gate: BridgeGate
     backend: MemoryBackend
     upstream: RawUpstream
-    ring: KeyRing
+    ring: SigningKeyRing
     keys: dict[str, str]  # user -> the real credential for connection "up"
     clients: list[Client] = field(default_factory=list)
 
@@ -247,10 +249,11 @@ def proxy_world(
     for user in ("alice", "bob"):
         keys[user] = f"sk-{user}-" + secrets.token_hex(16)
         field_name = "key" if auth.startswith("header:") else "token"
-        backend.credentials[(user, "up")] = Credential(
-            "api_key" if field_name == "key" else "bearer", {field_name: keys[user]}
+        kind = "api_key" if field_name == "key" else "bearer"
+        backend.credentials[(user, "up")] = Credential.build(
+            user, "up", kind, {field_name: keys[user]}, datetime.now(UTC)
         )
-    ring = KeyRing()
+    ring = SigningKeyRing()
     gate = BridgeGate(
         ipaddress.IPv4Network("127.0.0.0/8"),
         Verifier(ring),

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from corral.bridge import tokens
 from corral.bridge.gate import BridgeGate
-from corral.bridge.tokens import KeyRing
+from corral.bridge.tokens import SigningKeyRing
 from corral.context import Corral
-from corral.pipeline.executor import AgentRequest
+from corral.pipeline.apps import AdHoc
 from corral.store import BridgeCall, Run
 from tests.fakes import (
     FakeAnthropic,
@@ -110,15 +110,10 @@ class World:
         on_event: Callable[..., None] | None = None,
         timeout: float = 60,
     ) -> Run:
-        request = AgentRequest(
-            self.env,
-            f"agent.py:{entry}",
-            input,
-            user=user,
-            connections=(*connections, "ctl"),
-            timeout=timeout,
+        spec = AdHoc(
+            self.env, f"agent.py:{entry}", connections=(*connections, "ctl"), timeout=timeout
         )
-        return self.corral.executor.run(request, on_event)
+        return self.corral.run_here(spec, input, user=user, on_event=on_event)
 
     def calls(self, run: str | None = None) -> list[BridgeCall]:
         return self.corral.store.usage.calls(run, limit=1_000_000)
@@ -189,9 +184,7 @@ def world(corral: Corral, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         corral.envs.create(env)
         _install(corral, env, tmp_path_factory.mktemp("wheels"))
         tag = secrets.token_hex(4)
-        chatty = corral.executor.run(
-            AgentRequest(env, "agent.py:chatty", {"tag": tag}, user=new_user())
-        )
+        chatty = corral.run_here(AdHoc(env, "agent.py:chatty"), {"tag": tag}, user=new_user())
         yield World(
             corral,
             env,
@@ -312,7 +305,7 @@ def test_bad_tokens_are_refused_and_reach_no_upstream(world: World) -> None:
         kid = jwt.get_unverified_header(valid)["kid"]
         return {
             "expired": tokens.mint(world.corral.signing_keys, **claims, lifetime=-10),
-            "unknown_key": tokens.mint(KeyRing(), **claims, lifetime=600),
+            "unknown_key": tokens.mint(SigningKeyRing(), **claims, lifetime=600),
             "known_kid": jwt.encode(
                 payload, Ed25519PrivateKey.generate(), algorithm="EdDSA", headers={"kid": kid}
             ),

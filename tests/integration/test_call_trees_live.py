@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from corral.billing.ledger import BudgetExhausted
 from corral.config import BRIDGE_PORTS
 from corral.context import Corral
+from corral.errors import BudgetExhausted
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker

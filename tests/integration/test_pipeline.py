@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from corral.billing.ledger import BudgetExhausted
 from corral.context import Corral
+from corral.errors import BudgetExhausted, ConcurrencyLimit
 from corral.pipeline.apps import AppSpec
-from corral.pipeline.service import ConcurrencyLimit, Trigger
+from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker
 from tests.fakes import FakeMarketData
 from tests.integration.conftest import run

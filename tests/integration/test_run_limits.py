@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from corral.context import Corral
-from corral.errors import InvalidInput
+from corral.errors import InputTooLarge, InvalidInput
 from corral.limits import MAX_EVENT, MAX_INPUT, MAX_LOG_LINE, MAX_RESULT
-from corral.pipeline.apps import AppSpec
-from corral.pipeline.executor import AgentRequest
-from corral.pipeline.service import InputTooLarge, Trigger
+from corral.pipeline.apps import AdHoc, AppSpec
+from corral.pipeline.service import Trigger
 from corral.store import Run
 from corral.triggers import schedules
 from tests.integration.conftest import run
@@ -32,6 +31,9 @@ from corral_runner import sdk
 
 def echo(input):
     return input
+
+def sized(input):
+    return "x" * int(input)
 
 def loud(input):
     sdk.log("a log line with a large field", blob="y" * int(input))
@@ -96,10 +98,8 @@ def app(corral: Corral, agent_env: str) -> str:
 
 
 def execute(corral: Corral, env: str, entrypoint: str, input: Any) -> Run:
-    request = AgentRequest(
-        environment=env, entrypoint=f"agent.py:{entrypoint}", input=input, timeout=120
-    )
-    return corral.executor.run(request)
+    spec = AdHoc(env, f"agent.py:{entrypoint}", timeout=120)
+    return corral.run_here(spec, input, user="local")
 
 
 def kinds(corral: Corral, finished: Run) -> list[str]:
@@ -107,9 +107,9 @@ def kinds(corral: Corral, finished: Run) -> list[str]:
 
 
 def test_a_result_over_its_limit_fails_the_run_once(corral: Corral, agent_env: str) -> None:
-    ok = execute(corral, agent_env, "echo", "x" * (MAX_RESULT - 2))  # exactly the limit
+    ok = execute(corral, agent_env, "sized", MAX_RESULT - 2)  # exactly the limit, as JSON
     assert ok.status == "succeeded" and len(json.loads(ok.result or "")) == MAX_RESULT - 2
-    done = execute(corral, agent_env, "echo", "x" * MAX_RESULT)
+    done = execute(corral, agent_env, "sized", MAX_RESULT)
     assert (done.status, done.error_code, done.attempts) == ("failed", "result_too_large", 1)
     assert f"{MAX_RESULT + 2} bytes" in (done.error or "") and str(MAX_RESULT) in (done.error or "")
     assert "attempt.failed" not in kinds(corral, done)

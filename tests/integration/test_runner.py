@@ -16,7 +16,10 @@ import pytest
 
 from corral.context import Corral
 from corral.errors import SandboxError
-from corral.pipeline.executor import AgentRequest, Executor
+from corral.pipeline.apps import AdHoc
+from corral.pipeline.executor import Executor
+from corral.pipeline.service import Pipeline, Trigger
+from corral.pipeline.worker import execute_now
 from corral.releases import bundle
 from corral.releases.service import BUNDLED
 from corral.runner import __version__ as BUNDLED_VERSION
@@ -106,9 +109,18 @@ def agent(
     env: str,
     entry: str = "agent.py:main",
     executor: Executor | None = None,
-    **kw: Any,
+    trigger: str = "cli",
 ) -> Run:
-    return (executor or corral.executor).run(AgentRequest(env, entry, {"ticker": "ACME"}, **kw))
+    """An ad-hoc run of ``entry``, admitted and executed here, now, as ``corral run`` does;
+    through a pipeline of ``executor`` (with test seams) if given."""
+    pipeline = (
+        corral.pipeline if executor is None else Pipeline(corral.store, executor, corral.ledger)
+    )
+    spec = AdHoc(env, entry)
+    queued = pipeline.execute_agent(
+        spec, {"ticker": "ACME"}, Trigger(trigger), user="local", operator=True
+    )
+    return execute_now(pipeline, corral.sandboxes, queued, lease=corral.settings.run_lease)
 
 
 def executor_with(corral: Corral, **kw: Any) -> Executor:

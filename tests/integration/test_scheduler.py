@@ -23,7 +23,7 @@ from sqlalchemy import update
 from corral.billing.ledger import Ledger
 from corral.config import Settings
 from corral.envs.service import Environments
-from corral.errors import AppNotFound, InvalidInput, ScheduleNotFound
+from corral.errors import AppNotFound, InvalidCron, InvalidInput, InvalidTimeZone, ScheduleNotFound
 from corral.pipeline.apps import Apps, AppSpec
 from corral.pipeline.executor import Executor
 from corral.pipeline.service import Pipeline, Trigger
@@ -32,7 +32,6 @@ from corral.store import Run, Schedule, Snapshot, Store, Tick
 from corral.store.engine import transaction
 from corral.store.schema import schedules as schedules_table
 from corral.triggers import schedules
-from corral.triggers.cron import InvalidCron, InvalidTimeZone
 from corral.triggers.scheduler import BACKLOG, Fired, Scheduler
 from corral.triggers.schedules import idempotency_key
 

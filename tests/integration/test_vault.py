@@ -14,13 +14,20 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine, make_url
 
+from corral.bridge import tokens
+from corral.bridge.tokens import KEY_KEPT_FOR, SigningKey, SigningKeyRing, Verifier
 from corral.config import Secret, Settings
 from corral.context import Corral
 from corral.errors import (
@@ -30,13 +37,15 @@ from corral.errors import (
     InvalidInput,
     MasterKeyError,
     MasterKeyInUse,
+    TokenRefused,
     UnknownMasterKey,
 )
 from corral.store import Store
 from corral.store.engine import make_engine
-from corral.store.schema import credentials
+from corral.store.schema import credentials, signing_keys
 from corral.vault import MasterKeys, Vault, key_id
 from corral.vault.keys import new_key
+from corral.vault.signing import SealedSigningKeys
 
 SECRETS: dict[tuple[str, str, str], dict[str, Any]] = {
     ("alice", "github", "bearer"): {"token": "ghp_R4nd0mT0kenValue1234567890abcdef"},
@@ -51,6 +60,7 @@ SECRETS: dict[tuple[str, str, str], dict[str, Any]] = {
         "expires_at": 1_900_000_000,
     },
 }
+KEPT_FOR = timedelta(seconds=KEY_KEPT_FOR)
 SECRET_FIELDS = ("token", "key", "password", "access_token", "refresh_token", "client_secret")
 SECRET_VALUES = [v for f in SECRETS.values() for k, v in f.items() if k in SECRET_FIELDS]
 
@@ -60,9 +70,14 @@ def keys(tmp_path: Path) -> MasterKeys:
     return MasterKeys(None, tmp_path / "vault" / "master.keys")
 
 
+def vault_of(store: Store, keys: MasterKeys) -> Vault:
+    """A vault as Corral builds one: the credentials and the bridge's signing keys."""
+    return Vault(store.credentials, keys, SealedSigningKeys(store.signing_keys, keys, KEPT_FOR))
+
+
 @pytest.fixture
 def vault(store: Store, keys: MasterKeys) -> Vault:
-    return Vault(store.credentials, keys)
+    return vault_of(store, keys)
 
 
 @pytest.fixture
@@ -189,14 +204,14 @@ def test_a_row_copied_to_another_user_does_not_open(vault: Vault, raw: Engine) -
 
 
 def test_a_different_master_key_cannot_open(store: Store, tmp_path: Path) -> None:
-    first = Vault(store.credentials, MasterKeys(Secret(b64(new_key())), tmp_path / "a"))
+    first = vault_of(store, MasterKeys(Secret(b64(new_key())), tmp_path / "a"))
     first.put("alice", "github", "bearer", {"token": "only-for-the-first-key"})
     for stranger in (
         MasterKeys(Secret(b64(new_key())), tmp_path / "b"),
         MasterKeys(None, tmp_path / "vault" / "master.keys"),
     ):
         with pytest.raises(UnknownMasterKey):
-            Vault(store.credentials, stranger).resolve("alice", "github")
+            vault_of(store, stranger).resolve("alice", "github")
 
 
 def test_rotation_rewraps_every_record_and_retires_the_old_key(
@@ -244,7 +259,7 @@ def test_rotation_keeps_updated_at_and_ciphertext(vault: Vault, raw: Engine) -> 
 def test_readers_never_fail_during_a_rotation(vault: Vault, store: Store, keys: MasterKeys) -> None:
     for n in range(12):
         vault.put(f"user{n}", "github", "bearer", {"token": f"token-number-{n}"})
-    reader = Vault(store.credentials, MasterKeys(None, keys.path))  # as another process would
+    reader = vault_of(store, MasterKeys(None, keys.path))  # as another process would
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -271,7 +286,7 @@ def test_readers_never_fail_during_a_rotation(vault: Vault, store: Store, keys: 
 
 
 def test_another_process_sees_a_rotation(vault: Vault, store: Store, keys: MasterKeys) -> None:
-    other = Vault(store.credentials, MasterKeys(None, keys.path))
+    other = vault_of(store, MasterKeys(None, keys.path))
     vault.put("alice", "github", "bearer", {"token": "before-rotation"})
     assert secret_of(other, "alice", "github") == "before-rotation"
     done = vault.rotate()
@@ -293,17 +308,17 @@ def test_a_record_that_fails_to_rewrap_is_reported(vault: Vault, raw: Engine) ->
 
 def test_env_key_rotation(store: Store, tmp_path: Path) -> None:
     old, new = new_key(), new_key()
-    before = Vault(store.credentials, MasterKeys(Secret(b64(old)), tmp_path / "unused"))
+    before = vault_of(store, MasterKeys(Secret(b64(old)), tmp_path / "unused"))
     put_all(before)
     with pytest.raises(MasterKeyError, match="must already be first"):
         before.rotate(new)
-    during = Vault(store.credentials, MasterKeys(Secret(f"{b64(new)},{b64(old)}"), tmp_path))
+    during = vault_of(store, MasterKeys(Secret(f"{b64(new)},{b64(old)}"), tmp_path))
     assert secret_of(during, "alice", "openai") == SECRETS["alice", "openai", "api_key"]["key"]
     done = during.rotate(new)
     assert done.primary == key_id(new) and done.rewrapped == len(SECRETS)
     with pytest.raises(MasterKeyError, match="remove key"):
         during.retire(key_id(old))
-    after = Vault(store.credentials, MasterKeys(Secret(b64(new)), tmp_path / "unused"))
+    after = vault_of(store, MasterKeys(Secret(b64(new)), tmp_path / "unused"))
     assert secret_of(after, "alice", "openai") == SECRETS["alice", "openai", "api_key"]["key"]
     assert not (tmp_path / "unused").exists()
 
@@ -381,6 +396,127 @@ def test_bad_input_stores_nothing(
 def test_unknown_credential(vault: Vault) -> None:
     with pytest.raises(CredentialNotFound, match="secret list"):
         vault.resolve("alice", "github")
+
+
+# -- the bridge's signing keys: sealed by the vault, rewrapped with the credentials -------------
+
+PEER = "10.0.0.2"
+
+
+def mint(ring: SigningKeyRing, run: str = "run-1") -> str:
+    return tokens.mint(
+        ring,
+        user="alice",
+        app="a",
+        session=run,
+        run=run,
+        connections=(),
+        address=PEER,
+        lifetime=600,
+    )
+
+
+def verified_elsewhere(store: Store, keys: MasterKeys, token: str) -> str:
+    """The run a token names, as a process that has only just started checks it."""
+    ring = SigningKeyRing(store=vault_of(store, MasterKeys(None, keys.path)).signing_keys)
+    return Verifier(ring).verify(token, PEER).run
+
+
+def stored_signing_key(raw: Engine, kid: str) -> bytes:
+    with raw.connect() as conn:
+        row = conn.execute(select(signing_keys).where(signing_keys.c.kid == kid)).one()
+    return bytes(row.sealed_private_key)
+
+
+def kid_of(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+def legacy_seal(keys: MasterKeys, kid: str, private: Ed25519PrivateKey) -> bytes:
+    """A signing key as the bridge sealed it itself before issue 9."""
+    ring = keys.ring()
+    raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    nonce = os.urandom(12)
+    aad = b"corral-signing-key:" + kid.encode()
+    return ring.primary.encode() + b":" + nonce + AESGCM(ring.primary_key).encrypt(nonce, raw, aad)
+
+
+def test_rotation_rewraps_the_signing_keys_and_retiring_orphans_none(
+    vault: Vault, store: Store, keys: MasterKeys, raw: Engine
+) -> None:
+    token = mint(SigningKeyRing(store=vault.signing_keys))
+    kid, old = kid_of(token), keys.ring().primary
+    blob = stored_signing_key(raw, kid)
+    assert blob.startswith(b"corral.sealed.v1:" + old.encode())
+    statuses = vault.keys()
+    assert [(k.key_id, k.records, k.signing_keys) for k in statuses] == [(old, 0, 1)]
+
+    middle = keys.promote(None).primary  # a new primary, nothing rewrapped yet
+    with pytest.raises(MasterKeyInUse, match=r"0 credential\(s\) and 1 signing key"):
+        vault.retire(old)
+    done = vault.rotate()
+    assert (done.signing_keys, done.rewrapped, done.failed) == (1, 0, ())
+    assert stored_signing_key(raw, kid).startswith(b"corral.sealed.v1:" + done.primary.encode())
+    assert vault.retire(old) == (done.primary, middle)
+    assert vault.retire(middle) == (done.primary,)
+    assert verified_elsewhere(store, keys, token) == "run-1"  # the old key's tokens still check
+    assert vault.rotate().signing_keys == 1
+
+
+def test_signing_keys_sealed_the_old_way_are_read_then_rewrapped(
+    vault: Vault, store: Store, keys: MasterKeys, raw: Engine
+) -> None:
+    private, now = Ed25519PrivateKey.generate(), datetime.now(UTC)
+    store.signing_keys.add("kold0001", legacy_seal(keys, "kold0001", private), now)
+    token = mint(SigningKeyRing(keys=[SigningKey("kold0001", private, now.timestamp())]))
+    old = keys.ring().primary
+    assert verified_elsewhere(store, keys, token) == "run-1"
+    statuses = vault.keys()
+    assert [(k.key_id, k.signing_keys) for k in statuses] == [(old, 1)]
+
+    done = vault.rotate()
+    assert (done.signing_keys, done.failed) == (1, ())
+    blob = stored_signing_key(raw, "kold0001")
+    assert blob.startswith(b"corral.sealed.v1:" + done.primary.encode())
+    raw_private = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    assert raw_private not in blob
+    assert vault.retire(old) == (done.primary,)
+    assert verified_elsewhere(store, keys, token) == "run-1"
+
+
+def test_a_signing_key_that_fails_to_rewrap_is_reported(
+    vault: Vault, store: Store, keys: MasterKeys, raw: Engine
+) -> None:
+    token = mint(SigningKeyRing(store=vault.signing_keys))
+    kid, old = kid_of(token), keys.ring().primary
+    blob = stored_signing_key(raw, kid)
+    at = len(b"corral.sealed.v1:") + 16 + 12 + 5  # a byte of the wrapped data key
+    with raw.begin() as conn:
+        conn.execute(
+            update(signing_keys)
+            .where(signing_keys.c.kid == kid)
+            .values(sealed_private_key=blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1 :])
+        )
+    done = vault.rotate()
+    assert (done.signing_keys, done.failed) == (0, (f"signing key {kid}: credential_tampered",))
+    with pytest.raises(MasterKeyInUse, match="1 signing key"):
+        vault.retire(old)
+    with pytest.raises(TokenRefused, match="not signed by a Corral key"):
+        verified_elsewhere(store, keys, token)  # skipped as it loads: never a wrong key
+
+
+def test_a_signing_key_too_old_to_matter_is_left_alone(
+    vault: Vault, store: Store, keys: MasterKeys, raw: Engine
+) -> None:
+    private = Ed25519PrivateKey.generate()
+    long_ago = datetime.now(UTC) - KEPT_FOR - timedelta(hours=1)
+    sealed = legacy_seal(keys, "kancient", private)
+    store.signing_keys.add("kancient", sealed, long_ago)
+    old = keys.ring().primary
+    done = vault.rotate()
+    assert (done.signing_keys, done.failed) == (0, ())
+    assert vault.retire(old) == (done.primary,)  # it verifies no token: nothing is orphaned
+    assert stored_signing_key(raw, "kancient") == sealed
 
 
 def b64(key: bytes) -> str:

@@ -9,16 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-from corral.errors import InvalidInput
-from corral.triggers.cron import (
-    InvalidCron,
-    InvalidTimeZone,
-    check_cron,
-    fires_between,
-    next_fire,
-    previous_fire,
-    time_zone,
-)
+from corral.errors import InvalidCron, InvalidInput, InvalidTimeZone
+from corral.triggers.cron import check_cron, fires_between, next_fire, previous_fire, time_zone
 
 PARIS, NEW_YORK = "Europe/Paris", "America/New_York"
 

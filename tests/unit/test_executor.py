@@ -15,7 +15,10 @@ import pytest
 from corral.context import Corral
 from corral.errors import SandboxError
 from corral.pipeline import executor
-from corral.pipeline.executor import AgentRequest, Executor
+from corral.pipeline.apps import AdHoc
+from corral.pipeline.executor import Executor
+from corral.pipeline.service import Pipeline, Trigger
+from corral.pipeline.worker import execute_now
 from corral.runner import __version__ as BUNDLED_VERSION
 from corral.sandbox.runtime import Sandbox
 from corral.store import Run
@@ -38,9 +41,23 @@ def kinds(corral: Corral, run: Run) -> list[str]:
     return [kind for kind, _ in events(corral, run)]
 
 
-def agent(corral: Corral, env: str, entry: str, executor: Executor | None = None, **kw: Any) -> Run:
-    request = AgentRequest(env, entry, kw.pop("input", {"n": 21}), **kw)
-    return (executor or corral.executor).run(request)
+def agent(
+    corral: Corral,
+    env: str,
+    entry: str,
+    executor: Executor | None = None,
+    input: Any = None,
+    timeout: float | None = None,
+) -> Run:
+    """An ad-hoc run of ``entry`` in ``env``, admitted and executed here, now (``corral
+    run``), through a pipeline of ``executor`` (with test seams) if given."""
+    pipeline = corral.pipeline
+    if executor is not None:
+        pipeline = Pipeline(corral.store, executor, corral.ledger)
+    spec = AdHoc(env, entry, timeout=timeout)
+    value = {"n": 21} if input is None else input
+    queued = pipeline.execute_agent(spec, value, Trigger("cli"), user="local", operator=True)
+    return execute_now(pipeline, corral.sandboxes, queued, lease=corral.settings.run_lease)
 
 
 def executor_with(corral: Corral, **kw: Any) -> Executor:

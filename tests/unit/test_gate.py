@@ -9,16 +9,18 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 
 from corral.bridge import tokens
 from corral.bridge.connections import Connection
 from corral.bridge.exchange import Exchange, Head, Route
-from corral.bridge.gate import AUTH_HEADERS, BridgeGate, Credential, Sink
+from corral.bridge.gate import AUTH_HEADERS, BridgeGate, Sink
 from corral.bridge.http1 import Refused
-from corral.bridge.tokens import KeyRing, Verifier
+from corral.bridge.tokens import SigningKeyRing, Verifier
 from corral.limits import MAX_RESULT
+from corral.vault.kinds import Credential
 from tests.gate_backend import MemoryBackend
 
 SANDBOX = "10.213.0.7"
@@ -29,7 +31,7 @@ SECRET = "sk-alice-0123456789abcdef"
 class World:
     gate: BridgeGate
     backend: MemoryBackend
-    ring: KeyRing
+    ring: SigningKeyRing
     now: list[float]
 
     def token(self, run: str = "run-1", connections: tuple[str, ...] = ("up", "q")) -> str:
@@ -58,14 +60,18 @@ class World:
         return caught.value
 
 
+def credential(connection: str, kind: str, **fields: str | int) -> Credential:
+    return Credential.build("alice", connection, kind, fields, datetime.now(UTC))
+
+
 @pytest.fixture
 def world() -> Iterator[World]:
     backend = MemoryBackend()
     backend.connections["up"] = Connection("up", "https://api.example.com/v2")
     backend.connections["q"] = Connection("q", "http://127.0.0.1:8080/x", "query:api_key")
     for name in ("up", "q"):
-        backend.credentials[("alice", name)] = Credential("bearer", {"token": SECRET})
-    ring = KeyRing()
+        backend.credentials[("alice", name)] = credential(name, "bearer", token=SECRET)
+    ring = SigningKeyRing()
     now = [time.time()]
     sink = Sink(backend)
     gate = BridgeGate(
@@ -145,12 +151,12 @@ def test_a_revoked_credential_stops_working_once_its_cache_entry_ages(world: Wor
 
 
 def test_an_oauth_token_about_to_expire_is_refreshed_before_the_call(world: World) -> None:
-    soon = world.now[0] + 10
-    world.backend.credentials[("alice", "up")] = Credential(
-        "oauth2", {"access_token": "old-access-token"}, expires_at=soon
+    soon = int(world.now[0]) + 10
+    world.backend.credentials[("alice", "up")] = credential(
+        "up", "oauth2", access_token="old-access-token", expires_at=soon
     )
-    world.backend.refreshed[("alice", "up")] = Credential(
-        "oauth2", {"access_token": "new-access-token"}, expires_at=soon + 3600
+    world.backend.refreshed[("alice", "up")] = credential(
+        "up", "oauth2", access_token="new-access-token", expires_at=soon + 3600
     )
     route, _ = world.authorize("/up/x", world.token())
     assert world.backend.refreshes == [("alice", "up")]

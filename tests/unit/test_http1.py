@@ -9,7 +9,8 @@ import zlib
 import pytest
 
 from corral.bridge import http1
-from corral.bridge.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE, Delimit, Framing, Refused
+from corral.bridge.http1 import CHUNKED, NO_BODY, UNTIL_CLOSE, Delimit, Framing
+from corral.errors import Refused
 
 H = list[tuple[bytes, bytes]]
 

@@ -80,8 +80,8 @@ def test_an_expired_lease_is_requeued_once_after_its_backoff(
     assert corral.store.runs.requeue(expired, backoff=30.0)
     assert not corral.store.runs.requeue(expired, backoff=30.0)  # fenced: once
     assert not corral.store.runs.heartbeat(run.id, "dead", 10.0)  # its owner lost it
-    assert corral.store.runs.claim("w2", 10.0, only=run.id) is None  # backing off
-    again = corral.store.runs.claim("w2", 10.0, now=later(31), only=run.id)
+    assert corral.store.runs.claim("w2", 10.0) is None  # backing off
+    again = corral.store.runs.claim("w2", 10.0, now=later(31))
     assert again is not None and (again.lease_owner, again.deliveries) == ("w2", 2)
 
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Collection
+from datetime import datetime
 
 import jwt
 import pytest
 
 from corral.bridge import tokens
-from corral.bridge.tokens import KeyRing, SigningKey, TokenRefused, Verifier
+from corral.bridge.tokens import SigningKeyRing, Verifier
+from corral.errors import TokenRefused
 
 PEER = "10.213.0.7"
 
 
-def mint(ring: KeyRing, **kw: object) -> str:
+def mint(ring: SigningKeyRing, **kw: object) -> str:
     fields: dict[str, object] = {
         "user": "alice",
         "app": "analyst",
@@ -36,7 +39,7 @@ def refused(verifier: Verifier, token: str | None, peer: str = PEER) -> TokenRef
 
 
 def test_a_token_carries_its_claims_to_the_bridge() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     claims = Verifier(ring).verify(mint(ring, token_id="run-1.1.1.ab"), PEER)
     assert (claims.user, claims.app, claims.session, claims.run) == (
         "alice",
@@ -51,13 +54,13 @@ def test_a_token_carries_its_claims_to_the_bridge() -> None:
 
 
 def test_a_token_works_only_from_the_sandbox_it_was_minted_for() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     error = refused(Verifier(ring), mint(ring), peer="10.213.0.8")
     assert (error.reason, error.status) == ("wrong_sandbox", 403)
 
 
 def test_an_expired_token_is_refused_when_first_seen_and_once_cached() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     stale = mint(ring, now=time.time() - 120, lifetime=60)
     assert refused(Verifier(ring), stale).reason == "expired"
 
@@ -70,7 +73,7 @@ def test_an_expired_token_is_refused_when_first_seen_and_once_cached() -> None:
 
 
 def test_revoking_an_attempts_token_spares_the_runs_next_attempt() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     verifier = Verifier(ring)
     first = mint(ring, token_id="run-1.1.1.aa")
     second = mint(ring, token_id="run-1.1.2.bb")
@@ -81,7 +84,7 @@ def test_revoking_an_attempts_token_spares_the_runs_next_attempt() -> None:
 
 
 def test_revoking_a_run_refuses_all_its_tokens_and_no_other_runs() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     verifier = Verifier(ring)
     mine, theirs = mint(ring), mint(ring, run="run-2")
     verifier.revoke_run("run-1")
@@ -105,12 +108,12 @@ def _claims(token: str) -> dict[str, object]:
 
 
 def test_forged_tokens_are_refused() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     verifier = Verifier(ring)
     good = mint(ring)
     header, _, signature = _parts(good)
 
-    other = mint(KeyRing())  # a well-formed token from keys Corral never had
+    other = mint(SigningKeyRing())  # a well-formed token from keys Corral never had
     assert refused(verifier, other).reason == "forged"
 
     more = _b64({**_claims(good), "con": ["*"], "run": "run-9"})  # widened, same signature
@@ -124,7 +127,7 @@ def test_forged_tokens_are_refused() -> None:
 
 
 def test_a_token_missing_a_claim_or_not_a_jwt_is_malformed() -> None:
-    ring = KeyRing()
+    ring = SigningKeyRing()
     verifier = Verifier(ring)
     key = ring.signing(time.time())
     claims = {k: v for k, v in _claims(mint(ring)).items() if k != "adr"}
@@ -135,25 +138,40 @@ def test_a_token_missing_a_claim_or_not_a_jwt_is_malformed() -> None:
     assert refused(verifier, "").reason == "missing"
 
 
+class Keys:
+    """A ``KeyStore`` in memory, shared by rings as the store is by processes."""
+
+    def __init__(self, down: bool = False) -> None:
+        self.saved: list[tuple[str, bytes, datetime]] = []
+        self.down = down
+
+    def save(self, kid: str, private: bytes, created: datetime) -> None:
+        if self.down:
+            raise OSError("the database is down")
+        self.saved.append((kid, private, created))
+
+    def load(self, known: Collection[str] = ()) -> list[tuple[str, bytes, datetime]]:
+        return [key for key in self.saved if key[0] not in known]
+
+
 def test_a_new_signing_key_is_stored_before_it_signs_and_old_ones_still_verify() -> None:
-    stored: list[str] = []
-    ring = KeyRing(rotate_after=3600)
-    ring.on_new_key = lambda key: stored.append(key.kid)
+    keys = Keys()
+    ring = SigningKeyRing(rotate_after=3600, store=keys)
     early = mint(ring, now=time.time() - 4000, lifetime=8000)
     late = mint(ring)
     kids = [jwt.get_unverified_header(t)["kid"] for t in (early, late)]
-    assert kids[0] != kids[1] and stored == kids  # rotated; each stored before use
+    assert kids[0] != kids[1] and [k for k, _, _ in keys.saved] == kids  # rotated; stored
     verifier = Verifier(ring)
     assert verifier.verify(early, PEER).run == verifier.verify(late, PEER).run == "run-1"
+    elsewhere = Verifier(SigningKeyRing(store=keys))  # another process, the same store
+    assert elsewhere.verify(late, PEER).run == "run-1"
 
-    def down(key: SigningKey) -> None:
-        raise OSError("the database is down")
 
-    failing = KeyRing()
-    failing.on_new_key = down
+def test_a_key_that_could_not_be_stored_never_signs() -> None:
+    keys = Keys(down=True)
+    ring = SigningKeyRing(store=keys)
     with pytest.raises(OSError):
-        mint(failing)
-    back: list[str] = []
-    failing.on_new_key = lambda key: back.append(key.kid)
-    token = mint(failing)  # the key that could not be stored was not kept: a new one signs
-    assert back == [jwt.get_unverified_header(token)["kid"]]
+        mint(ring)
+    keys.down = False
+    token = mint(ring)  # the key that could not be stored was not kept: a new one signs
+    assert [k for k, _, _ in keys.saved] == [jwt.get_unverified_header(token)["kid"]]

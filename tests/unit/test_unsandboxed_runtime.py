@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from corral.errors import CommandNotFound, InvalidInput, RequirementMissing
+from corral.processes import Owner
 from corral.sandbox.channels import SessionEnded
 from corral.sandbox.runtime import SandboxRequest
-from corral.sandbox.slots import Owner
 from corral.sandbox.testing import UnsandboxedRuntime
 
 ENV = (("PATH", "/usr/bin:/bin"), ("HOME", "/home/user"))

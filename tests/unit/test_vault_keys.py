@@ -15,7 +15,7 @@ import pytest
 
 from corral.config import Secret, Settings
 from corral.errors import ConfigError, MasterKeyError
-from corral.vault.keys import KeyRing, MasterKeys, key_id, new_key
+from corral.vault.keys import MasterKeyRing, MasterKeys, key_id, new_key
 
 
 def b64(key: bytes) -> str:
@@ -183,9 +183,9 @@ def test_a_rotation_by_another_process_is_seen(tmp_path: Path) -> None:
 
 def test_ring_repr_hides_keys() -> None:
     key = new_key()
-    ring = KeyRing.of([key], "test")
+    ring = MasterKeyRing.of([key], "test")
     assert b64(key) not in repr(ring) and repr(key) not in repr(ring)
     with pytest.raises(MasterKeyError):
-        KeyRing(primary="0" * 16, keys={key_id(key): key}, source="test")
+        MasterKeyRing(primary="0" * 16, keys={key_id(key): key}, source="test")
     with pytest.raises(MasterKeyError):
-        KeyRing(primary="0" * 16, keys={"0" * 16: key}, source="test")
+        MasterKeyRing(primary="0" * 16, keys={"0" * 16: key}, source="test")

@@ -133,3 +133,11 @@ def test_stored_fields_are_checked_for_shape_only() -> None:
     for bad in bads:
         with pytest.raises(ValueError):
             stored_fields("bearer", bad)
+
+
+def test_revealed_is_what_goes_on_the_wire() -> None:
+    fields = check_fields("oauth2", {**OAUTH, "expires_at": 1_900_000_000})
+    cred = Credential.build("alice", "google", "oauth2", fields, NOW)
+    assert cred.revealed() == {k: v for k, v in OAUTH.items()}  # no expires_at, no None
+    basic = Credential.build("bob", "jira", "basic", {"username": "bob", "password": "pw"}, NOW)
+    assert basic.revealed() == {"username": "bob", "password": "pw"}
