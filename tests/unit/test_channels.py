@@ -9,14 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from corral.sandbox.channels import (
-    MAX_LINE,
-    Channels,
-    Pipes,
-    ProtocolError,
-    SessionEnded,
-    SessionTimeout,
-)
+from corral.errors import ProtocolError, SessionEnded, SessionTimeout
+from corral.sandbox.channels import MAX_LINE, Channels, Pipes
 
 
 class Far:

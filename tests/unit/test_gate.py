@@ -17,8 +17,8 @@ from corral.bridge import tokens
 from corral.bridge.connections import Connection
 from corral.bridge.exchange import Exchange, Head, Route
 from corral.bridge.gate import AUTH_HEADERS, BridgeGate, Sink
-from corral.bridge.http1 import Refused
 from corral.bridge.tokens import SigningKeyRing, Verifier
+from corral.errors import Refused
 from corral.limits import MAX_RESULT
 from corral.vault.kinds import Credential
 from tests.gate_backend import MemoryBackend

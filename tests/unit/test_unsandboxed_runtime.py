@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.errors import CommandNotFound, InvalidInput, RequirementMissing
+from corral.errors import CommandNotFound, InvalidInput, RequirementMissing, SessionEnded
 from corral.processes import Owner
-from corral.sandbox.channels import SessionEnded
 from corral.sandbox.runtime import SandboxRequest
 from corral.sandbox.testing import UnsandboxedRuntime
 
