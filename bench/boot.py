@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import discard, private_corral, summary
-from corral.sandbox.sandboxes import SandboxRequest
+from corral.sandbox.runtime import SandboxRequest
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 

@@ -58,7 +58,7 @@ from corral.config import BRIDGE_PORTS, Settings
 from corral.context import Corral
 from corral.processes import Owner
 from corral.sandbox.network import Link, Network
-from corral.sandbox.sandboxes import Sandboxes
+from corral.sandbox.runc_runtime import RuncRuntime
 from corral.sandbox.slots import Record
 from corral.states import RunStatus
 from corral.store import Run
@@ -299,7 +299,7 @@ def measured(threads: dict[str, int], run: Callable[[], Load]) -> tuple[Load, Cp
 # -- the set-up --------------------------------------------------------------------------------
 
 
-def claim_namespace(sandboxes: Sandboxes, stack: contextlib.ExitStack, data: Path) -> Link:
+def claim_namespace(sandboxes: RuncRuntime, stack: contextlib.ExitStack, data: Path) -> Link:
     """A sandbox slot with its namespace and veth pair, and no container: wrk runs in it.
 
     The slot's record names the namespace before it exists, so a crash of this process leaves
@@ -433,6 +433,7 @@ def main() -> None:
         corral.vault.put(USER, CONNECTION, "bearer", {"token": secret})
         run = start_run(corral, stack)
         sandboxes = corral.sandboxes()
+        assert isinstance(sandboxes, RuncRuntime)  # the bench claims a slot of its own
         link = claim_namespace(sandboxes, stack, data)
         bridge = corral.bridge()
         if bridge is None:

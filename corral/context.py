@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import timedelta
 from functools import cached_property
 from typing import Any
@@ -26,7 +26,8 @@ from corral.pipeline.service import Pipeline, Trigger
 from corral.pipeline.webhooks import Deliverer, RetryPolicy, Webhooks
 from corral.pipeline.worker import STOP_GRACE_S, Worker, execute_now, recover_expired
 from corral.releases.service import ReleaseService
-from corral.sandbox.sandboxes import Sandboxes
+from corral.sandbox.runc_runtime import RuncRuntime
+from corral.sandbox.runtime import Runtime
 from corral.store import Run, RunEvent, Store
 from corral.triggers.scheduler import Scheduler
 from corral.vault import MasterKeys, Vault
@@ -36,7 +37,13 @@ from corral.vault.signing import SealedSigningKeys
 @dataclass
 class Corral:
     settings: Settings
-    _sandboxes: Sandboxes | None = field(default=None, init=False)
+    # The sandbox runtime: runc, unless a test of the logic above it hands in another
+    # (``corral.sandbox.testing.UnsandboxedRuntime``). Building one touches nothing on the
+    # host; ``sandboxes()`` prepares the host.
+    sandbox_runtime: InitVar[Runtime | None] = None
+    runtime: Runtime = field(init=False)
+    # How many dead owners' sandboxes this process reaped when it prepared the host.
+    reaped_at_start: int | None = field(default=None, init=False)
     _bridge: Bridge | None = field(default=None, init=False)
     _bridge_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -49,6 +56,9 @@ class Corral:
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
 
+    def __post_init__(self, sandbox_runtime: Runtime | None) -> None:
+        self.runtime = sandbox_runtime or RuncRuntime(self.settings)
+
     @classmethod
     def from_env(cls) -> Corral:
         return cls(Settings.from_env())
@@ -58,16 +68,20 @@ class Corral:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         return Store.open(self.settings.database_url)
 
-    def sandboxes(self) -> Sandboxes:
-        """Built on first use: it checks the host and reaps what a crash left behind."""
+    def sandboxes(self) -> Runtime:
+        """The runtime, its host prepared on first use (checked, the network's anchor and
+        nftables table installed, what a crash left behind reaped): only what boots a
+        sandbox calls this, so a host that cannot run sandboxes still serves the rest."""
         with self._sandboxes_lock:
-            if self._sandboxes is None:
-                self._sandboxes = Sandboxes(self.settings)
-            return self._sandboxes
+            if self.reaped_at_start is None:
+                self.reaped_at_start = self.runtime.prepare()
+            return self.runtime
 
     @cached_property
     def envs(self) -> Environments:
-        return Environments(self.settings, self.store, self.sandboxes)
+        return Environments(
+            self.settings, self.store, self.sandboxes, attrs=self.runtime.immutability
+        )
 
     @cached_property
     def releases(self) -> ReleaseService:

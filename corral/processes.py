@@ -22,7 +22,12 @@ class Owner:
 
     @classmethod
     def me(cls) -> Owner:
-        return cls(os.getpid(), start_time(os.getpid()))
+        return cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> Owner:
+        """The live process ``pid`` (FileNotFoundError if there is none)."""
+        return cls(pid, start_time(pid))
 
     def alive(self) -> bool:
         """True while the very process this names runs (not another one given its pid)."""

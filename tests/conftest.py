@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from corral.config import Settings
 from corral.context import Corral
 from corral.errors import RequirementMissing
+from corral.sandbox.runc_runtime import RuncRuntime
 from corral.store import Store
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -169,6 +170,14 @@ def need_sandboxes() -> None:
         require("root", "sandboxes mount overlays and create network namespaces")
     if shutil.which("runc") is None:
         require("runc", "apt-get install runc (scripts/install-deps.sh)")
+
+
+def runc_runtime(corral: Corral) -> RuncRuntime:
+    """``corral``'s runtime, its host prepared: the real one, with its slot registry and
+    network, which tests of what a sandbox leaves on the host look into."""
+    runtime = corral.sandboxes()
+    assert isinstance(runtime, RuncRuntime), runtime
+    return runtime
 
 
 @pytest.fixture(scope="session")

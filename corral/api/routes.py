@@ -28,7 +28,7 @@ from corral.context import Corral
 from corral.envs.service import EditResult, Environments
 from corral.envs.shapes import environment, snapshot
 from corral.errors import ImportForbidden
-from corral.sandbox.sandboxes import SandboxResult
+from corral.sandbox.runtime import SandboxResult
 from corral.store.rows import NAME_RULE
 
 router = APIRouter(prefix="/v1", route_class=StrictRoute)

@@ -15,7 +15,7 @@ from corral.cli.output import emit, handled, human_size, json_option
 from corral.context import Corral
 from corral.envs.service import EditResult
 from corral.envs.shapes import environment, snapshot
-from corral.sandbox.sandboxes import SandboxResult
+from corral.sandbox.runtime import SandboxResult
 
 
 @click.group("env")

@@ -42,8 +42,8 @@ def run(
 @handled
 def reap(corral: Corral, as_json: bool) -> None:
     """Tear down sandboxes whose owning process died (every start does this too)."""
-    sandboxes = corral.sandboxes()
-    count = sandboxes.reaped_at_start + sandboxes.reap()
+    runtime = corral.sandboxes()
+    count = (corral.reaped_at_start or 0) + runtime.reap()
     click.echo(f'{{"reaped": {count}}}' if as_json else f"reaped {count} sandboxes")
 
 

@@ -38,8 +38,9 @@ from corral.errors import (
     NothingToFreeze,
     out_of_space,
 )
-from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, SandboxResult, Stream
+from corral.sandbox.runtime import NetworkMode, Runtime, SandboxRequest, SandboxResult, Stream
 from corral.snapshots import temporaries
+from corral.snapshots.fsattr import Immutability
 from corral.snapshots.images import Image, Images
 from corral.snapshots.layout import Layout
 from corral.store import Environment, Snapshot, Store
@@ -74,15 +75,20 @@ class Environments:
         self,
         settings: Settings,
         store: Store,
-        sandboxes: Callable[[], Sandboxes],
+        runtime: Callable[[], Runtime],
+        *,
+        attrs: Immutability | None = None,
     ) -> None:
+        """``runtime`` returns the sandbox runtime, its host prepared (on first use: the
+        wiring's choice); ``attrs`` is how the layer cache locks the runner tree, the
+        runtime's ``immutability``."""
         self.settings = settings
         self.store = store
         self.layout = Layout(settings.oci_dir).init()
         temporaries.sweep(settings.data_dir)  # platform layers a killed process was building
-        self.images = Images(self.layout, settings.data_dir / "layers")
+        self.images = Images(self.layout, settings.data_dir / "layers", attrs)
         self.drafts = Drafts(settings.data_dir / "envs", settings.draft_limit_bytes)
-        self._sandboxes = sandboxes
+        self._runtime = runtime
 
     # -- create ------------------------------------------------------------------------------
 
@@ -155,13 +161,13 @@ class Environments:
                 layers=tuple(self.images.unpacked(image)),
                 argv=argv,
                 env=process_env(image),
-                edit=True,
+                network=NetworkMode.EDIT,
                 upper=draft / "upper",
                 work=draft / "work",
                 timeout=timeout,
                 label=name,
             )
-            result = self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+            result = self._runtime().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
             fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
             return EditResult(**fields, draft=self.drafts.usage(name))
 
@@ -302,7 +308,7 @@ class Environments:
             timeout=timeout,
             label=name,
         )
-        return self._sandboxes().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
+        return self._runtime().run(request, stdin=stdin, stdout=stdout, stderr=stderr)
 
     # -- helpers -----------------------------------------------------------------------------
 

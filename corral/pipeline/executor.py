@@ -57,8 +57,7 @@ from corral.errors import (
 from corral.limits import RUNNER_LIMITS
 from corral.releases.service import ReleaseService
 from corral.sandbox import hotswap
-from corral.sandbox.sandboxes import Sandboxes, SandboxRequest
-from corral.sandbox.session import AgentSession, agent_session
+from corral.sandbox.runtime import Runtime, Sandbox, SandboxRequest
 from corral.snapshots.fsattr import Immutability
 from corral.states import RunStatus
 from corral.store import Release, Run, RunEvent, Store, engine
@@ -106,9 +105,9 @@ class Finish(Protocol):
 
 
 class Hooks(Protocol):
-    """Test seam: called after every swap step, with the live session."""
+    """Test seam: called after every swap step, with the live sandbox."""
 
-    def on_step(self, attempt: int, step: str, session: AgentSession) -> None: ...
+    def on_step(self, attempt: int, step: str, sandbox: Sandbox) -> None: ...
 
 
 @dataclass
@@ -128,7 +127,7 @@ class Executor:
         store: Store,
         envs: Environments,
         releases: ReleaseService,
-        sandboxes: Callable[[], Sandboxes],
+        runtime: Callable[[], Runtime],
         *,
         tokens: TokenIssuer | None = None,
         bridge: Callable[[], object] | None = None,
@@ -143,8 +142,8 @@ class Executor:
         self.store = store
         self.envs = envs
         self.releases = releases
-        self.sandboxes = sandboxes
-        self.attrs = attrs or Immutability()
+        self.runtime = runtime  # the sandbox runtime, its host prepared on first use
+        self.attrs = attrs  # None: the runtime's own (a test hands in a failing one)
         self.hooks = hooks
         self.max_attempts = max_attempts
 
@@ -327,29 +326,23 @@ class Executor:
         notify: Callable[[RunEvent], None] | None,
     ) -> _Outcome:
         image = self.envs.images.load(run.snapshot)  # the layout on disk: no database
-        sandboxes = self.sandboxes()
+        runtime = self.runtime()
         boot = SandboxRequest(
             layers=tuple(self.envs.images.unpacked(image)),
-            argv=(),
             env=process_env(image),
             label=run.environment,
         )
-        with agent_session(sandboxes, boot) as session:
-            emit(
-                "sandbox.booted",
-                attempt=attempt,
-                sandbox=session.started.record.sandbox_id,
-                address=session.started.address,
-            )
+        with runtime.start(boot) as sandbox:
+            emit("sandbox.booted", attempt=attempt, sandbox=sandbox.id, address=sandbox.address)
             try:
-                _, logs = session.expect(
+                _, logs = sandbox.expect(
                     ("boot.ready",), min(deadline, time.monotonic() + BOOT_TIMEOUT_S)
                 )
             except SessionEnded:
-                sandboxes.raise_start_failure(session.started, run.environment)
+                sandbox.wait(timeout=30)  # raises if the runtime never started the bootstrap
                 raise
             self._forward(logs, attempt, emit)
-            live, present = hotswap.installed(session.rootfs)
+            live, present = hotswap.installed(sandbox.rootfs)
             swapped = live != release.short_id
             if swapped:
                 emit("swap.started", attempt=attempt, replacing=live, release=release.short_id)
@@ -357,18 +350,18 @@ class Executor:
                 def step(name: str, **details: Any) -> None:
                     emit(f"swap.{name}", attempt=attempt, **details)
                     if self.hooks is not None:
-                        self.hooks.on_step(attempt, name, session)
+                        self.hooks.on_step(attempt, name, sandbox)
 
                 hotswap.swap(
-                    session,
+                    sandbox,
                     release,
                     self.releases.data(release),
                     self.releases.requires(release),
                     step,
-                    self.attrs,
+                    self.attrs or runtime.immutability,
                 )
             lifetime = max(1.0, deadline - time.monotonic()) + 30
-            address = session.started.address
+            address = sandbox.address
             issued = patiently(  # a new signing key is stored before it signs
                 lambda: self.tokens.mint(
                     run,
@@ -384,10 +377,11 @@ class Executor:
             try:
                 cursor = self._last_seq(run)
                 sent = datetime.now(UTC)
-                session.send({"op": "run", "spec": self._spec(run, request, issued.token, attempt)})
-                final = self._follow(run, session, attempt, cursor, sent, deadline, emit, notify)
+                spec = self._spec(run, request, sandbox, issued.token, attempt)
+                sandbox.send({"op": "run", "spec": spec})
+                final = self._follow(run, sandbox, attempt, cursor, sent, deadline, emit, notify)
             except Stopped as stopped:
-                sandboxes.kill(session.started)
+                sandbox.kill()
                 emit("run.stopped", attempt=attempt, code=stopped.code, reason=stopped.reason)
                 return _Outcome(
                     stopped.status, error_code=stopped.code, error=stopped.reason, swapped=swapped
@@ -415,7 +409,7 @@ class Executor:
     def _follow(
         self,
         run: Run,
-        session: AgentSession,
+        sandbox: Sandbox,
         attempt: int,
         cursor: int,
         sent: datetime,
@@ -463,9 +457,9 @@ class Executor:
                     final = {"type": event.kind, **data}
             if final is not None:
                 return final
-            self._drain_output(session, attempt, emit)
+            self._drain_output(sandbox, attempt, emit)
             now = time.monotonic()
-            if session.started.process.poll() is not None:
+            if sandbox.exited():
                 exited_at = exited_at or now
                 if now - exited_at > EXIT_GRACE_S:  # the bridge's last batch has had its time
                     refused = self._refused(run, sent)
@@ -476,11 +470,11 @@ class Executor:
                 raise SessionTimeout("the run's deadline passed")
             time.sleep(0.01 if unreachable_since is None else 0.1)
 
-    def _drain_output(self, session: AgentSession, attempt: int, emit: Callable[..., None]) -> None:
+    def _drain_output(self, sandbox: Sandbox, attempt: int, emit: Callable[..., None]) -> None:
         """What the sandbox wrote outside the runner (before it started, or if it crashed)."""
         while True:
             try:
-                event = session.next(time.monotonic())
+                event = sandbox.next(time.monotonic())
             except (SessionTimeout, SessionEnded):
                 return
             if event.get("type") == "log":
@@ -520,14 +514,16 @@ class Executor:
             kind = str(event.get("type", ""))
             emit(kind if kind in SANDBOX_EVENTS else "sandbox.unknown", attempt=attempt, **data)
 
-    def _spec(self, run: Run, request: AgentRequest, token: str, attempt: int) -> dict[str, Any]:
+    def _spec(
+        self, run: Run, request: AgentRequest, sandbox: Sandbox, token: str, attempt: int
+    ) -> dict[str, Any]:
         net = self.settings.network
         return {
             "run_id": run.id,
             "environment": run.environment,
             "entrypoint": run.entrypoint,
             "input": json.loads(run.input),
-            "workdir": WORKDIR,
+            "workdir": sandbox.inside(WORKDIR),
             "bridge": f"http://{net.gateway}:{net.bridge_port}",
             "token": token,
             "attempt": attempt,

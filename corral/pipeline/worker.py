@@ -53,7 +53,7 @@ from corral.pipeline.apps import AppSpec
 from corral.pipeline.executor import Stopped
 from corral.pipeline.leases import Lease, held, owner_name
 from corral.pipeline.service import Pipeline
-from corral.sandbox.sandboxes import Sandboxes
+from corral.sandbox.runtime import Runtime
 from corral.states import RunStatus
 from corral.store import Run, RunEvent, Store
 from corral.store.engine import patiently
@@ -85,7 +85,7 @@ class Worker:
     def __init__(
         self,
         pipeline: Pipeline,
-        sandboxes: Callable[[], Sandboxes],
+        runtime: Callable[[], Runtime],
         *,
         name: str | None = None,
         lease: float = 10.0,
@@ -93,7 +93,7 @@ class Worker:
     ) -> None:
         self.pipeline = pipeline
         self.store = pipeline.store
-        self.sandboxes = sandboxes
+        self.runtime = runtime  # the sandbox runtime, its host prepared on first use
         self.name = name or owner_name("worker")
         self.lease = lease
         self.poll = poll
@@ -191,7 +191,7 @@ class Worker:
         return True
 
     def requeue_expired(self) -> None:
-        recover_expired(self.pipeline, self.sandboxes, self.lease)
+        recover_expired(self.pipeline, self.runtime, self.lease)
 
     def resume_from_log(self, run: Run) -> bool:
         """A redelivered run whose agent already reported its outcome (its worker died after
@@ -251,7 +251,7 @@ class Worker:
                     )
                     return
         if run.deliveries > 1:
-            self.sandboxes().reap()  # a dead worker's sandbox of this run must be gone first
+            self.runtime().reap()  # a dead worker's sandbox of this run must be gone first
             if self.resume_from_log(run):
                 return
         over = patiently(lambda: self.pipeline.budgets.overspent(run), f"run {run.id}")
@@ -356,7 +356,7 @@ class Worker:
 
 def execute_now(
     pipeline: Pipeline,
-    sandboxes: Callable[[], Sandboxes],
+    runtime: Callable[[], Runtime],
     run: Run,
     *,
     lease: float,
@@ -367,7 +367,7 @@ def execute_now(
     heartbeats, the same ending), telling ``on_event`` each event as it is recorded. If a
     worker elsewhere claimed it first, follow that one's execution instead. Returns the run's
     latest record (``corral app run --here``, ``corral run``)."""
-    worker = Worker(pipeline, sandboxes, name=owner_name("run"), lease=lease)
+    worker = Worker(pipeline, runtime, name=owner_name("run"), lease=lease)
     asked = time.monotonic()
     claimed = pipeline.store.runs.claim(worker.name, worker.lease, only=run.id)
     if claimed is None:
@@ -376,7 +376,7 @@ def execute_now(
     return pipeline.store.runs.get(run.id)
 
 
-def recover_expired(pipeline: Pipeline, sandboxes: Callable[[], Sandboxes], lease: float) -> None:
+def recover_expired(pipeline: Pipeline, runtime: Callable[[], Runtime], lease: float) -> None:
     """Runs whose owner stopped renewing its lease (it died, or hangs): reap the dead owners'
     sandboxes on this host, then put each run back in the queue, or end it if nobody can run
     it again: an app run delivered ``MAX_DELIVERIES`` times, or an ad-hoc run (``corral run``:
@@ -385,7 +385,7 @@ def recover_expired(pipeline: Pipeline, sandboxes: Callable[[], Sandboxes], leas
     store = pipeline.store
     expired = store.runs.expired()
     if expired:
-        sandboxes().reap()  # the dead owners' sandboxes on this host die first
+        runtime().reap()  # the dead owners' sandboxes on this host die first
     for run in expired:
         if run.app is None or run.deliveries >= MAX_DELIVERIES:
             why = (

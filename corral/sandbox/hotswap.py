@@ -34,7 +34,7 @@ from pathlib import Path
 
 from corral.errors import RunnerInvalid, SwapFailed
 from corral.releases import bundle
-from corral.sandbox.session import AgentSession
+from corral.sandbox.runtime import Sandbox
 from corral.snapshots.fsattr import Immutability
 from corral.store import Release
 
@@ -64,14 +64,14 @@ def installed(rootfs: Path) -> tuple[str | None, list[str]]:
 
 
 def swap(
-    session: AgentSession,
+    sandbox: Sandbox,
     release: Release,
     data: bytes,
     requires: tuple[int, int],
     step: Step,
     attrs: Immutability,
 ) -> None:
-    rootfs = session.rootfs
+    rootfs = sandbox.rootfs
     began = time.perf_counter()
 
     # 1. stage
@@ -83,15 +83,15 @@ def swap(
     step("staged", path=f"/{STAGE_PARENT}/{stage.name}", release=release.short_id)
 
     # 2. validate, with the sandbox's own interpreter
-    session.send(
+    sandbox.send(
         {
             "op": "validate",
-            "path": f"/{STAGE_PARENT}/{stage.name}",
+            "path": sandbox.inside(f"/{STAGE_PARENT}/{stage.name}"),
             "package": bundle.PACKAGE,
             "requires": list(requires),
         }
     )
-    reply, _ = session.expect(
+    reply, _ = sandbox.expect(
         ("boot.validated", "boot.invalid"), time.monotonic() + VALIDATE_TIMEOUT_S
     )
     if reply["type"] == "boot.invalid":

@@ -69,9 +69,12 @@ class Image:
 
 
 class Images:
-    def __init__(self, layout: Layout, cache: Path) -> None:
+    def __init__(self, layout: Layout, cache: Path, attrs: Immutability | None = None) -> None:
         self.layout = layout
         self.cache = cache
+        # How the runner tree is locked in the cache (the sandbox runtime's choice: a test
+        # runtime that isolates nothing locks nothing).
+        self.attrs = attrs or Immutability()
         temporaries.sweep(cache)  # unpacks and imports a killed process left half done
 
     # -- reading -----------------------------------------------------------------------------
@@ -238,7 +241,7 @@ class Images:
                 unpack_layer(self.layout.blob_path(layer.digest), tmp)
                 for tree in PROTECTED:
                     if (tmp / tree).is_dir() and not (tmp / tree).is_symlink():
-                        Immutability().set_tree(tmp / tree, True)
+                        self.attrs.set_tree(tmp / tree, True)
                 try:
                     os.rename(tmp, dest)
                 except OSError:

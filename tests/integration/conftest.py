@@ -6,6 +6,6 @@ environment from the base image). A failing test keeps its data directory (``tmp
 keeps the last three runs).
 """
 
-from tests.conftest import need_sandboxes, run
+from tests.conftest import need_sandboxes, run, runc_runtime
 
-__all__ = ["need_sandboxes", "run"]
+__all__ = ["need_sandboxes", "run", "runc_runtime"]

@@ -3,7 +3,7 @@
 ``Leftovers(settings)`` takes an inventory of the host when it is made; ``assert_none()``
 takes another and fails, naming each one, on anything new that is still there. The inventory
 holds every kind of thing a sandbox or a freeze leaves on a host (see
-``corral/sandbox/sandboxes.py`` for the lifecycle that must undo them):
+``corral/sandbox/runc_runtime.py`` for the lifecycle that must undo them):
 
 =============  =========================================================================
 kind           what
@@ -44,7 +44,7 @@ from pathlib import Path
 
 from corral.config import Settings
 from corral.sandbox.network import NETNS_DIR
-from corral.sandbox.sandboxes import CGROUP_PARENT
+from corral.sandbox.runc_runtime import CGROUP_PARENT
 from corral.sandbox.slots import Record, Slots
 
 Inventory = dict[str, set[str]]

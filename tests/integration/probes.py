@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.context import Corral
-from corral.sandbox.sandboxes import SandboxResult
+from corral.sandbox.runtime import SandboxResult
 
 # Shared by the probes: errno names, and TCP connects that say how they failed.
 PRELUDE = r"""

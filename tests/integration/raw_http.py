@@ -5,8 +5,9 @@
   request the bridge frames wrongly shows up as an h11 error or as a request nobody sent.
   Its handler answers with raw bytes, so a test can make it misbehave (interim responses, a
   reason phrase holding a secret, bytes after the response, a compressed body ...).
-* ``MemoryBackend``: the gate's ``Backend`` protocol over dictionaries. The bridge under test
-  is the real one (``Bridge``, ``BridgeGate``, ``Verifier``): only the store is replaced.
+* ``MemoryBackend`` (``tests/gate_backend.py``): the gate's ``Backend`` over dictionaries. The
+  bridge under test is the real one (``Bridge``, ``BridgeGate``, ``Verifier``): only the store
+  is replaced.
 * ``ProxyWorld``: the bridge on 127.0.0.1 (the tests' "sandbox subnet" is 127.0.0.0/8), two
   users with their own credentials for connection ``up``, and a run token for each.
 * ``Client``: a raw socket to the bridge; ``read_response`` parses what comes back with h11.
@@ -33,6 +34,7 @@ from corral.bridge.gate import BridgeGate, Sink
 from corral.bridge.server import Bridge
 from corral.bridge.tokens import SigningKeyRing, Verifier
 from corral.vault.kinds import Credential
+from tests.gate_backend import MemoryBackend
 
 # -- the upstream ------------------------------------------------------------------------------
 
@@ -188,42 +190,6 @@ class RawUpstream:
 
 
 # -- the bridge, with its store in memory ---------------------------------------------------------
-
-
-class MemoryBackend:
-    """The gate's Backend over dictionaries."""
-
-    def __init__(self) -> None:
-        self.connections: dict[str, Connection] = {}
-        self.credentials: dict[tuple[str, str], Credential] = {}
-        self.live: set[str] = set()
-        self.calls: list[dict[str, Any]] = []
-        self.usage: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, dict[str, Any]]] = []
-
-    def run_is_live(self, run: str) -> bool:
-        return run in self.live
-
-    def ended_since(self, since: datetime) -> tuple[list[str], datetime]:
-        return [], datetime.now(UTC)
-
-    def connection(self, name: str) -> Connection | None:
-        return self.connections.get(name)
-
-    def credential(self, user: str, connection: str) -> Credential | None:
-        return self.credentials.get((user, connection))
-
-    def refresh(self, user: str, connection: str, credential: Credential) -> Credential:
-        return credential
-
-    def write_calls(self, calls: list[dict[str, Any]]) -> None:
-        self.calls.extend(calls)
-
-    def write_usage(self, usage: list[dict[str, Any]]) -> None:
-        self.usage.extend(usage)
-
-    def write_events(self, events: list[tuple[str, str, dict[str, Any]]]) -> None:
-        self.events.extend(events)
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from corral.pipeline.service import Trigger
 from corral.sandbox.slots import Record
 from corral.store import Run, RunEvent, engine
 from tests.fakes import FakeMarketData
-from tests.integration.conftest import run
+from tests.integration.conftest import run, runc_runtime
 from tests.integration.test_resilience import leftovers
 from tests.pgcluster import Cuttable, PrivateCluster
 
@@ -121,7 +121,7 @@ class Watched:
     def _watch(self) -> None:
         while patiently_get(self.corral, self.run.id) in ("queued", "running"):
             now = time.monotonic()
-            for record in self.corral.sandboxes().slots.records():
+            for record in runc_runtime(self.corral).slots.records():
                 if record.owner.pid == os.getpid():
                     self.sandboxes.setdefault(record.sandbox_id, record)
                     first, _ = self.seen.get(record.sandbox_id, (now, now))

@@ -23,10 +23,10 @@ from corral.context import Corral
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker
-from corral.sandbox.sandboxes import CGROUP_PARENT
+from corral.sandbox.runc_runtime import CGROUP_PARENT
 from corral.sandbox.slots import Record
 from corral.snapshots.fsattr import Immutability
-from tests.integration.conftest import run
+from tests.integration.conftest import run, runc_runtime
 from tests.integration.faults import (
     CorralProcess,
     assert_ended_once,
@@ -189,7 +189,7 @@ def sandbox_of(corral: Corral, run_id: str) -> Record:
         json.loads(e.data) for e in corral.store.runs.events(run_id) if e.kind == "sandbox.booted"
     ]
     sid = booted[-1]["sandbox"]
-    return next(r for r in corral.sandboxes().slots.records() if r.sandbox_id == sid)
+    return next(r for r in runc_runtime(corral).slots.records() if r.sandbox_id == sid)
 
 
 def kill_container(record: Record) -> None:

@@ -29,6 +29,7 @@ import pytest
 from corral.config import BRIDGE_PORTS
 from corral.context import Corral
 from corral.sandbox.spec import MASKED_PATHS, READONLY_PATHS
+from tests.conftest import runc_runtime
 from tests.hosts import outside_namespace
 from tests.integration.probes import (
     PRELUDE,
@@ -249,7 +250,7 @@ for _ in range(50):
         break
     time.sleep(0.05)
 b = [int(x, 16) for x in mac.split(":")]
-host_ll = "fe80::%x:%xff:fe%x:%x" % ((b[0] ^ 2) << 8 | b[1], b[2], b[3], b[4] << 8 | b[5])
+host_ll = "fe80::%x:%02xff:fe%02x:%x" % ((b[0] ^ 2) << 8 | b[1], b[2], b[3], b[4] << 8 | b[5])
 report({"address": my_address(gw), "host_ll": host_ll, "ll_flags": eth0_link_local()})
 sys.stdin.readline()  # the host checks host_ll before we try it
 s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -274,7 +275,7 @@ def test_host_is_unreachable_over_ipv6(corral: Corral, env: str) -> None:
         try:
             ready = sandbox.report()
             slot = int(ipaddress.ip_address(ready["address"])) - int(ipaddress.ip_address(gw))
-            iface = corral.sandboxes().network.link_for(slot, edit=False).host_iface
+            iface = runc_runtime(corral).network.link_for(slot, edit=False).host_iface
             shown = subprocess.run(
                 ["ip", "-6", "-o", "addr", "show", "dev", iface, "scope", "link"],
                 capture_output=True,

@@ -19,7 +19,7 @@ from corral.errors import DiskFull, NothingToFreeze
 from corral.sandbox.network import NETNS_DIR
 from corral.sandbox.slots import Record
 from corral.snapshots import overlay
-from tests.integration.conftest import run
+from tests.integration.conftest import run, runc_runtime
 
 pytestmark = [pytest.mark.root, pytest.mark.runc]
 
@@ -48,7 +48,7 @@ def leftovers(corral: Corral, record: Record) -> list[str]:
 def wait_for_record(corral: Corral, owner_pid: int, known: set[str], timeout: float = 20) -> Record:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for record in corral.sandboxes().slots.records():
+        for record in runc_runtime(corral).slots.records():
             fresh = record.owner.pid == owner_pid and record.sandbox_id not in known
             if fresh and _running(record):
                 return record
@@ -94,7 +94,7 @@ def test_corral_killed_mid_run_is_reaped_by_the_next_start(corral: Corral, env: 
 
 
 def test_sandbox_killed_mid_run_is_torn_down(corral: Corral, env: str) -> None:
-    known = {r.sandbox_id for r in corral.sandboxes().slots.records()}
+    known = {r.sandbox_id for r in runc_runtime(corral).slots.records()}
     results: list[object] = []
     t = threading.Thread(target=lambda: results.append(run(corral, env, "sleep", "60")))
     t.start()
@@ -111,7 +111,7 @@ def test_timeout_kills_and_tears_down(corral: Corral, env: str) -> None:
     start = time.monotonic()
     result = corral.envs.run(env, ("sleep", "60"), timeout=1.0, stdin=subprocess.DEVNULL)
     assert result.timed_out and time.monotonic() - start < 15
-    assert not any(r.sandbox_id == result.sandbox_id for r in corral.sandboxes().slots.records())
+    assert not any(r.sandbox_id == result.sandbox_id for r in runc_runtime(corral).slots.records())
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import py_compile
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from corral.context import Corral
+from corral.errors import SandboxError
 from corral.pipeline.apps import AdHoc
 from corral.pipeline.executor import Executor
 from corral.pipeline.service import Pipeline, Trigger
@@ -21,8 +23,7 @@ from corral.pipeline.worker import execute_now
 from corral.releases import bundle
 from corral.releases.service import BUNDLED
 from corral.runner import __version__ as BUNDLED_VERSION
-from corral.sandbox.sandboxes import SandboxRequest
-from corral.sandbox.session import AgentSession
+from corral.sandbox.runtime import Sandbox, SandboxRequest
 from corral.snapshots.fsattr import Immutability
 from corral.store import Release, Run
 from tests.integration.conftest import run
@@ -257,18 +258,19 @@ def test_a_chattr_failure_retries_on_a_fresh_sandbox(corral: Corral, agent_env: 
 
 
 class KillAt:
-    def __init__(self, corral: Corral, step: str) -> None:
-        self.corral, self.step = corral, step
+    def __init__(self, step: str) -> None:
+        self.step = step
 
-    def on_step(self, attempt: int, step: str, session: AgentSession) -> None:
+    def on_step(self, attempt: int, step: str, sandbox: Sandbox) -> None:
         if attempt == 1 and step == self.step:
-            self.corral.sandboxes().kill(session.started)
-            session.started.process.wait(timeout=30)
+            sandbox.kill()
+            with contextlib.suppress(SandboxError):  # killed before or after it started: dead
+                sandbox.wait(timeout=30)
 
 
 @pytest.mark.parametrize("step", ["validated", "swapped"])
 def test_a_sandbox_killed_mid_swap_is_replaced(corral: Corral, agent_env: str, step: str) -> None:
-    done = agent(corral, agent_env, executor=executor_with(corral, hooks=KillAt(corral, step)))
+    done = agent(corral, agent_env, executor=executor_with(corral, hooks=KillAt(step)))
     assert done.status == "succeeded", done.error
     assert done.attempts == 2
     by_attempt = [(k, d.get("attempt")) for k, d in events(corral, done)]

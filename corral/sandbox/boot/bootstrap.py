@@ -20,6 +20,10 @@ stdout joins stderr. Then it says hello and obeys, in order:
 ``{"op": "run", "spec": {...}}``
     Import the runner from ``/opt/corral/runner``, close the event channel (from then on the
     bridge is the sandbox's only way out) and hand the runner the spec; exit with its status.
+
+Its one optional argument names another runner home. Only the host sets it (argv is fixed
+before anything in the sandbox runs), and only the unsandboxed test runtime does, whose
+"sandbox" root is a directory on the host (``corral/sandbox/testing.py``).
 """
 
 import json
@@ -34,8 +38,8 @@ RUNNER_HOME = "/opt/corral/runner"
 STAGED_NAME = "_corral_staged_runner"
 
 
-def main():
-    # type: () -> None
+def main(runner_home=RUNNER_HOME):
+    # type: (str) -> None
     sys.dont_write_bytecode = True  # the runner's directory is immutable; never litter it
     control = os.fdopen(os.dup(0), "rb")
     events = os.dup(1)
@@ -67,7 +71,7 @@ def main():
                 emit("boot.validated", python=list(sys.version_info[:3]))
         elif op == "run":
             control.close()
-            sys.path.insert(0, RUNNER_HOME)
+            sys.path.insert(0, runner_home)
             import corral_runner.main as runner  # the freshly swapped runner
 
             sys.stdout.flush()
@@ -127,4 +131,4 @@ def validate(path, package, requires):
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

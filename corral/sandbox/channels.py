@@ -1,9 +1,13 @@
-"""An agent sandbox: the bootstrap running, with its control and event channels.
+"""The host's side of a started sandbox's channels, whatever runtime started it.
 
-The host writes commands to the bootstrap's stdin and reads events, one JSON object per
-line, from its stdout; its stderr is the sandbox's raw log. Everything read is untrusted:
-a line that is too long or not a JSON object ends the session with ProtocolError, and
-nothing the sandbox sends can make the host block forever (every read has a deadline).
+The host writes commands to the first process's stdin (control) and reads events, one JSON
+object per line, from its stdout; its stderr is the sandbox's raw log. Everything read is
+untrusted: a line that is too long or not a JSON object ends the session with
+ProtocolError, and nothing the sandbox sends can make the host block forever (every read has
+a deadline).
+
+``Pipes`` makes the three pipes and hands their far ends to the process a runtime starts;
+``Channels`` reads and writes the near ends.
 """
 
 from __future__ import annotations
@@ -14,24 +18,49 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from corral.errors import ProtocolError, SessionEnded, SessionTimeout
-from corral.sandbox.sandboxes import Sandboxes, SandboxRequest, Started
-from corral.sandbox.spec import BindMount
 
-BOOT_DIR = Path(__file__).parent / "boot"
-BOOT_MOUNT = "/run/corral-boot"
-BOOT_ARGV = ("python3", "-E", f"{BOOT_MOUNT}/bootstrap.py")
 MAX_LINE = 512 * 1024
 
 
-class AgentSession:
-    def __init__(self, started: Started, control: IO[bytes], events: IO[bytes], log: IO[bytes]):
-        self.started = started
+class Pipes:
+    """Control, events and log pipes: ``child`` are the descriptors the sandbox's first
+    process gets as stdin, stdout and stderr; ``handed_over`` closes them on the host once
+    it has them (a copy kept here would hide the sandbox's exit), ``channels`` opens the
+    host's ends. Close on every path: whatever was not handed on is closed."""
+
+    def __init__(self) -> None:
+        ctl_r, ctl_w = os.pipe()
+        ev_r, ev_w = os.pipe()
+        log_r, log_w = os.pipe()
+        self.child: tuple[int, int, int] = (ctl_r, ev_w, log_w)
+        self._host = [ctl_w, ev_r, log_r]
+        self._child_open = True
+
+    def handed_over(self) -> None:
+        if self._child_open:
+            self._child_open = False
+            for fd in self.child:
+                os.close(fd)
+
+    def channels(self) -> Channels:
+        ctl_w, ev_r, log_r = self._host
+        self._host = []
+        return Channels(os.fdopen(ctl_w, "wb"), os.fdopen(ev_r, "rb"), os.fdopen(log_r, "rb"))
+
+    def close(self) -> None:
+        self.handed_over()
+        for fd in self._host:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._host = []
+
+
+class Channels:
+    def __init__(self, control: IO[bytes], events: IO[bytes], log: IO[bytes]) -> None:
         self._control = control
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._open_streams = 2
@@ -42,11 +71,7 @@ class AgentSession:
         for reader in self._readers:
             reader.start()
 
-    @property
-    def rootfs(self) -> Path:
-        return self.started.rootfs
-
-    def send(self, command: dict[str, Any]) -> None:
+    def send(self, command: Mapping[str, Any]) -> None:
         try:
             self._control.write(json.dumps(command).encode() + b"\n")
             self._control.flush()
@@ -82,6 +107,11 @@ class AgentSession:
             if event.get("type") in kinds:
                 return event, passed
             passed.append(event)
+
+    def close(self) -> None:
+        """Close the control channel; the readers close theirs at the sandbox's end."""
+        with contextlib.suppress(OSError):
+            self._control.close()
 
     def _read_events(self, stream: IO[bytes]) -> None:
         try:
@@ -124,35 +154,3 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes | None]:
                 yield None
                 return
             yield line
-
-
-@contextlib.contextmanager
-def agent_session(sandboxes: Sandboxes, request: SandboxRequest) -> Iterator[AgentSession]:
-    """Boot ``request``'s layers with the bootstrap as the sandbox's first process."""
-    request = replace(
-        request,
-        argv=BOOT_ARGV,
-        mounts=(*request.mounts, BindMount(BOOT_DIR, BOOT_MOUNT, readonly=True)),
-    )
-    ctl_r, ctl_w = os.pipe()
-    ev_r, ev_w = os.pipe()
-    log_r, log_w = os.pipe()
-    control, events, log = os.fdopen(ctl_w, "wb"), os.fdopen(ev_r, "rb"), os.fdopen(log_r, "rb")
-    child_ends = [ctl_r, ev_w, log_w]
-    readers_own_streams = False
-    try:
-        with sandboxes.started(request, stdin=ctl_r, stdout=ev_w, stderr=log_w) as started:
-            for fd in child_ends:  # the sandbox holds these now; ours would hide its exit
-                os.close(fd)
-            child_ends.clear()
-            session = AgentSession(started, control, events, log)
-            readers_own_streams = True
-            yield session
-    finally:
-        for fd in child_ends:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            control.close()
-        if not readers_own_streams:
-            events.close()
-            log.close()

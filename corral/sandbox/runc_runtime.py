@@ -1,4 +1,4 @@
-"""The lifecycle of a sandbox: claim, boot, run, tear down, and reap what a crash left.
+"""The runc implementation of the sandbox runtime (``runtime.py``).
 
 A sandbox is one process tree under runc, on an overlay of a snapshot's unpacked layers (never
 written) and an upper directory: the sandbox's own scratch for a run, thrown away at teardown,
@@ -14,83 +14,75 @@ create the network     netns ``corral-<n>`` with its veth pair      ``ip netns d
 run                    runc container and its cgroups               runc (or ``delete -f``)
 =====================  ===========================================  =========================
 
-Teardown runs on every path out of ``run``; the record written before the first resource lets
-any later Corral process reap a sandbox whose owner died mid-run.
+Teardown runs on every path out of ``run`` and on ``RuncSandbox.close``; the record written
+before the first resource lets any later Corral process reap a sandbox whose owner died.
+
+Building a ``RuncRuntime`` touches nothing; ``prepare`` checks the host (``host.py``),
+installs the network's anchor and nftables table, and reaps. A started sandbox's bootstrap is
+bind-mounted read-only at ``/run/corral-boot``; its runc child (a ``Popen``) never leaves
+this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from types import TracebackType
+from typing import Any
 
 from corral.config import Settings
 from corral.errors import out_of_space
 from corral.processes import Owner
 from corral.sandbox import host
-from corral.sandbox.network import Network
+from corral.sandbox.channels import Channels, Pipes
+from corral.sandbox.network import Network, host_resolvers
 from corral.sandbox.runc import Runc
+from corral.sandbox.runtime import (
+    BOOT_DIR,
+    BOOTSTRAP,
+    Exit,
+    NetworkMode,
+    SandboxRequest,
+    SandboxResult,
+    Stream,
+    check_startable,
+)
 from corral.sandbox.slots import Record, Slots
 from corral.sandbox.spec import BindMount, ProcessSpec, runtime_config
 from corral.snapshots import overlay
+from corral.snapshots.fsattr import Immutability
 
 CGROUP_PARENT = "corral"
-Stream = IO[bytes] | int | None
+BOOT_MOUNT = "/run/corral-boot"
+BOOT_ARGV = ("python3", "-E", f"{BOOT_MOUNT}/{BOOTSTRAP}")
 
 
-@dataclass(frozen=True)
-class SandboxRequest:
-    layers: tuple[Path, ...]  # unpacked layer directories, topmost first
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()
-    edit: bool = False  # an edit session: package registries are reachable
-    upper: Path | None = None  # an edit session's draft (upper and work on one filesystem)
-    work: Path | None = None
-    uid: int = 1000
-    gid: int = 1000
-    cwd: str = "/home/user"
-    timeout: float | None = None
-    label: str = ""  # the environment's name, for messages
-    mounts: tuple[BindMount, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class Started:
-    """A sandbox whose process is running: its host-side root and its runc child."""
-
-    record: Record
-    address: str
-    rootfs: Path  # the sandbox's root as the host sees it (host code only: never follow links)
-    process: subprocess.Popen[bytes]
-
-
-@dataclass(frozen=True)
-class SandboxResult:
-    sandbox_id: str
-    address: str
-    exit_code: int
-    timed_out: bool
-    seconds: float
-
-
-class Sandboxes:
-    def __init__(self, settings: Settings, *, check_host: bool = True) -> None:
-        if check_host:
-            host.check()
+class RuncRuntime:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runc = Runc(settings.run_dir / "runc")
         self.network = Network(settings.network, settings.run_dir)
         self.slots = Slots(settings.run_dir, self.network.capacity())
         self.bundles = settings.data_dir / "sandboxes"
+        self._immutability = Immutability()
+
+    @property
+    def immutability(self) -> Immutability:
+        return self._immutability
+
+    def prepare(self) -> int:
+        """Check the host, install the network's anchor and table, reap; how many reaped."""
+        host.check()
         self.network.ensure_host()
-        self.reaped_at_start = self.reap()
+        return self.reap()
 
     def run(
         self,
@@ -116,52 +108,36 @@ class Sandboxes:
             record.sandbox_id, address, code, timed_out, time.perf_counter() - started
         )
 
-    @contextlib.contextmanager
-    def started(
-        self,
-        request: SandboxRequest,
-        *,
-        stdin: Stream = None,
-        stdout: Stream = None,
-        stderr: Stream = None,
-    ) -> Iterator[Started]:
-        """Boot a sandbox and start its command; on exit, kill whatever still runs, tear down."""
-        with self._booted(request) as (record, address):
+    def start(self, request: SandboxRequest) -> RuncSandbox:
+        """Boot ``request`` with the bootstrap (bind-mounted read-only) as its first process."""
+        check_startable(request)
+        request = replace(
+            request,
+            argv=BOOT_ARGV,
+            mounts=(*request.mounts, BindMount(BOOT_DIR, BOOT_MOUNT, readonly=True)),
+        )
+        stack = contextlib.ExitStack()  # undone in reverse: the pipes, then the sandbox
+        try:
+            record, address = stack.enter_context(self._booted(request))
+            pipes = Pipes()
+            stack.callback(pipes.close)
             bundle = Path(record.bundle)
+            stdin, stdout, stderr = pipes.child
             proc = self.runc.start(
                 record.container, bundle, stdin=stdin, stdout=stdout, stderr=stderr
             )
-            try:
-                yield Started(record, address, bundle / "rootfs", proc)
-            finally:
-                if proc.poll() is None:
-                    self.runc.kill(record.container)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()  # runc itself is stuck; teardown force-deletes the container
-                    proc.wait()
-
-    def raise_start_failure(self, started: Started, label: str) -> None:
-        """After a started sandbox ended unexpectedly: raise if runc never started its command
-        (CommandNotFound, SandboxDied, RuncError); return if the command itself ended."""
-        self.runc.wait(
-            started.process,
-            started.record.container,
-            Path(started.record.bundle),
-            timeout=30,
-            env_name=label,
-        )
-
-    def kill(self, started: Started) -> None:
-        """Kill every process of a started sandbox (it then tears down as usual)."""
-        self.runc.kill(started.record.container)
+            pipes.handed_over()
+            return RuncSandbox(self, record, address, request.label, proc, pipes.channels(), stack)
+        except BaseException:
+            stack.close()
+            raise
 
     @contextlib.contextmanager
     def _booted(self, request: SandboxRequest) -> Iterator[tuple[Record, str]]:
         slot = self.slots.claim()
         sid = secrets.token_hex(6)
-        link = self.network.link_for(slot, request.edit)
+        edit = request.network is NetworkMode.EDIT
+        link = self.network.link_for(slot, edit)
         bundle = self.bundles / sid
         record = Record(
             slot=slot,
@@ -188,7 +164,7 @@ class Sandboxes:
                 overlay.mount(request.layers, upper, work, rootfs)
                 self.network.create(link)
                 mounts = list(request.mounts)
-                if request.edit:
+                if edit:
                     mounts.append(self._resolv_conf(bundle))
                 config = runtime_config(
                     rootfs=rootfs,
@@ -202,18 +178,16 @@ class Sandboxes:
                     hostname="sandbox",
                     netns=link.netns_path,
                     cgroups_path=f"/{CGROUP_PARENT}/{record.container}",
-                    limits=self.settings.limits,
+                    limits=request.limits or self.settings.limits,
                     mounts=mounts,
                 )
-                _write_json(bundle / "config.json", config)
+                (bundle / "config.json").write_text(json.dumps(config))
             yield record, str(link.address)
         finally:
             self.teardown(record)
 
     @staticmethod
     def _resolv_conf(bundle: Path) -> BindMount:
-        from corral.sandbox.network import host_resolvers
-
         path = bundle / "resolv.conf"
         path.write_text("".join(f"nameserver {r}\n" for r in host_resolvers()))
         return BindMount(path, "/etc/resolv.conf", readonly=True)
@@ -241,6 +215,99 @@ class Sandboxes:
         return len(dead) + len(stale)
 
 
+class RuncSandbox:
+    """A started runc sandbox: its bootstrap under ``runc run``, its channels, its record."""
+
+    def __init__(
+        self,
+        runtime: RuncRuntime,
+        record: Record,
+        address: str,
+        label: str,
+        process: subprocess.Popen[bytes],
+        channels: Channels,
+        teardown: contextlib.ExitStack,
+    ) -> None:
+        self._runtime = runtime
+        self.record = record  # the slot registry's record: tests find its resources by it
+        self._address = address
+        self._rootfs = Path(record.bundle) / "rootfs"
+        self._teardown = teardown
+        self._label = label
+        self._process = process
+        self._channels = channels
+        self._closed = False
+
+    @property
+    def id(self) -> str:
+        return self.record.sandbox_id
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    @property
+    def rootfs(self) -> Path:
+        return self._rootfs
+
+    def inside(self, path: str) -> str:
+        return path  # the sandbox's root is its processes' "/"
+
+    def send(self, command: Mapping[str, Any]) -> None:
+        self._channels.send(command)
+
+    def next(self, deadline: float) -> dict[str, Any]:
+        return self._channels.next(deadline)
+
+    def expect(
+        self, kinds: tuple[str, ...], deadline: float
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return self._channels.expect(kinds, deadline)
+
+    def exited(self) -> bool:
+        return self._process.poll() is not None
+
+    def kill(self) -> None:
+        self._runtime.runc.kill(self.record.container)
+
+    def wait(self, timeout: float | None = None) -> Exit:
+        code, timed_out = self._runtime.runc.wait(
+            self._process,
+            self.record.container,
+            Path(self.record.bundle),
+            timeout=timeout,
+            env_name=self._label,
+        )
+        return Exit(code, timed_out)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._process.poll() is None:
+                self.kill()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()  # runc itself is stuck; teardown force-deletes the container
+                self._process.wait()
+        finally:
+            self._channels.close()
+            self._teardown.close()
+
+    def __enter__(self) -> RuncSandbox:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def _remove_cgroups(container: str) -> None:
     """runc removes a container's cgroups; these are left only if runc itself was killed."""
     root = Path("/sys/fs/cgroup")
@@ -250,9 +317,3 @@ def _remove_cgroups(container: str) -> None:
     for path in candidates:
         with contextlib.suppress(OSError):
             os.rmdir(path)
-
-
-def _write_json(path: Path, obj: object) -> None:
-    import json
-
-    path.write_text(json.dumps(obj))
