@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2] / "corral"
 # Bottom to top; parts in one layer may not import each other (they are independent).
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"config", "limits", "states", "statuses", "outbound", "processes"},
+    {"config", "limits", "states", "statuses", "outbound", "processes", "identity"},
     {"store"},
     {"snapshots", "vault", "billing"},
     {"releases", "observability"},
