@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -138,7 +139,7 @@ def test_a_tree_costs_what_its_runs_cost_each_priced_as_the_ledger_prices_them(
     # The leaf has no budget of its own; its caller's subtree (mid's 0.0115 credits and the
     # leaf's 1.9005) is past mid's budget of 1.0: the leaf is stopped on mid's account.
     over = tree.overspent(leaf.id)
-    assert over is not None and (over.run, over.owner, over.budget) == (leaf.id, mid.id, 1.0)
+    assert over is not None and (over.run, over.owner, over.budget) == (leaf.id, mid.id, Decimal(1))
     assert over.spent == pytest.approx(tree.subtree(mid.id))
     assert tree.overspent(twin.id) is None  # the root's 100 credits are not spent
     assert Budgets(store, ledger).overspent(other) is not None  # its own tree, its own budget
@@ -210,7 +211,8 @@ def test_a_waiting_callers_worker_claims_only_that_callers_awaited_callees(
     assert all(store.runs.get(r).lease_owner == "w" for r in won)
     assert store.runs.get("run-fire-and-forget").status == "queued"  # left to the queue
     assert store.runs.get("run-theirs").status == "queued"
-    assert store.runs.claim("x", 10, later).id == "run-fire-and-forget"  # type: ignore[union-attr]
+    last = store.runs.claim("x", 10, later)
+    assert last is not None and last.id == "run-fire-and-forget"
 
 
 def test_a_run_ends_once_and_is_announced_once(store: Store) -> None:
