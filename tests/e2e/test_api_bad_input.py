@@ -148,12 +148,13 @@ def test_run_bodies_are_strict(app: FastAPI, body: Any, field: str) -> None:
 
 def test_app_settings_are_strict_and_finite(app: FastAPI) -> None:
     base = {"name": "charts", "environment": "analyst", "entrypoint": "agent.py:main"}
-    for change, field in [
+    changes: list[tuple[dict[str, object], str]] = [
         ({"max_concurrent": "2"}, "max_concurrent"),
         ({"max_concurrent": 2.5}, "max_concurrent"),
         ({"callable_by_agents": "false"}, "callable_by_agents"),
         ({"budget_total": 1e12}, "budget_total"),
-    ]:
+    ]
+    for change, field in changes:
         refused(send(app, "POST", "/v1/apps", {**base, **change}), 422, "invalid_request", field)
     refused(
         send(app, "POST", "/v1/apps", raw=json.dumps(base)[:-1] + ', "timeout": 1e999}'),

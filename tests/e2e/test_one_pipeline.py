@@ -15,8 +15,9 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypedDict
 
 import httpx
 import pytest
@@ -115,7 +116,9 @@ def by_click(world: dict[str, str], corral: Corral, tmp_path: Path) -> Run:
             user[0].send_keys(USER)
         driver.find_element(By.XPATH, "//button[normalize-space()='Run']").click()
         WebDriverWait(driver, 120).until(lambda d: "/ui/runs/" in d.current_url)
-        run_id = re.search(r"/ui/runs/([\w-]+)", driver.current_url).group(1)  # type: ignore[union-attr]
+        opened = re.search(r"/ui/runs/([\w-]+)", driver.current_url)
+        assert opened, f"the Run button led to {driver.current_url}, not a run's page"
+        run_id = opened.group(1)
         WebDriverWait(driver, 120).until(lambda d: "succeeded" in d.page_source)
         driver.save_screenshot(str(tmp_path / "run.png"))
     finally:
@@ -169,11 +172,26 @@ def by_agent(world: dict[str, str], corral: Corral) -> Run:
     return corral.pipeline.wait(callee, 60)
 
 
-def shape(corral: Corral, run: Run) -> dict[str, object]:
+class Shape(TypedDict):
+    """What a run left behind (``shape``): the same for every trigger."""
+
+    status: str
+    result: Any  # the agent's JSON result
+    events: list[str]
+    ledger: list[str]
+    spans: list[str]
+    bridge_calls: list[tuple[str | None, str, int]]
+    user: str
+    app: str | None
+    app_version: int | None
+    swapped: bool
+
+
+def shape(corral: Corral, run: Run) -> Shape:
     """What a run left behind, with everything that names this run or this moment removed."""
     time.sleep(0.3)  # the bridge's last batch, and the traces written on completion
     events = [e.kind for e in corral.store.runs.events(run.id)]
-    ledger = sorted(
+    ledger: list[str] = sorted(
         json.loads(e.detail or "{}").get("usage", "")
         for e in corral.store.ledger.entries(run=run.id)
     )
@@ -208,13 +226,14 @@ def runs_total(corral: Corral, trigger: str, app: str) -> float:
 def test_every_trigger_leaves_the_same_records(
     world: dict[str, str], corral: Corral, tmp_path: Path
 ) -> None:
-    fire = {
+    fire: dict[str, Callable[[], Run]] = {
         "ui": lambda: by_click(world, corral, tmp_path),
         "schedule": lambda: by_cron(world, corral),
         "http": lambda: by_http(world, corral),
         "agent": lambda: by_agent(world, corral),
     }
-    shapes, metric_increments = {}, {}
+    shapes: dict[str, Shape] = {}
+    metric_increments: dict[str, float] = {}
     for trigger, pull in fire.items():
         before = runs_total(corral, trigger, world["app"])
         done = pull()
@@ -229,9 +248,10 @@ def test_every_trigger_leaves_the_same_records(
 
     assert metric_increments == {"ui": 1.0, "schedule": 1.0, "http": 1.0, "agent": 1.0}
     reference = shapes["http"]
-    assert reference["result"] == {"ticker": "ACME", "last": reference["result"]["last"]}  # type: ignore[index]
-    assert {"runner.started", "log", "metric", "result", "run.finished"} <= set(reference["events"])  # type: ignore[arg-type]
-    assert {"run", "admission", "queue", "boot", "agent", "bridge.call"} <= set(reference["spans"])  # type: ignore[arg-type]
-    assert "bridge_call" in reference["ledger"] and "sandbox_seconds" in reference["ledger"]  # type: ignore[operator]
+    assert reference["result"] == {"ticker": "ACME", "last": reference["result"]["last"]}
+    events, spans = set(reference["events"]), set(reference["spans"])
+    assert {"runner.started", "log", "metric", "result", "run.finished"} <= events
+    assert {"run", "admission", "queue", "boot", "agent", "bridge.call"} <= spans
+    assert "bridge_call" in reference["ledger"] and "sandbox_seconds" in reference["ledger"]
     for trigger, recorded in shapes.items():
         assert recorded == reference, f"the {trigger} run left different records"

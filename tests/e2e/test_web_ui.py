@@ -121,7 +121,9 @@ def test_click_run_and_watch_it_succeed(
     assert app in browser.find_element(By.TAG_NAME, "h1").text
 
     textarea = browser.find_element(By.ID, "input")
-    assert json.loads(textarea.get_property("value")) == GREET_SCHEMA["examples"][0]
+    prefilled = textarea.get_property("value")
+    assert isinstance(prefilled, str), prefilled  # a textarea's value is its text
+    assert json.loads(prefilled) == GREET_SCHEMA["examples"][0]
     textarea.clear()
     textarea.send_keys(json.dumps({"who": HOSTILE, "n": 4}))
     user_field = browser.find_element(By.ID, "user")

@@ -85,8 +85,8 @@ def call(
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
-    except urllib.error.HTTPError as error:
-        status, raw = error.code, error.read()
+    except urllib.error.HTTPError as refusal:
+        status, raw = refusal.code, refusal.read()
     except (urllib.error.URLError, OSError) as exc:
         return {"status": None, "failure": repr(exc), "seconds": _since(started)}
     try:
@@ -179,7 +179,8 @@ def _scan_files(finder: _Finder, stats: dict[str, Any]) -> None:
 
 def _scan_memory(finder: _Finder, stats: dict[str, Any]) -> None:
     total = 0
-    readable, refused = [], []
+    readable: list[str] = []
+    refused: list[str] = []
     for pid in ["self", *_pids()]:
         if pid != "self" and int(pid) == os.getpid():
             continue
@@ -340,6 +341,7 @@ def sdks(input: Any) -> Any:
     """The official SDKs, unchanged, pointed at the bridge with the run token as their key."""
     import anthropic
     import openai
+    from anthropic.types import TextBlock
 
     sdk = _sdk()
     prompt = input["prompt"]
@@ -350,11 +352,15 @@ def sdks(input: Any) -> Any:
     done = oai.chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
     )
+    # What the SDK parsed, as it is: a missing part shows as None and fails on the host.
     out["openai"] = {
         "text": done.choices[0].message.content,
-        "usage": [done.usage.prompt_tokens, done.usage.completion_tokens],
+        "usage": None
+        if done.usage is None
+        else [done.usage.prompt_tokens, done.usage.completion_tokens],
     }
-    pieces, usage = [], None
+    pieces: list[str] = []
+    usage: list[int] | None = None
     stream = oai.chat.completions.create(
         model="gpt-4o",
         messages=[{"role": "user", "content": prompt + " streamed"}],
@@ -377,7 +383,7 @@ def sdks(input: Any) -> Any:
         messages=[{"role": "user", "content": prompt + " to claude"}],
     )
     out["anthropic"] = {
-        "text": message.content[0].text,
+        "text": "".join(b.text for b in message.content if isinstance(b, TextBlock)),
         "usage": [message.usage.input_tokens, message.usage.output_tokens],
     }
     with ant.messages.stream(

@@ -144,8 +144,8 @@ def assert_ended_once(store: Store, run_id: str) -> Run:
 
 
 def until_ended(store: Store, run_id: str, within: float) -> Run:
-    return wait_for(
-        lambda: (r := store.runs.get(run_id)) and RunStatus(r.status).terminal and r,
-        within,
-        f"run {run_id} to end",
-    )
+    def ended() -> Run | None:
+        run = store.runs.get(run_id)
+        return run if RunStatus(run.status).terminal else None
+
+    return wait_for(ended, within, f"run {run_id} to end")

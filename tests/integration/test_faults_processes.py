@@ -9,6 +9,7 @@ design gives it (the worker that takes the run over, the next Corral process to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -222,9 +223,8 @@ def kill_runc(record: Record) -> None:
     raise AssertionError(f"no runc process for {record.container}")
 
 
-def _gone() -> object:
-    import contextlib
-
+def _gone() -> contextlib.suppress:
+    """Ignore a process (or its /proc entry) that ended meanwhile."""
     return contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError)
 
 

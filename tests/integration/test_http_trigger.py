@@ -38,7 +38,7 @@ def sleepy(input):
     time.sleep(float(input.get("seconds", 30)))
     return {"slept": True}
 """
-GREET_SCHEMA = {
+GREET_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"who": {"type": "string"}, "n": {"type": "integer"}},
     "required": ["who"],
@@ -169,6 +169,16 @@ def stream(
     return messages
 
 
+def event_ids(messages: list[tuple[int | None, str, dict[str, Any]]]) -> list[int]:
+    """The ids of the run's events: every message but the closing ``end`` has one."""
+    ids = []
+    for seq, kind, _ in messages:
+        if kind != "end":
+            assert seq is not None, f"a {kind} message without an id"
+            ids.append(seq)
+    return ids
+
+
 # -- running -----------------------------------------------------------------------------
 
 
@@ -208,7 +218,7 @@ def test_event_stream_follows_the_run_and_resumes(
     kinds = [kind for _, kind, _ in messages]
     assert kinds.index("runner.started") < kinds.index("result") < kinds.index("end")
     assert kinds[-1] == "end" and kinds.count("end") == 1
-    seqs = [seq for seq, kind, _ in messages if kind != "end"]
+    seqs = event_ids(messages)
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     log = next(data for _, kind, data in messages if kind == "log")
     assert log["message"] == "greeting" and log["kind"] == "log" and log["seq"] > 0
@@ -219,7 +229,7 @@ def test_event_stream_follows_the_run_and_resumes(
     started = next(seq for seq, kind, _ in messages if kind == "runner.started")
     assert started is not None
     resumed = stream(client, queued["id"], last_event_id=started)
-    assert [seq for seq, kind, _ in resumed if kind != "end"] == [s for s in seqs if s > started]
+    assert event_ids(resumed) == [s for s in seqs if s > started]
     assert resumed[-1][1] == "end"
 
     error_of(client.get("/v1/runs/run-absent/events"), 404, "run_not_found")

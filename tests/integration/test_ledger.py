@@ -172,7 +172,7 @@ def test_a_correction_is_a_new_entry_of_either_sign(store: Store) -> None:
         ("adjustment", -900_000_000, "typo: 1000 for 100"),
         ("adjustment", 500_000, "goodwill"),
     ]
-    wrong = [
+    wrong: list[tuple[int | str, str, str]] = [
         (0, "x", "must not be zero"),
         ("nan", "x", "finite"),
         (-1, "", "needs a note"),

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,7 @@ from corral.errors import BudgetExhausted, ConcurrencyLimit
 from corral.pipeline.apps import AppSpec
 from corral.pipeline.service import Trigger
 from corral.pipeline.worker import Worker
+from corral.store import Run
 from tests.fakes import FakeMarketData
 from tests.integration.conftest import run
 
@@ -59,10 +62,17 @@ def agents_env(corral: Corral) -> Iterator[str]:
     corral.envs.delete(name)
 
 
-def new_app(corral: Corral, env: str, entry: str, **settings: object) -> str:
+def new_app(corral: Corral, env: str, entry: str, **settings: Any) -> str:
+    """An app of ``entry`` in ``env``; ``settings`` are AppSpec fields."""
     name = f"a-{secrets.token_hex(4)}"
-    corral.pipeline.apps.create(name, AppSpec(env, entry, **settings))  # type: ignore[arg-type]
+    corral.pipeline.apps.create(name, AppSpec(env, entry, **settings))
     return name
+
+
+def span(run: Run) -> tuple[datetime, datetime]:
+    """When ``run`` started and finished: a run that succeeded has both."""
+    assert run.started_at is not None and run.finished_at is not None, run
+    return run.started_at, run.finished_at
 
 
 def user_with_credits(corral: Corral, credits: float = 100) -> str:
@@ -200,6 +210,6 @@ def test_concurrency_policies(corral: Corral, agents_env: str, workers: list[Wor
     assert all(f.status == "succeeded" for f in finished), [
         (f.status, f.error_code, f.error, f.deliveries) for f in finished
     ]
-    spans = sorted((f.started_at, f.finished_at) for f in finished)
+    spans = sorted(span(f) for f in finished)
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never overlapped
     assert corral.pipeline.wait(first.id, 30).status == "succeeded"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,7 @@ def test_corral_killed_mid_run_is_reaped_by_the_next_start(corral: Corral, env: 
 
 def test_sandbox_killed_mid_run_is_torn_down(corral: Corral, env: str) -> None:
     known = {r.sandbox_id for r in runc_runtime(corral).slots.records()}
-    results: list[object] = []
+    results: list[tuple[int, str, str]] = []
     t = threading.Thread(target=lambda: results.append(run(corral, env, "sleep", "60")))
     t.start()
     record = wait_for_record(corral, os.getpid(), known)
@@ -103,7 +104,7 @@ def test_sandbox_killed_mid_run_is_torn_down(corral: Corral, env: str) -> None:
         ["runc", "--root", record.runc_root, "kill", record.container, "KILL"], check=True
     )
     t.join(timeout=30)
-    assert results and results[0][0] == 128 + 9  # type: ignore[index]
+    assert results and results[0][0] == 128 + 9
     assert leftovers(corral, record) == []
 
 
@@ -115,7 +116,7 @@ def test_timeout_kills_and_tears_down(corral: Corral, env: str) -> None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Path:
+def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 600 MiB tmpfs: room for the base image and its unpacked layer, and little else."""
     mount = tmp_path / "small"
     mount.mkdir()

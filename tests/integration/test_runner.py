@@ -160,7 +160,8 @@ def test_first_run_swaps_and_folds_in_and_the_next_run_does_not(
     assert head == first.folded_snapshot
     after = corral.envs.images.load(head)
     assert [d.digest for d in after.layers[:-1]] == [d.digest for d in before.layers]
-    assert corral.envs.history(agent_env)[0].message.startswith(f"runner {BUNDLED_VERSION}")
+    folded = corral.envs.history(agent_env)[0]
+    assert folded.message is not None and folded.message.startswith(f"runner {BUNDLED_VERSION}")
 
     second = agent(corral, agent_env)
     assert second.status == "succeeded" and not second.swapped and second.folded_snapshot is None

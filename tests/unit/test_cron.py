@@ -15,12 +15,14 @@ from corral.triggers.cron import check_cron, fires_between, next_fire, previous_
 PARIS, NEW_YORK = "Europe/Paris", "America/New_York"
 
 
-def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
-def local(tz: str, *parts: int, fold: int = 0) -> datetime:
-    return datetime(*parts, tzinfo=ZoneInfo(tz), fold=fold)  # type: ignore[misc]
+def local(
+    tz: str, year: int, month: int, day: int, hour: int = 0, minute: int = 0, *, fold: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=ZoneInfo(tz), fold=fold)
 
 
 def chain(expr: str, tz: str, after: datetime, n: int) -> list[datetime]:
@@ -101,7 +103,7 @@ def test_a_skipped_wall_time_fires_once_when_the_clock_jumps_past_it(
     ids=["paris", "new-york"],
 )
 def test_a_repeated_wall_time_fires_once_at_its_first_occurrence(
-    tz: str, expr: str, wall: tuple[int, ...]
+    tz: str, expr: str, wall: tuple[int, int, int, int, int]
 ) -> None:
     first = local(tz, *wall, fold=0).astimezone(UTC)
     second = local(tz, *wall, fold=1).astimezone(UTC)
