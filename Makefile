@@ -17,8 +17,7 @@ unit: deps
 	$(PY) -m pytest -q tests/unit
 
 lint: deps
-	$(PY) -m ruff check corral tests bench
-	$(PY) -m mypy
+	@scripts/lint.sh
 
 bench: deps
 	$(PY) bench/boot.py
