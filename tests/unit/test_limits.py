@@ -65,7 +65,7 @@ class FakeBridge:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
 
     def events(self) -> list[dict[str, Any]]:
         return [event for batch in self.batches for event in batch]
